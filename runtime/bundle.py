@@ -1,0 +1,297 @@
+"""The bundle contract: one spec per graph, and the manifest reader/writer.
+
+Imported by export, engines and runtime alike, so it must never import torch.
+Each fact about a graph (tensor names, dtypes, named axes, shape profiles) is
+written here once.
+
+Named axes:  B   images per call (batch of the text encoder, VAE, safety checker)
+             N   UNet batch: 2B with classifier-free guidance, B without
+             h,w latent height/width (H/8, W/8);  H,W image height/width
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+SCHEDULER_CONFIG = "scheduler_config.json"
+TOKENIZER_DIR = "tokenizer"
+
+MAX_TOKENS = 77  # CLIP's context length
+LATENT_CHANNELS = 4
+VAE_FACTOR = 8  # pixels per latent cell
+SAFETY_SIZE = 224  # CLIP ViT-L/14 image size
+VAE_SCALING_FACTOR = 0.18215  # v1.x; the host divides latents by it before the decoder
+
+
+class BundleError(Exception):
+    """A bundle is missing, corrupt or of the wrong format; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy dtype name: float32, int32, bool
+    shape: tuple[str | int, ...]  # ints are fixed; strings are named axes (see module doc)
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+    @staticmethod
+    def from_json(d: dict) -> TensorSpec:
+        return TensorSpec(d["name"], d["dtype"], tuple(d["shape"]))
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    @property
+    def file(self) -> str:
+        return f"{self.name}.onnx"
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        """torch.onnx.export's `dynamic_axes` for this graph."""
+        return {
+            t.name: {i: a for i, a in enumerate(t.shape) if isinstance(a, str)}
+            for t in (*self.inputs, *self.outputs)
+            if any(isinstance(a, str) for a in t.shape)
+        }
+
+
+def _graphs(hidden: str = "C") -> dict[str, GraphSpec]:
+    T, L = TensorSpec, LATENT_CHANNELS
+    return {
+        "text_encoder": GraphSpec(
+            "text_encoder",
+            (T("input_ids", "int32", ("B", MAX_TOKENS)),),
+            (T("last_hidden_state", "float32", ("B", MAX_TOKENS, hidden)),),
+        ),
+        "unet": GraphSpec(
+            "unet",
+            (
+                T("sample", "float32", ("N", L, "h", "w")),
+                T("timestep", "float32", (1,)),
+                T("encoder_hidden_states", "float32", ("N", MAX_TOKENS, hidden)),
+            ),
+            (T("noise_pred", "float32", ("N", L, "h", "w")),),
+        ),
+        "vae_decoder": GraphSpec(
+            "vae_decoder",
+            (T("latent", "float32", ("B", L, "h", "w")),),
+            (T("image", "float32", ("B", 3, "H", "W")),),  # in [-1, 1]
+        ),
+        "safety_checker": GraphSpec(
+            "safety_checker",
+            (T("clip_input", "float32", ("B", 3, SAFETY_SIZE, SAFETY_SIZE)),),
+            (T("has_nsfw", "bool", ("B",)), T("concept_scores", "float32", ("B", "K"))),
+        ),
+    }
+
+
+# The hidden width C (768 for v1.x) and concept count K are model facts: the manifest
+# records concrete values in each tensor's shape; GRAPHS keeps them symbolic.
+GRAPHS: dict[str, GraphSpec] = _graphs()
+GRAPH_ORDER = ("text_encoder", "unet", "vae_decoder", "safety_checker")
+REQUIRED_GRAPHS = ("text_encoder", "unet", "vae_decoder")
+
+
+def graph_spec(name: str, hidden: int, concepts: int = 17) -> GraphSpec:
+    """GRAPHS[name] with the model's hidden width C and concept count K filled in."""
+    g = GRAPHS[name]
+    fill = {"C": hidden, "K": concepts}
+
+    def sub(t: TensorSpec) -> TensorSpec:
+        return TensorSpec(t.name, t.dtype, tuple(fill.get(a, a) for a in t.shape))
+
+    return GraphSpec(g.name, tuple(map(sub, g.inputs)), tuple(map(sub, g.outputs)))
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Min/opt/max of images per call and image size in pixels (multiples of 8)."""
+
+    batch: tuple[int, int, int] = (1, 1, 4)
+    height: tuple[int, int, int] = (256, 512, 1024)
+    width: tuple[int, int, int] = (256, 512, 1024)
+
+    def __post_init__(self) -> None:
+        for name in ("batch", "height", "width"):
+            lo, opt, hi = getattr(self, name)
+            if not (1 <= lo <= opt <= hi):
+                raise ValueError(f"profile {name} must satisfy 1 <= min <= opt <= max: {lo, opt, hi}")
+        for v in (*self.height, *self.width):
+            if v % VAE_FACTOR:
+                raise ValueError(f"profile sizes must be multiples of {VAE_FACTOR}: {v}")
+
+    def axes(self, which: int, cfg: bool = True) -> dict[str, int]:
+        """Named-axis values at min (0), opt (1) or max (2); N is 2B when `cfg`."""
+        b, hh, ww = self.batch[which], self.height[which], self.width[which]
+        return {"B": b, "N": 2 * b if cfg else b, "H": hh, "W": ww,
+                "h": hh // VAE_FACTOR, "w": ww // VAE_FACTOR}
+
+    def shapes(self, spec: GraphSpec) -> dict[str, dict[str, list[int]]]:
+        """Per-input min/opt/max shapes; the UNet's min batch is B (no CFG), max 2B."""
+        out: dict[str, dict[str, list[int]]] = {}
+        for t in spec.inputs:
+            row = {}
+            for key, which in (("min", 0), ("opt", 1), ("max", 2)):
+                axes = self.axes(which, cfg=key != "min")
+                row[key] = [axes[a] if isinstance(a, str) else a for a in t.shape]
+            out[t.name] = row
+        return out
+
+    def to_json(self) -> dict:
+        return {"batch": list(self.batch), "height": list(self.height), "width": list(self.width)}
+
+    @staticmethod
+    def from_json(d: dict) -> Profile:
+        return Profile(tuple(d["batch"]), tuple(d["height"]), tuple(d["width"]))
+
+
+@dataclass(frozen=True)
+class GraphEntry:
+    """One graph as the manifest records it."""
+
+    spec: GraphSpec
+    sha256: str  # of the .onnx file
+    external_data: str | None = None  # file name beside it, when the graph is > 2 GB
+    external_sha256: str | None = None
+    max_abs_error: float | None = None  # ONNX Runtime vs torch right after export
+
+    @property
+    def file(self) -> str:
+        return self.spec.file
+
+
+@dataclass(frozen=True)
+class Manifest:
+    source: dict  # {"model": id or path, "hash": sha256 of the source weights}
+    hidden: int  # text hidden width C (768 for v1.x)
+    graphs: dict[str, GraphEntry]
+    profile: Profile
+    default_height: int
+    default_width: int
+    opset: int
+    packages: dict[str, str] = field(default_factory=dict)
+    vae_scaling: str = "host"  # the host multiplies latents by 1/vae_scaling_factor
+    vae_scaling_factor: float = VAE_SCALING_FACTOR
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> dict:
+        return {
+            "format_version": self.format_version,
+            "source": self.source,
+            "packages": self.packages,
+            "opset": self.opset,
+            "hidden": self.hidden,
+            "vae_scaling": self.vae_scaling,
+            "vae_scaling_factor": self.vae_scaling_factor,
+            "default_height": self.default_height,
+            "default_width": self.default_width,
+            "profile": self.profile.to_json(),
+            "graphs": {
+                name: {
+                    "file": e.file,
+                    "sha256": e.sha256,
+                    "external_data": e.external_data,
+                    "external_sha256": e.external_sha256,
+                    "max_abs_error": e.max_abs_error,
+                    "inputs": [t.to_json() for t in e.spec.inputs],
+                    "outputs": [t.to_json() for t in e.spec.outputs],
+                    "shapes": self.profile.shapes(e.spec),
+                }
+                for name, e in self.graphs.items()
+            },
+        }
+
+    def write(self, bundle: Path) -> None:
+        path = Path(bundle) / MANIFEST
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        os.replace(tmp, path)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_manifest(bundle: Path | str) -> Manifest:
+    """Parse and check `bundle/manifest.json`; raise BundleError with a one-line fix."""
+    bundle = Path(bundle)
+    path = bundle / MANIFEST
+    if not bundle.is_dir():
+        raise BundleError(f"model folder not found: {bundle}")
+    if not path.is_file():
+        raise BundleError(f"{bundle} is not a bundle (no {MANIFEST}); create one with "
+                          f"`python -m export --model MODEL --out {bundle}`")
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(f"corrupt {path}: {e}; re-export the bundle") from None
+    version = d.get("format_version") if isinstance(d, dict) else None
+    if version != FORMAT_VERSION:
+        raise BundleError(f"{path} has bundle format version {version!r}, this runtime reads "
+                          f"version {FORMAT_VERSION}; re-export it with this version's "
+                          f"`python -m export`")
+    try:
+        graphs = {}
+        for name, g in d["graphs"].items():
+            if name not in GRAPHS:
+                raise BundleError(f"{path}: unknown graph {name!r}")
+            spec = GraphSpec(name, tuple(map(TensorSpec.from_json, g["inputs"])),
+                             tuple(map(TensorSpec.from_json, g["outputs"])))
+            graphs[name] = GraphEntry(spec, g["sha256"], g.get("external_data"),
+                                      g.get("external_sha256"), g.get("max_abs_error"))
+        manifest = Manifest(
+            source=d["source"], hidden=int(d["hidden"]), graphs=graphs,
+            profile=Profile.from_json(d["profile"]),
+            default_height=int(d["default_height"]), default_width=int(d["default_width"]),
+            opset=int(d["opset"]), packages=d.get("packages", {}),
+            vae_scaling=d.get("vae_scaling", "host"),
+            vae_scaling_factor=float(d.get("vae_scaling_factor", VAE_SCALING_FACTOR)),
+            format_version=version,
+        )
+    except BundleError:
+        raise
+    except (KeyError, TypeError, ValueError) as e:
+        raise BundleError(f"corrupt {path}: bad or missing field {e}; re-export the bundle") from None
+    missing = [g for g in REQUIRED_GRAPHS if g not in graphs]
+    if missing:
+        raise BundleError(f"{path}: missing graphs {', '.join(missing)}; re-export the bundle")
+    for e in graphs.values():
+        for f in filter(None, (e.file, e.external_data)):
+            if not (bundle / f).is_file():
+                raise BundleError(f"bundle {bundle} is missing {f}; re-export the bundle")
+    return manifest
+
+
+def verify_hashes(bundle: Path | str, manifest: Manifest) -> None:
+    """Check every graph file against its sha256 (slow for full-size bundles)."""
+    bundle = Path(bundle)
+    for e in manifest.graphs.values():
+        for f, want in ((e.file, e.sha256), (e.external_data, e.external_sha256)):
+            if f and want and sha256_file(bundle / f) != want:
+                raise BundleError(f"{bundle / f} does not match its sha256 in the manifest "
+                                  f"(corrupt or edited); re-export the bundle")
+
+
+def demo_bundle() -> Path:
+    """The built-in tiny demo bundle shipped inside the package."""
+    return Path(__file__).resolve().parent / "demo_bundle"
+
+
+def resolve_model(model: str | os.PathLike) -> Path:
+    """`demo` means the built-in bundle; anything else is a bundle folder."""
+    return demo_bundle() if str(model) == "demo" else Path(model)
