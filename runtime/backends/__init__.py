@@ -1,0 +1,1 @@
+"""Backends behind runtime.engine.Engine: ort-cpu, ort-cuda, tensorrt."""
