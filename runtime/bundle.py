@@ -57,6 +57,19 @@ class GraphSpec:
     def file(self) -> str:
         return f"{self.name}.onnx"
 
+    def output_shapes(self, input_shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+        """Concrete output shapes implied by concrete input shapes (H = 8h, W = 8w)."""
+        axes: dict[str, int] = {}
+        for t in self.inputs:
+            for a, v in zip(t.shape, input_shapes[t.name]):
+                if isinstance(a, str):
+                    axes[a] = v
+        for small, big in (("h", "H"), ("w", "W")):
+            if small in axes:
+                axes.setdefault(big, axes[small] * VAE_FACTOR)
+        return {t.name: tuple(axes[a] if isinstance(a, str) else a for a in t.shape)
+                for t in self.outputs}
+
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
         """torch.onnx.export's `dynamic_axes` for this graph."""
         return {

@@ -1,0 +1,124 @@
+"""ONNX Runtime backends: `ort-cpu` and `ort-cuda`, with IO binding.
+
+Buffers are allocated once per set of input shapes and bound to the session;
+every run() copies the changing inputs into them and ONNX Runtime writes the
+outputs straight into preallocated host arrays, so the denoising loop
+allocates nothing here. The output arrays returned by run() alias those
+buffers (see runtime.engine).
+
+ort-cpu binds host memory directly (zero copy). ort-cuda keeps the inputs in
+device OrtValues (update_inplace copies host -> device) and binds the outputs
+to host arrays (ONNX Runtime copies device -> host once per run).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from runtime.bundle import GraphSpec
+from runtime.engine import Engine, Shapes
+
+PROVIDERS = {"ort-cpu": "CPUExecutionProvider", "ort-cuda": "CUDAExecutionProvider"}
+
+
+def session_options(optimized_out: Path | None = None, optimize: bool = True) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.log_severity_level = 3  # errors only: ORT's warnings are not the user's business
+    if not optimize:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if optimized_out is not None:
+        so.optimized_model_filepath = str(optimized_out)
+        # weights go to one external file so graphs > 2 GB save too
+        so.add_session_config_entry(
+            "session.optimized_model_external_initializers_file_name",
+            optimized_out.name + ".data")
+        so.add_session_config_entry(
+            "session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    return so
+
+
+class OrtEngine(Engine):
+    """One ONNX Runtime session for one graph; `backend` is ort-cpu or ort-cuda."""
+
+    def __init__(self, spec: GraphSpec, path: Path, backend: str = "ort-cpu",
+                 options: ort.SessionOptions | None = None):
+        super().__init__(spec, path)
+        if backend not in PROVIDERS:
+            raise ValueError(f"unknown ONNX Runtime backend {backend!r}")
+        self.backend = backend
+        self.options = options
+        self.session: ort.InferenceSession | None = None
+        self.binding: ort.IOBinding | None = None
+        self.inputs: dict[str, np.ndarray | ort.OrtValue] = {}
+        self.outputs: dict[str, np.ndarray] = {}
+
+    @property
+    def on_device(self) -> bool:
+        return self.backend == "ort-cuda"
+
+    def load(self) -> None:
+        provider = PROVIDERS[self.backend]
+        try:
+            self.session = ort.InferenceSession(
+                str(self.path), self.options or session_options(), providers=[provider])
+        except Exception as e:  # ORT raises its own Fail/InvalidGraph types
+            raise self.error(f"cannot load {self.path}: {str(e).splitlines()[0]}") from None
+        if provider not in self.session.get_providers():  # ORT falls back silently
+            raise self.error(f"{provider} is not active (got {self.session.get_providers()})")
+        names = {i.name for i in self.session.get_inputs()}
+        want = {t.name for t in self.spec.inputs}
+        if names != want:
+            raise self.error(f"graph inputs {sorted(names)} do not match the spec {sorted(want)}")
+
+    def allocate(self, shapes: Shapes) -> None:
+        shapes = {k: tuple(v) for k, v in shapes.items()}
+        if shapes == self.shapes:
+            return
+        if self.session is None:
+            raise self.error("allocate() before load()", shapes)
+        binding = self.session.io_binding()
+        self.inputs, self.outputs = {}, {}
+        for t in self.spec.inputs:
+            shape, dtype = shapes[t.name], np.dtype(t.dtype)
+            if self.on_device:
+                buf = ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, "cuda", 0)
+                binding.bind_ortvalue_input(t.name, buf)
+            else:
+                buf = np.zeros(shape, dtype)
+                binding.bind_input(t.name, "cpu", 0, dtype, shape, buf.ctypes.data)
+            self.inputs[t.name] = buf
+        for t in self.spec.outputs:
+            shape = self.spec.output_shapes(shapes)[t.name]
+            out = np.zeros(shape, np.dtype(t.dtype))
+            binding.bind_output(t.name, "cpu", 0, out.dtype, shape, out.ctypes.data)
+            self.outputs[t.name] = out
+        self.binding, self.shapes = binding, shapes
+
+    def _copy_in(self, name: str, array: np.ndarray) -> None:
+        buf = self.inputs[name]
+        if isinstance(buf, np.ndarray):
+            np.copyto(buf, array)
+        else:
+            buf.update_inplace(np.ascontiguousarray(array))
+
+    def set_constant(self, name: str, array: np.ndarray) -> None:
+        self.check_feeds({name: array})
+        self._copy_in(name, array)
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.check_feeds(feeds)
+        for name, array in feeds.items():
+            self._copy_in(name, array)
+        try:
+            self.session.run_with_iobinding(self.binding)
+        except Exception as e:
+            raise self.error(f"run failed: {str(e).splitlines()[0]}") from None
+        return self.outputs
+
+    def release(self) -> None:
+        self.binding, self.session, self.shapes = None, None, None
+        self.inputs, self.outputs = {}, {}

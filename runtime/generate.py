@@ -1,0 +1,163 @@
+"""`python -m runtime.generate "prompt"`: text to PNG files, from the command line.
+
+Bad input exits 2 with one line on stderr and writes nothing; a failing engine or
+stage exits 1 with one line. PNGs never overwrite existing files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from runtime.backends import BACKENDS
+from runtime.bundle import BundleError
+from runtime.engine import EngineError
+from runtime.images import png_bytes, write_new_file
+from runtime.pipeline import Pipeline, Result, StageError, UsageError
+from runtime.schedulers import SCHEDULERS
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage too)
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = _Parser(prog="python -m runtime.generate", description=__doc__.splitlines()[0])
+    p.add_argument("prompt", help="what to draw")
+    p.add_argument("--model", default="demo", help="bundle folder, or `demo` (built in)")
+    p.add_argument("--backend", default="auto", choices=BACKENDS)
+    p.add_argument("--negative-prompt", default="", help="what to steer away from")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--scheduler", default="pndm", help=f"one of {', '.join(SCHEDULERS)}")
+    p.add_argument("--guidance-scale", type=float, default=7.5,
+                   help="classifier-free guidance; <= 1 runs the UNet once per step")
+    p.add_argument("--height", type=int, default=None, help="pixels, multiple of 8 (default: the model's)")
+    p.add_argument("--width", type=int, default=None, help="pixels, multiple of 8 (default: the model's)")
+    p.add_argument("--batch-size", type=int, default=1, help="images for the prompt")
+    p.add_argument("--seed", type=int, default=None, help="same seed, same image as diffusers "
+                   "with torch.Generator('cpu').manual_seed(seed); random when omitted")
+    p.add_argument("--latents", type=Path, default=None,
+                   help="initial latents, a .npy of shape [batch, 4, height/8, width/8]")
+    p.add_argument("--output-dir", type=Path, default=Path("outputs"))
+    p.add_argument("--no-safety", action="store_true", help="skip the safety checker")
+    return p.parse_args(argv)
+
+
+def check_output_dir(folder: Path) -> None:
+    """Refuse early an output folder we could not write, before any work is done."""
+    probe = folder.resolve()
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UsageError(f"output folder {folder} is not usable: {probe} is not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(f"output folder {folder} is not writable")
+
+
+def load_latents(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot read latents {path}: {str(e).splitlines()[0]}") from None
+
+
+def slug(text: str, n: int = 40) -> str:
+    s = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:n].strip("-")
+    return s or "image"
+
+
+def metadata(result: Result, args: argparse.Namespace, backend: str, index: int) -> dict[str, str]:
+    r = result.request
+    meta = {
+        "prompt": r.prompts[index // r.images_per_prompt],
+        "negative_prompt": r.negative_prompts[index // r.images_per_prompt],
+        "seed": str(r.seed), "batch_index": str(index), "steps": str(r.steps),
+        "scheduler": r.scheduler, "guidance_scale": f"{r.guidance_scale:g}",
+        "size": f"{r.width}x{r.height}", "model": str(args.model), "backend": backend,
+        "safety_checker": "on" if result.safety_checked else "off",
+    }
+    if r.latents is not None:
+        meta["latents"] = str(args.latents)
+    return meta
+
+
+def write_images(result: Result, args: argparse.Namespace, backend: str) -> list[Path]:
+    r = result.request
+    paths = []
+    for i, image in enumerate(result.images):
+        stem = f"{slug(r.prompts[0])}-{r.seed}" + (f"-{i}" if r.batch > 1 else "")
+        paths.append(write_new_file(args.output_dir, stem, ".png",
+                                    png_bytes(image, metadata(result, args, backend, i))))
+    return paths
+
+
+def progress_bar(total_hint: str):
+    """A tqdm bar on a terminal; nothing when stderr is not a tty."""
+    if not sys.stderr.isatty():
+        return None, lambda: None
+    from tqdm import tqdm
+
+    bar = tqdm(desc=total_hint, unit="step", leave=False, file=sys.stderr)
+
+    def update(i: int, calls: int) -> None:
+        bar.total = calls
+        bar.update(i - bar.n)
+
+    return update, bar.close
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    say = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+    try:
+        check_output_dir(args.output_dir)
+        latents = load_latents(args.latents) if args.latents else None
+        with Pipeline(args.model, args.backend, safety=not args.no_safety, log=say) as pipe:
+            req = pipe.request(args.prompt, args.negative_prompt, steps=args.steps,
+                               scheduler=args.scheduler, guidance_scale=args.guidance_scale,
+                               height=args.height, width=args.width, batch_size=args.batch_size,
+                               seed=args.seed, latents=latents, safety=not args.no_safety)
+            say(f"model: {pipe.bundle} (loaded in {pipe.load_seconds:.2f} s)")
+            if args.no_safety:
+                say("safety checker: off (--no-safety)")
+            elif not pipe.has_safety_checker:
+                say("safety checker: none in this bundle")
+            update, close = progress_bar("denoising")
+            try:
+                result = pipe.run(req, update)
+            finally:
+                close()
+            paths = write_images(result, args, pipe.backend)
+    except (UsageError, BundleError) as e:
+        say(f"error: {e}")
+        return 2
+    except (StageError, EngineError, OSError) as e:
+        say(f"error: {e}")
+        return 1
+    except KeyboardInterrupt:
+        say("interrupted; nothing written")
+        return 130
+    r = result.request
+    if result.dropped_tokens[0]:
+        say(f"warning: the prompt is longer than 77 tokens; its last {result.dropped_tokens[0]} "
+            f"tokens were dropped")
+    say(f"{r.batch} image(s) {r.width}x{r.height}, {r.scheduler} {r.steps} steps, guidance "
+        f"{r.guidance_scale:g}, seed {r.seed}, backend {pipe.backend}")
+    timings = {"load": pipe.load_seconds, **result.timings}
+    say("time: " + ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()))
+    for i, flagged in enumerate(result.nsfw):
+        if flagged:
+            say(f"safety checker flagged image {i}: replaced by a black image")
+    for path in paths:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

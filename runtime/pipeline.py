@@ -1,0 +1,302 @@
+"""The text-to-image pipeline: tokenize -> text encoder -> denoise -> VAE -> safety.
+
+Follows diffusers' StableDiffusionPipeline.__call__ step for step (same seeds,
+same classifier-free guidance arithmetic, same VAE scaling and post-processing),
+so a bundle exported from a diffusers model gives diffusers' pictures.
+
+    pipe = Pipeline("demo")            # load once ...
+    result = pipe("a red apple", seed=1)   # ... call many times
+    result.images                      # [B, H, W, 3] uint8
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from runtime import backends
+from runtime.bundle import (
+    LATENT_CHANNELS,
+    MAX_TOKENS,
+    SCHEDULER_CONFIG,
+    TOKENIZER_DIR,
+    VAE_FACTOR,
+    BundleError,
+    read_manifest,
+    resolve_model,
+)
+from runtime.engine import Engine
+from runtime.images import clip_preprocess, postprocess
+from runtime.rng import TorchCPUGenerator
+from runtime.schedulers import SCHEDULERS, make_schedule
+from runtime.tokenizer import ClipTokenizer
+
+
+class UsageError(ValueError):
+    """Bad user input (a parameter, a file); the message is one line that says what to do."""
+
+
+class StageError(RuntimeError):
+    """A stage produced NaN/inf or failed; the message names the stage."""
+
+
+@dataclass(frozen=True)
+class Request:
+    """One generation call's parameters, validated."""
+
+    prompts: tuple[str, ...]  # one per distinct prompt
+    negative_prompts: tuple[str, ...]  # same length as prompts
+    images_per_prompt: int
+    steps: int
+    scheduler: str
+    guidance_scale: float
+    height: int
+    width: int
+    seed: int
+    latents: np.ndarray | None  # [B, 4, h, w] float32, or None to draw from `seed`
+    safety: bool
+
+    @property
+    def batch(self) -> int:  # B: images in this call
+        return len(self.prompts) * self.images_per_prompt
+
+    @property
+    def cfg(self) -> bool:  # diffusers: do_classifier_free_guidance = guidance_scale > 1
+        return self.guidance_scale > 1
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int, int]:
+        return (self.batch, LATENT_CHANNELS, self.height // VAE_FACTOR, self.width // VAE_FACTOR)
+
+
+@dataclass
+class Result:
+    images: np.ndarray  # [B, H, W, 3] uint8; images flagged by the safety checker are black
+    nsfw: list[bool]  # per image; all False when the safety checker did not run
+    request: Request
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    dropped_tokens: list[int] = field(default_factory=list)  # per prompt, truncation at 77
+    safety_checked: bool = False
+
+
+def _check_finite(stage: str, x: np.ndarray) -> None:
+    # One reduction instead of np.isfinite(x).all(): NaN and inf both survive a sum.
+    if not np.isfinite(x.sum(dtype=np.float64)):
+        raise StageError(f"{stage} produced NaN or inf values; the model or its engine is "
+                         f"broken for these inputs")
+
+
+class Pipeline:
+    """A loaded bundle on one backend; create once, call many times."""
+
+    def __init__(self, model: str | Path = "demo", backend: str = "auto", *,
+                 safety: bool = True, log: Callable[[str], None] | None = None):
+        self.log = log or (lambda msg: None)
+        t0 = time.perf_counter()
+        self.bundle = resolve_model(model)
+        self.manifest = read_manifest(self.bundle)
+        try:
+            self.backend, why = backends.pick(backend)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        self.log(f"backend: {self.backend} ({why})")
+        try:
+            self.scheduler_config = json.loads((self.bundle / SCHEDULER_CONFIG).read_text())
+            self.tokenizer = ClipTokenizer(self.bundle / TOKENIZER_DIR)
+        except (OSError, ValueError, Exception) as e:  # tokenizers raises plain Exception
+            raise BundleError(f"corrupt bundle {self.bundle}: {str(e).splitlines()[0]}; "
+                              f"re-export it") from None
+        self.engines: dict[str, Engine] = {}
+        for name, entry in self.manifest.graphs.items():
+            if name == "safety_checker" and not safety:
+                continue
+            engine = backends.open_engine(self.backend, entry.spec, self.bundle / entry.file)
+            engine.load()
+            self.engines[name] = engine
+        self.load_seconds = time.perf_counter() - t0
+
+    @property
+    def has_safety_checker(self) -> bool:
+        return "safety_checker" in self.engines
+
+    def close(self) -> None:
+        for e in self.engines.values():
+            e.release()
+        self.engines = {}
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- validation -------------------------------------------------------------------
+
+    def request(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None,
+                *, steps: int = 50, scheduler: str = "pndm", guidance_scale: float = 7.5,
+                height: int | None = None, width: int | None = None, batch_size: int = 1,
+                seed: int | None = None, latents: np.ndarray | None = None,
+                safety: bool | None = None) -> Request:
+        """Validate parameters against the bundle; raise UsageError with one line."""
+        prompts = (prompt,) if isinstance(prompt, str) else tuple(prompt)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise UsageError("prompt must be a string or a non-empty list of strings")
+        neg = negative_prompt if negative_prompt is not None else ""
+        negs = (neg,) * len(prompts) if isinstance(neg, str) else tuple(neg)
+        if len(negs) != len(prompts):
+            raise UsageError(f"{len(negs)} negative prompts for {len(prompts)} prompts")
+        if scheduler not in SCHEDULERS:
+            raise UsageError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+        if not isinstance(steps, int) or steps < 1:
+            raise UsageError(f"steps must be an integer >= 1, got {steps!r}")
+        if not np.isfinite(guidance_scale) or guidance_scale < 0:
+            raise UsageError(f"guidance scale must be >= 0, got {guidance_scale}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise UsageError(f"batch size must be an integer >= 1, got {batch_size!r}")
+        m, prof = self.manifest, self.manifest.profile
+        height = m.default_height if height is None else height
+        width = m.default_width if width is None else width
+        for name, v, (lo, _, hi) in (("height", height, prof.height), ("width", width, prof.width)):
+            if not isinstance(v, int) or v % VAE_FACTOR or not lo <= v <= hi:
+                raise UsageError(f"{name} must be a multiple of {VAE_FACTOR} in [{lo}, {hi}] "
+                                 f"for this model, got {v!r}")
+        b = len(prompts) * batch_size
+        if not prof.batch[0] <= b <= prof.batch[2]:
+            raise UsageError(f"{b} images per call is outside this model's batch range "
+                             f"[{prof.batch[0]}, {prof.batch[2]}]")
+        if seed is None:
+            seed = secrets.randbits(63)
+        if not isinstance(seed, int) or not 0 <= seed < 2**64:
+            raise UsageError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+        safety = self.has_safety_checker if safety is None else safety
+        if safety and not self.has_safety_checker:
+            safety = False  # the bundle has none, or it was not loaded
+        req = Request(prompts, negs, batch_size, steps, scheduler, float(guidance_scale),
+                      height, width, seed, None, safety)
+        if latents is not None:
+            latents = np.asarray(latents)
+            if latents.shape != req.latent_shape or not np.issubdtype(latents.dtype, np.floating):
+                raise UsageError(f"latents must be a float array of shape {list(req.latent_shape)}, "
+                                 f"got {latents.dtype}{list(latents.shape)}")
+            _check_finite("the given latents", latents)
+            req = Request(**{**req.__dict__, "latents": latents.astype(np.float32)})
+        return req
+
+    # -- generation -------------------------------------------------------------------
+
+    def __call__(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None,
+                 *, progress: Callable[[int, int], None] | None = None, **kwargs) -> Result:
+        """Generate images; kwargs as in `request()`. `progress(i, calls)` after each UNet call."""
+        return self.run(self.request(prompt, negative_prompt, **kwargs), progress)
+
+    def run(self, req: Request, progress: Callable[[int, int], None] | None = None) -> Result:
+        timings: dict[str, float] = {}
+        t_start = time.perf_counter()
+
+        t = time.perf_counter()
+        cond, uncond, dropped = self._encode(req)  # [B, 77, C] each (uncond None without CFG)
+        timings["text_encoder"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        latents, unet_seconds = self._denoise(req, cond, uncond, progress)  # [B, 4, h, w]
+        timings["denoise"] = time.perf_counter() - t
+        timings["unet"] = unet_seconds
+
+        t = time.perf_counter()
+        image = self._decode(req, latents)  # [B, 3, H, W] in [-1, 1]
+        images = postprocess(image)  # [B, H, W, 3] uint8
+        timings["vae_decoder"] = time.perf_counter() - t
+
+        nsfw = [False] * req.batch
+        if req.safety:
+            t = time.perf_counter()
+            nsfw = self._safety(images)
+            images[np.asarray(nsfw)] = 0  # diffusers: flagged images become black
+            timings["safety_checker"] = time.perf_counter() - t
+        timings["total"] = time.perf_counter() - t_start
+        return Result(images, nsfw, req, timings, dropped, req.safety)
+
+    def _encode(self, req: Request) -> tuple[np.ndarray, np.ndarray | None, list[int]]:
+        """Prompt (and negative prompt) embeddings, each repeated per image: [B, 77, C]."""
+        texts = list(req.prompts) + (list(req.negative_prompts) if req.cfg else [])
+        ids, dropped = self.tokenizer.encode(texts)  # [P, 77] int32
+        enc = self.engines["text_encoder"]
+        enc.allocate({"input_ids": ids.shape})
+        hidden = enc.run({"input_ids": ids})["last_hidden_state"].copy()  # [P, 77, C]
+        _check_finite("text encoder", hidden)
+        n, k = len(req.prompts), req.images_per_prompt
+        cond = np.repeat(hidden[:n], k, axis=0)  # diffusers repeats each prompt k times in a row
+        uncond = np.repeat(hidden[n:], k, axis=0) if req.cfg else None
+        return cond, uncond, dropped[:n]
+
+    def _denoise(self, req: Request, cond: np.ndarray, uncond: np.ndarray | None,
+                 progress: Callable[[int, int], None] | None) -> tuple[np.ndarray, float]:
+        sched = make_schedule(req.scheduler, self.scheduler_config, req.steps)
+        state = sched.new_state()
+        rng = TorchCPUGenerator(req.seed)
+        b, shape = req.batch, req.latent_shape
+        # diffusers' prepare_latents: one randn over the whole batch on the CPU generator
+        latents = req.latents if req.latents is not None else rng.randn(shape)
+        latents = (latents * np.float32(sched.init_noise_sigma)).astype(np.float32)
+
+        unet = self.engines["unet"]
+        n = 2 * b if req.cfg else b  # UNet batch: [uncond; cond] with guidance
+        unet.allocate({"sample": (n, *shape[1:]), "timestep": (1,),
+                       "encoder_hidden_states": (n, MAX_TOKENS, cond.shape[-1])})
+        unet.set_constant("encoder_hidden_states",
+                          np.concatenate([uncond, cond]) if req.cfg else cond)  # [N, 77, C]
+        # Preallocated once; the loop below reuses them every step.
+        sample = np.empty((n, *shape[1:]), np.float32)  # [N, 4, h, w]
+        timestep = np.empty((1,), np.float32)
+        guided = np.empty(shape, np.float32)  # [B, 4, h, w]
+        g = np.float32(req.guidance_scale)
+        unet_seconds = 0.0
+        calls = len(sched.timesteps)
+        for i, t in enumerate(sched.timesteps):
+            x = sched.scale_model_input(latents, i)  # [B, 4, h, w]
+            sample[:b] = x
+            if req.cfg:
+                sample[b:] = x
+            timestep[0] = t
+            t0 = time.perf_counter()
+            noise = unet.run({"sample": sample, "timestep": timestep})["noise_pred"]  # [N, 4, h, w]
+            unet_seconds += time.perf_counter() - t0
+            _check_finite(f"unet (step {i + 1} of {calls}, timestep {t:g})", noise)
+            if req.cfg:  # uncond + g * (cond - uncond), in diffusers' order of operations
+                np.subtract(noise[b:], noise[:b], out=guided)
+                guided *= g
+                guided += noise[:b]
+                noise = guided
+            latents = sched.step(state, i, noise, latents, rng)
+            if progress is not None:
+                progress(i + 1, calls)
+        _check_finite("scheduler", latents)
+        return latents, unet_seconds
+
+    def _decode(self, req: Request, latents: np.ndarray) -> np.ndarray:
+        vae = self.engines["vae_decoder"]
+        vae.allocate({"latent": latents.shape})
+        scaled = (latents / np.float32(self.manifest.vae_scaling_factor)).astype(np.float32)
+        image = vae.run({"latent": scaled})["image"].copy()  # [B, 3, H, W]
+        _check_finite("vae decoder", image)
+        return image
+
+    def _safety(self, images: np.ndarray) -> list[bool]:
+        checker = self.engines["safety_checker"]
+        clip_input = clip_preprocess(images)  # [B, 3, 224, 224]
+        checker.allocate({"clip_input": clip_input.shape})
+        out = checker.run({"clip_input": clip_input})
+        return [bool(f) for f in out["has_nsfw"]]
+
+
+def generate(prompt: str | Sequence[str], model: str | Path = "demo", backend: str = "auto",
+             **kwargs) -> Result:
+    """One-shot convenience: load `model`, generate, release. See Pipeline.request for kwargs."""
+    with Pipeline(model, backend, safety=kwargs.get("safety", True) is not False) as pipe:
+        return pipe(prompt, **kwargs)
