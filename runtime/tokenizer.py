@@ -57,7 +57,7 @@ def build_clip_tokenizer(vocab_json: Path, merges_txt: Path) -> Tokenizer:
         pre_tokenizers.Split(Regex(CLIP_SPLIT), behavior="removed", invert=True),
         pre_tokenizers.ByteLevel(add_prefix_space=False),
     ])
-    # Literal "<|endoftext|>" in a prompt is the special token, as in transformers.
+    # A literal "<|endoftext|>" in a prompt is that token (case-sensitive), as in transformers.
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (BOS, EOS)])
     # BOS $A EOS (RobertaProcessing, as transformers uses; pairs are never encoded here)
     tok.post_processor = processors.RobertaProcessing(
