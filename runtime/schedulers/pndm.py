@@ -1,8 +1,11 @@
-"""PNDM with skip_prk_steps (PLMS): Liu et al. 2022, "Pseudo Numerical Methods for
-Diffusion Models on Manifolds", eq. 9 and 12; diffusers schedulers/scheduling_pndm.py.
+"""PNDM: Liu et al. 2022, "Pseudo Numerical Methods for Diffusion Models on Manifolds",
+eq. 9 (transfer), 12 (linear multistep, PLMS) and 13 (Runge-Kutta warm-up, PRK);
+diffusers schedulers/scheduling_pndm.py.
 
-N steps make N + 1 UNet calls for N >= 2: the second timestep is repeated, and that
-call's output is averaged with the first (a 2nd-order warm-up on the first sample).
+With skip_prk_steps (every SD v1.x config) N steps make N + 1 UNet calls for N >= 2:
+the second timestep is repeated, and that call's output is averaged with the first (a
+2nd-order warm-up on the first sample). Without it, 12 Runge-Kutta calls over the first
+3 steps come first (N >= 4), then N - 3 PLMS calls.
 """
 
 from __future__ import annotations
@@ -22,9 +25,11 @@ _AB_WEIGHTS = {1: (1.0,), 2: (1.5, -0.5), 3: (23 / 12, -16 / 12, 5 / 12),
 
 @dataclass
 class PNDMState:
-    """Per-run history: past model outputs (copies, newest last) and the warm-up sample."""
+    """Per-run history: past model outputs (copies, newest last), the warm-up sample and
+    the Runge-Kutta running sum."""
     ets: list[np.ndarray] = field(default_factory=list)
     cur_sample: np.ndarray | None = None
+    rk_sum: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,8 @@ class PNDMSchedule:
     init_noise_sigma: float
     sample_coeff: np.ndarray  # [calls] float32: prev = sample_coeff * x + output_coeff * eps
     output_coeff: np.ndarray  # [calls] float32
+    rk_stage: np.ndarray  # [calls] int: Runge-Kutta stage 0..3 of a PRK call, -1 for PLMS
+    repeat_call: int  # the PLMS call that repeats the 2nd timestep (1), or -1
 
     def new_state(self) -> PNDMState:
         return PNDMState()
@@ -43,7 +50,17 @@ class PNDMSchedule:
 
     def step(self, state: PNDMState, i: int, model_output: np.ndarray, sample: np.ndarray,
              rng=None) -> np.ndarray:
-        if i == 1 and len(self.timesteps) > 1:  # repeated timestep: average, restart from x_0
+        stage = self.rk_stage[i]
+        if stage >= 0:  # RK4 weights 1/6, 1/3, 1/3, 1/6 (PNDM eq. 13)
+            if stage == 0:
+                state.ets.append(model_output.copy())
+                state.cur_sample = sample.copy()
+                state.rk_sum = model_output * F32(1 / 6)
+            elif stage < 3:
+                state.rk_sum += F32(1 / 3) * model_output
+            eps = state.rk_sum + F32(1 / 6) * model_output if stage == 3 else model_output.copy()
+            sample = state.cur_sample
+        elif i == self.repeat_call:  # repeated timestep: average, restart from x_0
             eps = (model_output + state.ets[-1]) * F32(0.5)
             sample = state.cur_sample
         else:
@@ -61,19 +78,29 @@ class PNDMSchedule:
 
 def make(name: str, config: dict, steps: int) -> PNDMSchedule:
     cfg = resolve(config, DEFAULTS)
-    if not cfg["skip_prk_steps"]:
-        raise ValueError("PNDM with skip_prk_steps=False (Runge-Kutta warm-up) is not supported")
+    if not cfg["skip_prk_steps"] and steps < 4:
+        raise ValueError("PNDM without skip_prk_steps needs steps >= 4 (its Runge-Kutta warm-up)")
     ac = alphas_cumprod(cfg).astype(np.float64)
     final = 1.0 if cfg["set_alpha_to_one"] else ac[0]
     ts = spaced_timesteps(cfg, steps)
     if cfg["timestep_spacing"] == "linspace":
         ts = ts.round()
     ts = ts.astype(np.int64)  # descending
-    ts = np.concatenate([ts[:1], ts[1:2], ts[1:]]) if steps > 1 else ts  # 2nd call repeated
     ratio = int(cfg["num_train_timesteps"]) // steps
-    t, prev = ts + 0, ts - ratio
-    if steps > 1:  # call 1 redoes step t0 -> t1 from the first sample (scheduling_pndm.py)
-        t[1], prev[1] = ts[1] + ratio, ts[1]
+    repeat_call = 1 if cfg["skip_prk_steps"] and steps > 1 else -1
+    if cfg["skip_prk_steps"]:
+        ts = np.concatenate([ts[:1], ts[1:2], ts[1:]]) if steps > 1 else ts  # 2nd call repeated
+        t, prev, stage = ts + 0, ts - ratio, np.full(len(ts), -1)
+        if steps > 1:  # call 1 redoes step t0 -> t1 from the first sample
+            t[1], prev[1] = ts[1] + ratio, ts[1]
+    else:  # 3 RK steps at half spacing (set_timesteps / step_prk in scheduling_pndm.py)
+        half = np.tile([0, ratio // 2], 4) + ts[3::-1].repeat(2)  # [8] ascending
+        rk = half[:-1].repeat(2)[1:-1][::-1]  # [12]
+        c = np.arange(12)
+        t = np.concatenate([rk[c // 4 * 4], ts[3:]])
+        prev = np.concatenate([rk - np.where(c % 2, 0, ratio // 2), ts[3:] - ratio])
+        stage = np.concatenate([c % 4, np.full(steps - 3, -1)])
+        ts = np.concatenate([rk, ts[3:]])
     a_t = ac[t]
     a_prev = np.where(prev >= 0, ac[np.maximum(prev, 0)], final)
     b_t, b_prev = 1 - a_t, 1 - a_prev
@@ -86,4 +113,4 @@ def make(name: str, config: dict, steps: int) -> PNDMSchedule:
     elif cfg["prediction_type"] != "epsilon":
         raise ValueError("PNDM supports prediction_type epsilon or v_prediction")
     timesteps, sc, oc = frozen(ts.astype(F32), sample_coeff.astype(F32), output_coeff.astype(F32))
-    return PNDMSchedule(name, timesteps, 1.0, sc, oc)
+    return PNDMSchedule(name, timesteps, 1.0, sc, oc, *frozen(stage), repeat_call)
