@@ -8,8 +8,10 @@ and after every call max|ours - diffusers| / max|diffusers| <= 1e-5 for the UNet
 and the new sample. The model-output buffer is reused across calls, as the pipeline does,
 so a scheduler that kept a reference to it would fail.
 
-Measured max relative error (steps 1/2/10/50, v1-4 config): about 1e-7 for pndm, ddim,
-euler, euler_a, lms and dpmpp_2m(_karras); see ``test_report_errors`` (run with -s).
+Measured max relative error on this machine (v1-4 config, steps 1/2/10/50): pndm 3.7e-7,
+ddim 8.5e-7, euler 3.6e-7, euler_a 4.1e-7, lms 8.4e-7, dpmpp_2m 9.5e-7, dpmpp_2m_karras
+1.2e-6 (``pytest -s -k report`` prints them); over the config variants and other step
+counts (3..250) at most 3.4e-6; PNDM with the Runge-Kutta warm-up 7.6e-7.
 """
 
 from __future__ import annotations
