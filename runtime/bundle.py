@@ -290,10 +290,12 @@ def read_manifest(bundle: Path | str) -> Manifest:
     return manifest
 
 
-def verify_hashes(bundle: Path | str, manifest: Manifest) -> None:
-    """Check every graph file against its sha256 (slow for full-size bundles)."""
+def verify_hashes(bundle: Path | str, manifest: Manifest, only: str | None = None) -> None:
+    """Check graph files (all, or graph `only`) against their sha256; slow for full size."""
     bundle = Path(bundle)
-    for e in manifest.graphs.values():
+    for name, e in manifest.graphs.items():
+        if only is not None and name != only:
+            continue
         for f, want in ((e.file, e.sha256), (e.external_data, e.external_sha256)):
             if f and want and sha256_file(bundle / f) != want:
                 raise BundleError(f"{bundle / f} does not match its sha256 in the manifest "

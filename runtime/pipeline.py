@@ -29,9 +29,10 @@ from runtime.bundle import (
     VAE_FACTOR,
     BundleError,
     read_manifest,
+    verify_hashes,
     resolve_model,
 )
-from runtime.engine import Engine
+from runtime.engine import Engine, EngineError
 from runtime.images import clip_preprocess, postprocess
 from runtime.rng import TorchCPUGenerator
 from runtime.schedulers import SCHEDULERS, make_schedule
@@ -117,7 +118,11 @@ class Pipeline:
             if name == "safety_checker" and not safety:
                 continue
             engine = backends.open_engine(self.backend, entry.spec, self.bundle / entry.file)
-            engine.load()
+            try:
+                engine.load()
+            except EngineError:
+                verify_hashes(self.bundle, self.manifest, only=name)  # corrupt file: BundleError
+                raise
             self.engines[name] = engine
         self.load_seconds = time.perf_counter() - t0
 
