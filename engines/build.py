@@ -1,0 +1,259 @@
+"""Compile a bundle's graphs into cached backend artifacts for this machine.
+
+    python -m engines.build BUNDLE --backend tensorrt [--static | --dynamic]
+        [--min BxHxW] [--opt BxHxW] [--max BxHxW] [--workspace-gb 4] [--opt-level 3]
+        [--timing-cache PATH] [--refit] [--graphs unet,vae_decoder]
+        [--no-build] [--force] [--cache-dir DIR]
+    python -m engines.build BUNDLE --backend ort-cuda [--cache-dir DIR]
+
+TensorRT: FP16 plans, one optimization profile each. `--dynamic` (the default) uses
+the manifest's min/opt/max batch and image size unless flags override them;
+`--static` builds min = opt = max at `--opt` (default: batch 1 at the manifest's
+default size, i.e. 512x512 for v1.x, UNet batch 2 for guidance), the fastest plan for
+that one shape. ort-cuda: fp16 fused ONNX graphs (engines/ort_cuda.py).
+
+Artifacts go to the engine cache (runtime/cache.py) under a key of graph hash, backend
+and version, GPU and compute capability, precision and profile, so a plan is never
+used on another GPU or TensorRT version. `--no-build` only reports and exits 2 if any
+artifact is missing. Bad input and missing backends: one line on stderr, exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+from engines.options import BuildOptions, TensorRTOptions
+from engines.shapes import describe, graph_profile
+from runtime import cache
+from runtime.bundle import (
+    GRAPH_ORDER,
+    BundleError,
+    GraphEntry,
+    Manifest,
+    Profile,
+    read_manifest,
+    resolve_model,
+    sha256_file,
+)
+
+BACKENDS = ("tensorrt", "ort-cuda")
+DESCRIPTION = "Compile a bundle's graphs into cached backend artifacts for this machine."
+
+
+class UsageError(Exception):
+    """One line for the user; the CLI exits 2."""
+
+
+def _bhw(text: str, flag: str) -> tuple[int, int, int]:
+    try:
+        b, h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise UsageError(f"{flag} wants BATCHxHEIGHTxWIDTH, e.g. 1x512x512; got {text!r}") from None
+    return b, h, w
+
+
+def choose_profile(manifest: Manifest, static: bool, lo: str | None, opt: str | None,
+                   hi: str | None) -> Profile:
+    """The manifest's profile with flag overrides; static: min = opt = max = --opt."""
+    p = manifest.profile
+    rows = {"min": (p.batch[0], p.height[0], p.width[0]),
+            "opt": (1, manifest.default_height, manifest.default_width) if static
+            else (p.batch[1], p.height[1], p.width[1]),
+            "max": (p.batch[2], p.height[2], p.width[2])}
+    for key, text in (("min", lo), ("opt", opt), ("max", hi)):
+        if text is not None:
+            rows[key] = _bhw(text, f"--{key}")
+    if static:
+        rows["min"] = rows["max"] = rows["opt"]
+    try:
+        return Profile(*zip(rows["min"], rows["opt"], rows["max"], strict=True))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def parse_args(argv: list[str] | None) -> tuple[BuildOptions, bool]:
+    ap = argparse.ArgumentParser(prog="python -m engines.build", description=DESCRIPTION)
+    ap.add_argument("bundle", help="bundle folder, or `demo`")
+    ap.add_argument("--backend", required=True, choices=BACKENDS)
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--static", action="store_true", help="one fixed shape (fastest)")
+    mode.add_argument("--dynamic", action="store_true", help="min/opt/max profile (default)")
+    ap.add_argument("--min", help="BATCHxHEIGHTxWIDTH, e.g. 1x256x256")
+    ap.add_argument("--opt", help="BATCHxHEIGHTxWIDTH, e.g. 1x512x512")
+    ap.add_argument("--max", help="BATCHxHEIGHTxWIDTH, e.g. 4x768x768")
+    ap.add_argument("--graphs", help="comma-separated subset, e.g. unet,vae_decoder")
+    ap.add_argument("--workspace-gb", type=float, help="TensorRT tactic memory limit (GiB)")
+    ap.add_argument("--opt-level", type=int, choices=range(6), metavar="0-5",
+                    help="TensorRT builder optimization level (default 3)")
+    ap.add_argument("--timing-cache", type=Path, help="TensorRT timing cache file to reuse")
+    ap.add_argument("--refit", action="store_true", help="build refittable TensorRT plans")
+    ap.add_argument("--no-build", action="store_true", help="only report what is cached")
+    ap.add_argument("--force", action="store_true", help="rebuild even if cached")
+    ap.add_argument("--cache-dir", type=Path, help=f"default ${cache.CACHE_ENV} or "
+                    "~/.cache/sdrt/engines")
+    ap.add_argument("--verbose", action="store_true", help="TensorRT's verbose log")
+    a = ap.parse_args(argv)
+
+    bundle = resolve_model(a.bundle)
+    try:
+        manifest = read_manifest(bundle)
+    except BundleError as e:
+        raise UsageError(str(e)) from None
+    graphs = tuple(g for g in GRAPH_ORDER if g in manifest.graphs)
+    if a.graphs:
+        wanted = tuple(g.strip() for g in a.graphs.split(",") if g.strip())
+        unknown = [g for g in wanted if g not in manifest.graphs]
+        if unknown:
+            raise UsageError(f"--graphs: {', '.join(unknown)} not in the bundle "
+                             f"(it has {', '.join(graphs)})")
+        graphs = tuple(g for g in graphs if g in wanted)
+    if a.workspace_gb is not None and a.workspace_gb <= 0:
+        raise UsageError("--workspace-gb must be positive")
+    opts = BuildOptions(
+        bundle=bundle, backend=a.backend, graphs=graphs, static=a.static,
+        profile=choose_profile(manifest, a.static, a.min, a.opt, a.max),
+        cache_dir=a.cache_dir, no_build=a.no_build, force=a.force,
+        tensorrt=TensorRTOptions(a.workspace_gb, a.opt_level, a.timing_cache, a.refit))
+    return opts, a.verbose
+
+
+def _check_source(bundle: Path, entry: GraphEntry) -> None:
+    """The key trusts the manifest's hashes: make sure the files still match them."""
+    for f, want in ((entry.file, entry.sha256), (entry.external_data, entry.external_sha256)):
+        if f and want and sha256_file(bundle / f) != want:
+            raise UsageError(f"{bundle / f} does not match its sha256 in the manifest; "
+                             f"re-export the bundle")
+
+
+# --- backends: each returns [(graph, key, build(folder) -> main file)] ----------------
+
+Job = tuple[str, cache.CacheKey, Callable[[Path], Path]]
+
+
+def tensorrt_jobs(opts: BuildOptions, manifest: Manifest, verbose: bool) -> list[Job]:
+    from runtime.backends.tensorrt import available, plan_key, trt_version
+
+    why = available()
+    if why:
+        raise UsageError(f"cannot build TensorRT engines here: {why}")
+    from engines.tensorrt_build import build_plan  # imports tensorrt
+    from runtime.backends.cuda import Cuda, CudaError
+
+    try:
+        device = Cuda().device_info()
+    except CudaError as e:
+        raise UsageError(f"cannot build TensorRT engines here: no usable GPU ({e})") from None
+    version = trt_version()
+    cache_root = opts.cache_dir or cache.default_dir()
+    gpu = "".join(c if c.isalnum() else "-" for c in device.name)
+    timing = opts.tensorrt.timing_cache or (
+        cache_root / "tensorrt" / f"timing-{gpu}-sm{device.capability}-trt{version}.cache")
+    print(f"TensorRT {version} on {device.name} (sm {device.capability}), "
+          f"{describe(opts.profile, opts.static)}; timing cache {timing}")
+
+    jobs: list[Job] = []
+    for name in opts.graphs:
+        entry = manifest.graphs[name]
+        shapes = graph_profile(entry.spec, opts.profile, opts.static)
+        onnx_path = opts.bundle / entry.file
+
+        def build(folder: Path, onnx_path: Path = onnx_path, shapes: dict = shapes,
+                  name: str = name) -> Path:
+            out = folder / f"{name}.plan"
+            out.write_bytes(build_plan(onnx_path, shapes, opts.tensorrt, timing, verbose))
+            return out
+
+        jobs.append((name, plan_key(entry, shapes, version, device), build))
+    return jobs
+
+
+def ort_cuda_jobs(opts: BuildOptions, manifest: Manifest) -> list[Job]:
+    try:
+        import onnx  # noqa: F401  (the optimizer needs it)
+        import onnxruntime
+        from onnxruntime.transformers import optimizer  # noqa: F401
+    except ImportError as e:
+        raise UsageError(f"cannot build ORT CUDA graphs here: {e.name} is not installed "
+                         f"(pip install onnx onnxruntime-gpu)") from None
+    from engines.ort_cuda import optimize_fp16
+
+    providers = onnxruntime.get_available_providers()
+    where = "CUDA available" if "CUDAExecutionProvider" in providers else "no CUDA here; " \
+        "the graphs are device independent and run wherever onnxruntime-gpu does"
+    print(f"onnxruntime {onnxruntime.__version__} transformers optimizer, fp16 ({where})")
+    jobs: list[Job] = []
+    for name in opts.graphs:
+        entry = manifest.graphs[name]
+        onnx_path = opts.bundle / entry.file
+
+        def build(folder: Path, onnx_path: Path = onnx_path, name: str = name,
+                  external: bool = entry.external_data is not None) -> Path:
+            return optimize_fp16(onnx_path, folder, name, external)
+
+        jobs.append((name, cache.ort_cuda_key(entry, onnxruntime.__version__), build))
+    return jobs
+
+
+def _lookup(key: cache.CacheKey, cache_dir: Path | None) -> Path | None:
+    """cache.lookup with its CacheWarning (a damaged artifact) printed as one line."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", cache.CacheWarning)
+        found = cache.lookup(key, cache_dir)
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+    return found
+
+
+def run(opts: BuildOptions, verbose: bool = False) -> int:
+    """Build (or, with no_build, check) every requested graph; the CLI's exit code."""
+    manifest = read_manifest(opts.bundle)
+    jobs = (tensorrt_jobs(opts, manifest, verbose) if opts.backend == "tensorrt"
+            else ort_cuda_jobs(opts, manifest))
+    missing = []
+    for i, (name, key, build) in enumerate(jobs, 1):
+        tag = f"[{i}/{len(jobs)}] {name}"
+        found = None if opts.force else _lookup(key, opts.cache_dir)
+        if found is not None:
+            print(f"{tag}: cached -> {found}")
+            continue
+        if opts.no_build:
+            print(f"{tag}: not built for this machine ({key.backend} {key.backend_version}, "
+                  f"{key.device}, {key.precision})")
+            missing.append(name)
+            continue
+        _check_source(opts.bundle, manifest.graphs[name])
+        print(f"{tag}: building {key.backend} {key.precision} ...", flush=True)
+        start = time.perf_counter()
+        meta = {"built_by": "engines.build", "options": {
+            "static": opts.static, "profile": opts.profile.to_json(),
+            "workspace_gb": opts.tensorrt.workspace_gb, "opt_level": opts.tensorrt.opt_level,
+            "refit": opts.tensorrt.refit}}
+        path = cache.store(key, build, opts.cache_dir, meta=meta, force=opts.force)
+        print(f"{tag}: done in {time.perf_counter() - start:.1f} s -> {path}", flush=True)
+    if missing:
+        print(f"engines.build: not built: {', '.join(missing)}; run without --no-build "
+              f"to build them", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        opts, verbose = parse_args(argv)
+        return run(opts, verbose)
+    except UsageError as e:
+        print(f"engines.build: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # a build failure: one line, never a traceback
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"engines.build: {first}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

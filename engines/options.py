@@ -1,0 +1,29 @@
+"""What one `engines.build` run was asked to do, as frozen data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from runtime.bundle import Profile
+
+
+@dataclass(frozen=True)
+class TensorRTOptions:
+    workspace_gb: float | None = None  # memory pool limit for tactics; None: TensorRT's default
+    opt_level: int | None = None  # builder_optimization_level 0-5 (TensorRT's default is 3)
+    timing_cache: Path | None = None  # reused across builds; None: one per GPU in the cache dir
+    refit: bool = False  # build refittable plans (weights can be swapped without a rebuild)
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    bundle: Path
+    backend: str  # "tensorrt" | "ort-cuda"
+    graphs: tuple[str, ...]  # which bundle graphs, in build order
+    static: bool  # TensorRT: min = opt = max at `profile`'s opt values
+    profile: Profile  # batch/height/width min/opt/max in images and pixels
+    cache_dir: Path | None = None  # None: runtime.cache.default_dir()
+    no_build: bool = False  # only report what is cached; exit 2 if something is missing
+    force: bool = False  # rebuild even when an intact artifact is cached
+    tensorrt: TensorRTOptions = TensorRTOptions()

@@ -1,0 +1,424 @@
+"""TensorRT backend: FP16 plans run through the name-based tensor API on one CUDA stream.
+
+Works with TensorRT 8.6 (JetPack 6) through 10.x; where the API changed, features are
+detected, not version-parsed:
+  context without its own activation memory:
+      10.x  engine.create_execution_context(ExecutionContextAllocationStrategy.USER_MANAGED)
+      8.6   engine.create_execution_context_without_device_memory()
+  its size / how to hand it over:
+      10.1+ engine.device_memory_size_v2, context.set_device_memory(ptr, size)
+      8.6   engine.device_memory_size,    context.device_memory = ptr
+
+Lifecycle (runtime.engine): several engines share one TensorRTDevice (stream, runtime,
+scratch). load() every engine first, so the shared scratch is sized to the largest,
+then allocate(shapes) -> set_constant / run -> release().
+
+    device = TensorRTDevice()
+    unet = TensorRTEngine(spec, plan_path, device, cuda_graph=True)
+    unet.load(); unet.allocate({"sample": (2, 4, 64, 64), ...})
+    unet.set_constant("encoder_hidden_states", ehs)       # [2B, 77, 768] f32, once
+    out = unet.run({"sample": x, "timestep": t})         # aliases pinned host buffers
+    unet.release(); device.release()
+
+run() copies the changed inputs host -> device, executes (or replays its CUDA graph),
+copies the outputs device -> host and synchronizes the stream once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from runtime import cache
+from runtime.backends.cuda import Cuda, CudaError, DeviceInfo, stream_handle
+from runtime.bundle import GraphEntry, GraphSpec
+from runtime.engine import Engine, Shapes
+
+if TYPE_CHECKING:
+    import tensorrt as trt
+
+
+def trt_module() -> Any:
+    """The real tensorrt module, or ImportError (type stubs alone are not TensorRT)."""
+    import tensorrt
+
+    if not hasattr(tensorrt, "Runtime"):  # e.g. only `tensorrt-stubs` installed
+        raise ImportError("tensorrt is installed as type stubs only")
+    return tensorrt
+
+
+def available() -> str | None:
+    """None when TensorRT and cuda-python are usable here, else why not (one line)."""
+    try:
+        trt_module()
+    except ImportError:
+        return "TensorRT is not installed (pip install tensorrt; JetPack ships it)"
+    try:
+        from runtime.backends.cuda import runtime_module
+
+        runtime_module()
+    except ImportError:
+        return "cuda-python is not installed (pip install cuda-python)"
+    return None
+
+
+def trt_version() -> str:
+    return str(getattr(trt_module(), "__version__", "unknown"))
+
+
+# --- the cache key of a plan (shared with engines.build) ------------------------------
+
+def plan_key(entry: GraphEntry, profile: cache.ShapeProfile, version: str,
+             device: DeviceInfo) -> cache.CacheKey:
+    """Key of an FP16 plan of one graph for one TensorRT version, GPU and profile."""
+    return cache.CacheKey(entry.spec.name, cache.graph_sha256(entry), "tensorrt", version,
+                          device.name, device.capability, "fp16", cache.shapes_json(profile))
+
+
+def find_plan(entry: GraphEntry, shapes: Shapes, version: str, device: DeviceInfo,
+              cache_dir: Path | None = None, verify: bool = True) -> Path | None:
+    """A cached plan for this graph, TensorRT version and GPU whose profile covers
+    `shapes`: the static plan for exactly these shapes first, else the covering
+    dynamic plan with the smallest max shape. None when there is none."""
+    want = plan_key(entry, cache.static_profile(entry.spec, shapes), version, device)
+    found = cache.lookup(want, cache_dir, verify)
+    if found is not None:
+        return found
+    fits = []
+    for key, _ in cache.entries("tensorrt", entry.spec.name, cache_dir):
+        profile = key.profile()
+        if (profile is not None and key.graph_sha256 == want.graph_sha256
+                and key.backend_version == version and key.device == device.name
+                and key.capability == device.capability and cache.covers(profile, shapes)):
+            size = sum(math.prod(row["max"]) for row in profile.values())
+            fits.append((size, key))
+    for _, key in sorted(fits, key=lambda f: f[0]):
+        found = cache.lookup(key, cache_dir, verify)
+        if found is not None:
+            return found
+    return None
+
+
+# --- one stream, one runtime, one scratch allocation for all engines ------------------
+
+class TensorRTDevice:
+    """What the engines of one pipeline share: the CUDA stream they run on in turn, the
+    TensorRT runtime, and one activation ("scratch") allocation sized to the largest
+    engine. Safe to share because the engines run one at a time on one stream."""
+
+    def __init__(self, cuda: Cuda | None = None, log_level: str = "WARNING"):
+        trt_module()  # ImportError unless the real TensorRT is here
+        import tensorrt as trt
+
+        self.cuda = cuda or Cuda()
+        self.info = self.cuda.device_info()
+        self.logger = trt.Logger(getattr(trt.Logger, log_level))
+        self.runtime = trt.Runtime(self.logger)
+        self.stream = self.cuda.stream()
+        self.scratch_need = 0  # bytes: max over loaded engines
+        self.scratch_ptr = 0
+        self.scratch_size = 0
+        self.scratch_generation = 0  # bumped on reallocation: contexts must re-bind
+
+    def reserve(self, nbytes: int) -> None:
+        self.scratch_need = max(self.scratch_need, nbytes)
+
+    def scratch(self) -> tuple[int, int, int]:
+        """(pointer, size, generation), growing the allocation if an engine needs more."""
+        if self.scratch_need > self.scratch_size:
+            if self.scratch_ptr:
+                self.cuda.sync(self.stream)  # no engine may still be using the old one
+                self.cuda.free(self.scratch_ptr)
+                self.scratch_ptr = 0
+            self.scratch_ptr = self.cuda.malloc(self.scratch_need)
+            self.scratch_size = self.scratch_need
+            self.scratch_generation += 1
+        return self.scratch_ptr, self.scratch_size, self.scratch_generation
+
+    def release(self) -> None:
+        if self.scratch_ptr:
+            self.cuda.free(self.scratch_ptr)
+            self.scratch_ptr, self.scratch_size = 0, 0
+        if self.stream is not None:
+            self.cuda.destroy_stream(self.stream)
+            self.stream = None
+
+
+def _dims(d: trt.Dims) -> tuple[int, ...]:
+    """A TensorRT Dims as a tuple (Dims behaves like one, its stubs do not say so)."""
+    return tuple(int(d[i]) for i in range(len(d)))
+
+
+@dataclass
+class _Buffer:
+    """One I/O tensor: device memory and its pinned host mirror, same shape and dtype."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    device: int  # device pointer
+    host_ptr: int
+    host: np.ndarray  # view of pinned host memory
+
+    @property
+    def nbytes(self) -> int:
+        return self.host.nbytes
+
+
+class TensorRTEngine(Engine):
+    """One deserialized plan, its execution context, its I/O buffers and CUDA graph."""
+
+    backend = "tensorrt"
+
+    def __init__(self, spec: GraphSpec, path: Path, device: TensorRTDevice | None = None,
+                 cuda_graph: bool = False):
+        super().__init__(spec, path)
+        self.device = device
+        self.owns_device = device is None
+        self.cuda_graph = cuda_graph
+        self.engine: trt.ICudaEngine | None = None
+        self.context: trt.IExecutionContext | None = None
+        self.scratch_bytes = 0
+        self.bound_generation = -1  # scratch generation bound to the context
+        self.buffers: dict[str, _Buffer] = {}
+        self.outputs: dict[str, np.ndarray] = {}
+        self.given: set[str] = set()  # inputs copied to the device at least once
+        self.graph: Any = None  # cudaGraph_t / cudaGraphExec_t for self.shapes
+        self.graph_exec: Any = None
+
+    # --- load --------------------------------------------------------------------------
+
+    def load(self) -> None:
+        try:
+            if self.device is None:
+                self.device = TensorRTDevice()
+            self._check_sidecar(self.device)
+            data = self.path.read_bytes()
+        except OSError as e:
+            raise self.error(f"cannot read plan {self.path}: {e.strerror}") from None
+        except (CudaError, ImportError) as e:
+            raise self.error(str(e)) from None
+        engine = self.device.runtime.deserialize_cuda_engine(data)
+        if engine is None:
+            raise self.error(f"TensorRT could not deserialize {self.path} (built for another "
+                             f"TensorRT version or GPU?); rebuild it with `python -m "
+                             f"engines.build BUNDLE --backend tensorrt`")
+        self.engine = engine
+        self._check_io(engine)
+        self.context = self._create_context(engine)
+        self.scratch_bytes = int(getattr(engine, "device_memory_size_v2", None)
+                                 or engine.device_memory_size)
+        self.device.reserve(self.scratch_bytes)
+
+    def _check_sidecar(self, device: TensorRTDevice) -> None:
+        """Refuse a cached plan whose sidecar names another TensorRT version or GPU."""
+        side = self.path.parent / cache.SIDECAR
+        if not side.is_file():
+            return
+        try:
+            key = json.loads(side.read_text())["key"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return  # not ours to judge; TensorRT checks the plan itself
+        here = (trt_version(), device.info.name, device.info.capability)
+        built = (key.get("backend_version"), key.get("device"), key.get("capability"))
+        if key.get("backend") == "tensorrt" and built != here:
+            raise self.error(f"plan {self.path} was built with TensorRT {built[0]} for "
+                             f"{built[1]} (sm {built[2]}); this is TensorRT {here[0]} on "
+                             f"{here[1]} (sm {here[2]}): rebuild it with `python -m "
+                             f"engines.build BUNDLE --backend tensorrt`")
+
+    def _check_io(self, engine: trt.ICudaEngine) -> None:
+        import tensorrt as trt
+
+        names = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}
+        want = {t.name for t in (*self.spec.inputs, *self.spec.outputs)}
+        if names != want:
+            raise self.error(f"plan tensors {sorted(names)} do not match the spec {sorted(want)}")
+        for t in self.spec.inputs:
+            if engine.get_tensor_mode(t.name) != trt.TensorIOMode.INPUT:
+                raise self.error(f"plan tensor {t.name} is not an input")
+        for t in (*self.spec.inputs, *self.spec.outputs):
+            got = np.dtype(trt.nptype(engine.get_tensor_dtype(t.name)))
+            if got != np.dtype(t.dtype):
+                raise self.error(f"plan tensor {t.name} is {got}, the spec says {t.dtype}")
+
+    def _create_context(self, engine: trt.ICudaEngine) -> trt.IExecutionContext:
+        import tensorrt as trt
+
+        strategy = getattr(trt, "ExecutionContextAllocationStrategy", None)
+        if strategy is not None:  # TensorRT 10
+            context = engine.create_execution_context(strategy.USER_MANAGED)
+        else:  # TensorRT 8.6
+            context = engine.create_execution_context_without_device_memory()
+        if context is None:
+            raise self.error("TensorRT could not create an execution context")
+        return context
+
+    # --- allocate ------------------------------------------------------------------------
+
+    def allocate(self, shapes: Shapes) -> None:
+        shapes = {k: tuple(int(v) for v in s) for k, s in shapes.items()}
+        if shapes == self.shapes:
+            return
+        if self.engine is None or self.context is None or self.device is None:
+            raise self.error("allocate() before load()", shapes)
+        missing = [t.name for t in self.spec.inputs if t.name not in shapes]
+        if missing:
+            raise self.error(f"allocate() without shapes for {missing}", shapes)
+        self._drop_graph()
+        self._free_buffers()
+        self.shapes = None
+        context, cuda = self.context, self.device.cuda
+        try:
+            for t in self.spec.inputs:  # every input shape first: outputs depend on them
+                if not context.set_input_shape(t.name, shapes[t.name]):
+                    raise self.error(self._profile_hint(t.name, shapes[t.name]), shapes)
+            for t in (*self.spec.inputs, *self.spec.outputs):
+                shape = _dims(context.get_tensor_shape(t.name))
+                if any(d < 0 for d in shape):
+                    raise self.error(f"TensorRT left {t.name} unresolved {list(shape)}", shapes)
+                dtype = np.dtype(t.dtype)
+                nbytes = math.prod(shape) * dtype.itemsize
+                dev = cuda.malloc(nbytes)
+                host_ptr, host = cuda.pinned(shape, dtype)
+                self.buffers[t.name] = _Buffer(shape, dtype, dev, host_ptr, host)
+                if not context.set_tensor_address(t.name, dev):  # after every shape is set
+                    raise self.error(f"set_tensor_address({t.name}) failed", shapes)
+            self._bind_scratch(self.device, context)
+        except CudaError as e:
+            self._free_buffers()
+            raise self.error(str(e), shapes) from None
+        self.outputs = {t.name: self.buffers[t.name].host for t in self.spec.outputs}
+        self.given = set()
+        self.shapes = shapes
+
+    def _profile_hint(self, name: str, shape: tuple[int, ...]) -> str:
+        assert self.engine is not None
+        lo, _, hi = (list(_dims(d)) for d in self.engine.get_tensor_profile_shape(name, 0))
+        return (f"input {name} {list(shape)} is outside the plan's profile min {lo} max {hi}; "
+                f"rebuild with `python -m engines.build BUNDLE --backend tensorrt` and a "
+                f"profile that covers it")
+
+    # --- run ------------------------------------------------------------------------------
+
+    def set_constant(self, name: str, array: np.ndarray) -> None:
+        self.check_feeds({name: array})
+        assert self.device is not None
+        try:
+            self._copy_in(name, array)
+            self.device.cuda.sync(self.device.stream)  # the pinned copy may be reused now
+        except CudaError as e:
+            raise self.error(str(e)) from None
+
+    def _copy_in(self, name: str, array: np.ndarray) -> None:
+        assert self.device is not None
+        buf = self.buffers[name]
+        np.copyto(buf.host, array)
+        self.device.cuda.h2d(buf.device, buf.host_ptr, buf.nbytes, self.device.stream)
+        self.given.add(name)
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.check_feeds(feeds)
+        device, context = self.device, self.context
+        assert device is not None and context is not None
+        unknown = set(feeds) - {t.name for t in self.spec.inputs}
+        if unknown:
+            raise self.error(f"unknown inputs {sorted(unknown)}")
+        try:
+            for name, array in feeds.items():  # host -> device, on the stream
+                self._copy_in(name, array)
+            never = [t.name for t in self.spec.inputs if t.name not in self.given]
+            if never:
+                raise self.error(f"inputs {never} were never given (run or set_constant)")
+            self._bind_scratch(device, context)
+            stream = stream_handle(device.stream)
+            if self.graph_exec is not None:
+                device.cuda.launch(self.graph_exec, device.stream)
+            else:
+                if not context.execute_async_v3(stream):
+                    raise self.error("execute_async_v3 failed")
+                if self.cuda_graph:  # capture after one plain run (TensorRT's advice)
+                    self._capture(device, context, stream)
+            for t in self.spec.outputs:  # device -> host, on the stream
+                buf = self.buffers[t.name]
+                device.cuda.d2h(buf.host_ptr, buf.device, buf.nbytes, device.stream)
+            device.cuda.sync(device.stream)  # the one sync point of a run
+        except CudaError as e:
+            raise self.error(str(e)) from None
+        return self.outputs
+
+    def _bind_scratch(self, device: TensorRTDevice, context: trt.IExecutionContext) -> None:
+        ptr, size, generation = device.scratch()
+        if generation == self.bound_generation:
+            return
+        self._drop_graph()  # a captured graph holds the old scratch address
+        if hasattr(context, "set_device_memory"):  # TensorRT 10.1+
+            context.set_device_memory(ptr, size)
+        else:  # TensorRT 8.6 / 10.0
+            setattr(context, "device_memory", ptr)  # noqa: B010 (absent from 10.x stubs)
+        self.bound_generation = generation
+
+    def _capture(self, device: TensorRTDevice, context: trt.IExecutionContext,
+                 stream: int) -> None:
+        cuda = device.cuda
+        cuda.begin_capture(device.stream)
+        try:
+            ok = context.execute_async_v3(stream)
+        except Exception:
+            cuda.abort_capture(device.stream)
+            raise
+        if not ok:
+            cuda.abort_capture(device.stream)
+            raise self.error("execute_async_v3 failed during CUDA graph capture")
+        self.graph = cuda.end_capture(device.stream)
+        self.graph_exec = cuda.instantiate(self.graph)
+
+    # --- release ------------------------------------------------------------------------
+
+    def _drop_graph(self) -> None:
+        if self.device is not None and (self.graph is not None or self.graph_exec is not None):
+            graph, graph_exec = self.graph, self.graph_exec
+            self.graph = self.graph_exec = None
+            self.device.cuda.destroy_graph(graph, graph_exec)
+
+    def _free_buffers(self) -> None:
+        if self.device is not None:
+            for buf in self.buffers.values():
+                self.device.cuda.free(buf.device)
+                self.device.cuda.free_pinned(buf.host_ptr)
+        self.buffers, self.outputs, self.given = {}, {}, set()
+
+    def release(self) -> None:
+        """Free everything this engine owns, in reverse order of creation."""
+        try:
+            if self.device is not None:
+                self.device.cuda.sync(self.device.stream)
+            self._drop_graph()
+            self._free_buffers()
+            self.context = None
+            self.engine = None
+            if self.owns_device and self.device is not None:
+                self.device.release()
+                self.device = None
+        except CudaError as e:
+            raise self.error(f"release failed: {e}") from None
+        finally:
+            self.shapes = None
+            self.bound_generation = -1
+
+
+def open_all(entries: Iterable[tuple[GraphSpec, Path]], cuda_graph: bool = False,
+             device: TensorRTDevice | None = None) -> tuple[TensorRTDevice, list[TensorRTEngine]]:
+    """Create and load engines that share one device, so the shared scratch is sized to
+    the largest before any of them allocates. The caller releases the engines, then the
+    device."""
+    device = device or TensorRTDevice()
+    engines = [TensorRTEngine(spec, path, device, cuda_graph) for spec, path in entries]
+    for e in engines:
+        e.load()
+    return device, engines

@@ -1,0 +1,268 @@
+"""The engine cache: backend artifacts (TensorRT plans, ORT fp16 graphs) keyed by
+everything that makes them valid, written atomically under a lock.
+
+Shared by `engines` (which builds) and `runtime` (which looks up), so it imports
+neither torch nor any backend. POSIX only (fcntl), which covers Linux and Jetson.
+
+Layout, one directory per artifact:
+
+    CACHE/<backend>/<graph>-<digest16>/<file(s)>       e.g. tensorrt/unet-1f0c.../unet.plan
+    CACHE/<backend>/<graph>-<digest16>/sidecar.json    key + size + sha256 of every file
+    CACHE/<backend>/<graph>-<digest16>.lock            flock'd while one process builds it
+
+An artifact is built in a temporary sibling directory, its sidecar written last, and
+the directory renamed into place, so a crash never leaves a partial artifact that a
+later lookup accepts. A lookup that finds sizes or hashes that do not match the
+sidecar warns (CacheWarning) and reports a miss, so the caller rebuilds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from runtime.bundle import GraphEntry, GraphSpec, sha256_file
+
+SIDECAR = "sidecar.json"
+CACHE_ENV = "SDRT_CACHE_DIR"
+SIDECAR_VERSION = 1
+ANY = "any"  # device/capability/shapes of artifacts that do not depend on them
+
+# per input: {"min": [...], "opt": [...], "max": [...]}, as runtime.bundle.Profile.shapes
+ShapeProfile = Mapping[str, Mapping[str, list[int]]]
+
+
+class CacheWarning(UserWarning):
+    """A cached artifact was corrupt or unreadable and will be rebuilt."""
+
+
+@dataclass(frozen=True)
+class CacheKey:
+    """Everything an artifact depends on. Two keys are equal iff the artifacts are
+    interchangeable; `digest` names the directory."""
+
+    graph: str  # graph name, e.g. "unet" (for readable file names)
+    graph_sha256: str  # of the .onnx, plus "+<sha>" of its external data
+    backend: str  # "tensorrt" | "ort-cuda" | "ort-cpu"
+    backend_version: str  # e.g. TensorRT "10.3.0", onnxruntime "1.20"
+    device: str  # GPU name ("NVIDIA H100 80GB HBM3", "Orin") or ANY
+    capability: str  # compute capability "9.0", "8.7", or ANY (CPU: instruction set)
+    precision: str  # "fp16" | "fp32"
+    shapes: str  # canonical JSON of the shape profile (see `shapes_json`) or ANY
+
+    @property
+    def digest(self) -> str:
+        blob = json.dumps(asdict(self), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    @property
+    def dirname(self) -> str:
+        return f"{self.graph}-{self.digest}"
+
+    def profile(self) -> dict[str, dict[str, list[int]]] | None:
+        """The shape profile back as a dict (None for ANY)."""
+        return None if self.shapes == ANY else json.loads(self.shapes)
+
+
+def graph_sha256(entry: GraphEntry) -> str:
+    """The manifest's hash of a graph, including its external data file."""
+    return entry.sha256 + (f"+{entry.external_sha256}" if entry.external_sha256 else "")
+
+
+def shapes_json(profile: ShapeProfile) -> str:
+    """Canonical text of a shape profile: same profile, same key."""
+    norm = {name: {k: [int(v) for v in row[k]] for k in ("min", "opt", "max")}
+            for name, row in profile.items()}
+    return json.dumps(norm, sort_keys=True, separators=(",", ":"))
+
+
+def static_profile(spec: GraphSpec, shapes: Mapping[str, tuple[int, ...]]) -> dict:
+    """min = opt = max = the given concrete input shapes (the static fast path)."""
+    return {t.name: {k: list(shapes[t.name]) for k in ("min", "opt", "max")}
+            for t in spec.inputs}
+
+
+def covers(profile: ShapeProfile, shapes: Mapping[str, tuple[int, ...]]) -> bool:
+    """True when every input shape lies within the profile's [min, max] box."""
+    for name, shape in shapes.items():
+        row = profile.get(name)
+        if row is None or len(row["min"]) != len(shape):
+            return False
+        if not all(lo <= s <= hi for lo, s, hi in zip(row["min"], shape, row["max"], strict=True)):
+            return False
+    return True
+
+
+def default_dir() -> Path:
+    """$SDRT_CACHE_DIR, else $XDG_CACHE_HOME/sdrt/engines, else ~/.cache/sdrt/engines."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "sdrt" / "engines"
+
+
+def artifact_dir(key: CacheKey, cache_dir: Path | None = None) -> Path:
+    return Path(cache_dir or default_dir()) / key.backend / key.dirname
+
+
+def _read_sidecar(folder: Path) -> dict | None:
+    try:
+        d = json.loads((folder / SIDECAR).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return d if isinstance(d, dict) and d.get("version") == SIDECAR_VERSION else None
+
+
+def _check(folder: Path, side: dict, verify: bool) -> str | None:
+    """None when every file matches the sidecar, else what is wrong (one line)."""
+    for name, want in side["files"].items():
+        path = folder / name
+        try:
+            size = path.stat().st_size
+        except OSError:
+            return f"{name} is missing"
+        if size != want["size"]:
+            return f"{name} has {size} bytes, expected {want['size']} (truncated?)"
+        if verify and sha256_file(path) != want["sha256"]:
+            return f"{name} does not match its sha256 (corrupt)"
+    return None
+
+
+def lookup(key: CacheKey, cache_dir: Path | None = None, verify: bool = True) -> Path | None:
+    """The artifact's main file when cached and intact, else None.
+
+    A present but damaged artifact (size or, with `verify`, sha256 differs from its
+    sidecar) warns with CacheWarning and returns None so the caller rebuilds it.
+    `verify=False` checks sizes only (faster cold start for multi-GB plans)."""
+    folder = artifact_dir(key, cache_dir)
+    if not folder.is_dir():
+        return None
+    side = _read_sidecar(folder)
+    try:
+        same = side is not None and CacheKey(**side["key"]) == key
+    except TypeError:
+        same = False
+    if side is None or not same:
+        warnings.warn(f"engine cache: {folder} has no valid {SIDECAR}; rebuilding it",
+                      CacheWarning, stacklevel=2)
+        return None
+    problem = _check(folder, side, verify)
+    if problem:
+        warnings.warn(f"engine cache: {folder}: {problem}; rebuilding it",
+                      CacheWarning, stacklevel=2)
+        return None
+    return folder / side["main"]
+
+
+def entries(backend: str, graph: str,
+            cache_dir: Path | None = None) -> Iterator[tuple[CacheKey, Path]]:
+    """(key, folder) of every artifact of one graph on one backend, unverified; used to
+    find a plan whose profile covers given shapes. Pass each key to `lookup` to use it."""
+    root = Path(cache_dir or default_dir()) / backend
+    if not root.is_dir():
+        return
+    for folder in sorted(root.glob(f"{graph}-*")):
+        side = _read_sidecar(folder) if folder.is_dir() else None
+        if side is not None:
+            with contextlib.suppress(TypeError):
+                yield CacheKey(**side["key"]), folder
+
+
+@contextlib.contextmanager
+def locked(key: CacheKey, cache_dir: Path | None = None) -> Iterator[None]:
+    """Hold an exclusive flock on the artifact's lock file (blocks until free)."""
+    lock = artifact_dir(key, cache_dir).with_suffix(".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a+") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def store(key: CacheKey, build: Callable[[Path], Path], cache_dir: Path | None = None,
+          meta: Mapping | None = None, force: bool = False) -> Path:
+    """Build one artifact into the cache and return its main file.
+
+    `build(folder)` writes the artifact's files into the empty temporary `folder` and
+    returns the main one. Runs under the key's lock; if another process finished the
+    same artifact while we waited, that one is returned without building again.
+    `meta` (build options, timings) is recorded in the sidecar for humans; `force`
+    rebuilds even an intact artifact."""
+    final = artifact_dir(key, cache_dir)
+    with locked(key, cache_dir):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CacheWarning)  # the caller already warned
+            found = None if force else lookup(key, cache_dir)
+        if found is not None:
+            return found
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key.dirname}.", dir=final.parent))
+        try:
+            main = build(tmp)
+            files = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)}
+                     for p in sorted(tmp.iterdir()) if p.is_file()}
+            if main.parent != tmp or main.name not in files:
+                raise ValueError(f"build for {key.dirname} returned {main}, not a file in {tmp}")
+            side = {"version": SIDECAR_VERSION, "key": asdict(key), "main": main.name,
+                    "files": files, "meta": dict(meta or {})}
+            (tmp / SIDECAR).write_text(json.dumps(side, indent=2) + "\n")
+            for p in tmp.iterdir():
+                _fsync(p)
+            if final.exists():  # damaged (lookup refused it): move aside, then drop
+                old = final.with_name(f".{final.name}.old.{os.getpid()}")
+                os.rename(final, old)
+                shutil.rmtree(old, ignore_errors=True)
+            os.rename(tmp, final)  # atomic: readers see no artifact or a whole one
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return final / main.name
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` atomically (temp file in the same folder + rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def ort_cuda_key(entry: GraphEntry, ort_version: str | None = None) -> CacheKey:
+    """Key of the fp16 fused ONNX Runtime CUDA graph of one bundle graph.
+
+    The graph is device independent (fusions are graph rewrites; ORT's CUDA provider
+    picks kernels at session start), so device, capability and shapes are ANY; the
+    onnxruntime major.minor is in the key because contrib-op fusions change with it."""
+    if ort_version is None:
+        import onnxruntime
+
+        ort_version = onnxruntime.__version__
+    major_minor = ".".join(ort_version.split(".")[:2])
+    return CacheKey(entry.spec.name, graph_sha256(entry), "ort-cuda", major_minor,
+                    ANY, ANY, "fp16", ANY)

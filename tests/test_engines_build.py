@@ -1,0 +1,152 @@
+"""`python -m engines.build --backend tensorrt` against fake tensorrt / cuda modules, and
+its one-line exit 2 where TensorRT is missing (the real situation on this machine)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from fakes.gpu import FakeGPU
+from fakes.tiny_bundle import make_bundle
+
+from engines.build import main
+from runtime import cache
+from runtime.backends.cuda import Cuda
+from runtime.backends.tensorrt import TensorRTDevice, TensorRTEngine, find_plan
+from runtime.bundle import read_manifest
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    return make_bundle(tmp_path_factory.mktemp("bundle"))
+
+
+def build(bundle, cache_dir, *flags):
+    return main([str(bundle), "--backend", "tensorrt", "--cache-dir", str(cache_dir), *flags])
+
+
+def test_without_tensorrt_one_line_exit_2(bundle, tmp_path):
+    """The real environment: no tensorrt module at all."""
+    r = subprocess.run([sys.executable, "-m", "engines.build", str(bundle), "--backend",
+                        "tensorrt", "--cache-dir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and "TensorRT is not installed" in r.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_stubs_only_is_not_tensorrt(bundle, tmp_path, monkeypatch, capsys):
+    import types
+
+    monkeypatch.setitem(sys.modules, "tensorrt", types.ModuleType("tensorrt"))
+    assert build(bundle, tmp_path) == 2
+    assert "TensorRT is not installed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags,error", [
+    (["--min", "1x100x100"], "multiples of 8"),
+    (["--max", "big"], "BATCHxHEIGHTxWIDTH"),
+    (["--graphs", "unet,refiner"], "refiner not in the bundle"),
+    (["--workspace-gb", "0"], "must be positive"),
+])
+def test_bad_flags_one_line_exit_2(bundle, tmp_path, capsys, flags, error):
+    assert build(bundle, tmp_path, *flags) == 2
+    err = capsys.readouterr().err
+    assert error in err and err.count("\n") == 1
+
+
+def test_missing_bundle_exit_2(tmp_path, capsys):
+    assert build(tmp_path / "nope", tmp_path) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("version,flags", [("10.3.0", 0), ("8.6.1", 1)])
+def test_dynamic_build_then_cached(bundle, tmp_path, monkeypatch, capsys, version, flags):
+    gpu = FakeGPU(trt_version=version).install(monkeypatch)
+    assert build(bundle, tmp_path, "--workspace-gb", "2", "--opt-level", "4") == 0
+    out = capsys.readouterr().out
+    assert "[2/4] unet: done in" in out and f"TensorRT {version} on Fake H100" in out
+    assert [b["graph"] for b in gpu.builds] == ["text_encoder", "unet", "vae_decoder",
+                                                "safety_checker"]
+    manifest = read_manifest(bundle)
+    for b in gpu.builds:
+        assert b["flags"] == ["FP16"] and b["pool"] == {"WORKSPACE": 2 << 30}
+        assert b["opt_level"] == 4
+        assert b["profile"] == manifest.profile.shapes(manifest.graphs[b["graph"]].spec)
+    assert {c[1] for c in gpu.calls("create_network")} == {flags}  # explicit batch on 8.6
+    unet_parse = [c[1] for c in gpu.calls("parse_from_file") if c[1].endswith("unet.onnx")]
+    assert unet_parse == [str(bundle / "unet.onnx")]  # by path: external data resolves
+
+    timing = list((tmp_path / "tensorrt").glob("timing-Fake-H100-sm9.0-trt*.cache"))
+    assert len(timing) == 1 and len(json.loads(timing[0].read_bytes())) == 4  # one per graph
+
+    assert build(bundle, tmp_path) == 0  # second run: everything cached
+    assert capsys.readouterr().out.count("cached ->") == 4 and len(gpu.builds) == 4
+
+
+def test_static_refit_and_other_gpu(bundle, tmp_path, monkeypatch, capsys):
+    gpu = FakeGPU().install(monkeypatch)
+    assert build(bundle, tmp_path, "--static", "--refit", "--graphs", "unet") == 0
+    (b,) = gpu.builds
+    assert b["flags"] == ["FP16", "REFIT"]
+    # batch 1 at the manifest's default 128x128, UNet batch 2 for guidance
+    assert b["profile"]["sample"] == {"min": [2, 4, 16, 16], "opt": [2, 4, 16, 16],
+                                      "max": [2, 4, 16, 16]}
+    assert build(bundle, tmp_path, "--static", "--refit", "--graphs", "unet",
+                 "--no-build") == 0
+    other = FakeGPU(device=("Orin", "8.7")).install(monkeypatch)  # same cache, other GPU
+    capsys.readouterr()
+    assert build(bundle, tmp_path, "--static", "--graphs", "unet", "--no-build") == 2
+    captured = capsys.readouterr()
+    assert "not built for this machine" in captured.out and "Orin" in captured.out
+    assert "--no-build" in captured.err
+    assert build(bundle, tmp_path, "--static", "--graphs", "unet") == 0
+    assert len(other.builds) == 1  # rebuilt for the Orin, the H100 plan untouched
+    assert len(list((tmp_path / "tensorrt").glob("unet-*/unet.plan"))) == 2
+
+
+def test_corrupt_plan_is_rebuilt_with_warning(bundle, tmp_path, monkeypatch, capsys):
+    gpu = FakeGPU().install(monkeypatch)
+    assert build(bundle, tmp_path, "--graphs", "vae_decoder") == 0
+    (plan,) = (tmp_path / "tensorrt").glob("vae_decoder-*/vae_decoder.plan")
+    plan.write_bytes(plan.read_bytes()[:10])
+    capsys.readouterr()
+    assert build(bundle, tmp_path, "--graphs", "vae_decoder") == 0
+    captured = capsys.readouterr()
+    assert "warning:" in captured.err and "truncated" in captured.err
+    assert "done in" in captured.out and len(gpu.builds) == 2
+    assert json.loads(plan.read_bytes())["graph"] == "vae_decoder"
+
+
+def test_built_plans_run_through_the_backend(bundle, tmp_path, monkeypatch):
+    """engines.build -> cache -> find_plan -> TensorRTEngine, all through the fakes."""
+    gpu = FakeGPU().install(monkeypatch)
+    assert build(bundle, tmp_path, "--graphs", "unet") == 0
+    manifest = read_manifest(bundle)
+    entry = manifest.graphs["unet"]
+    shapes = {"sample": (2, 4, 16, 16), "timestep": (1,), "encoder_hidden_states": (2, 77, 8)}
+    device = TensorRTDevice(Cuda(gpu.cudart))
+    path = find_plan(entry, shapes, gpu.trt_version, device.info, tmp_path)
+    assert path is not None and path.parent.parent == tmp_path / "tensorrt"
+    with TensorRTEngine(entry.spec, path, device) as unet:
+        unet.load()
+        unet.allocate(shapes)
+        unet.set_constant("encoder_hidden_states", np.zeros(shapes["encoder_hidden_states"],
+                                                            np.float32))
+        x = np.ones(shapes["sample"], np.float32)
+        out = unet.run({"sample": x, "timestep": np.array([2.0], np.float32)})
+        np.testing.assert_allclose(out["noise_pred"], 2 * x)
+    device.release()
+    assert gpu.device_mem == {}
+
+
+def test_plan_key_is_the_one_cache_lookup_uses(bundle, tmp_path, monkeypatch):
+    FakeGPU().install(monkeypatch)
+    assert build(bundle, tmp_path, "--graphs", "text_encoder") == 0
+    (key,) = [k for k, _ in cache.entries("tensorrt", "text_encoder", tmp_path)]
+    manifest = read_manifest(bundle)
+    assert key.graph_sha256 == cache.graph_sha256(manifest.graphs["text_encoder"])
+    assert (key.device, key.capability, key.backend_version) == ("Fake H100", "9.0", "10.3.0")
