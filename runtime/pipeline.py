@@ -108,7 +108,10 @@ class Pipeline:
             raise UsageError(str(e)) from None
         self.log(f"backend: {self.backend} ({why})")
         try:
-            self.scheduler_config = json.loads((self.bundle / SCHEDULER_CONFIG).read_text())
+            config = json.loads((self.bundle / SCHEDULER_CONFIG).read_text())
+            # StableDiffusionPipeline.__init__ rewrites these two (deprecated configs), so
+            # DDIM's default clip_sample=True never applies there: mirror it.
+            self.scheduler_config = {**config, "clip_sample": False, "steps_offset": 1}
             self.tokenizer = ClipTokenizer(self.bundle / TOKENIZER_DIR)
         except (OSError, ValueError, Exception) as e:  # tokenizers raises plain Exception
             raise BundleError(f"corrupt bundle {self.bundle}: {str(e).splitlines()[0]}; "
