@@ -61,7 +61,7 @@ class GraphSpec:
         """Concrete output shapes implied by concrete input shapes (H = 8h, W = 8w)."""
         axes: dict[str, int] = {}
         for t in self.inputs:
-            for a, v in zip(t.shape, input_shapes[t.name]):
+            for a, v in zip(t.shape, input_shapes[t.name], strict=True):
                 if isinstance(a, str):
                     axes[a] = v
         for small, big in (("h", "H"), ("w", "W")):

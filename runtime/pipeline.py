@@ -29,8 +29,8 @@ from runtime.bundle import (
     VAE_FACTOR,
     BundleError,
     read_manifest,
-    verify_hashes,
     resolve_model,
+    verify_hashes,
 )
 from runtime.engine import Engine, EngineError
 from runtime.images import clip_preprocess, postprocess
@@ -97,7 +97,8 @@ class Pipeline:
     """A loaded bundle on one backend; create once, call many times."""
 
     def __init__(self, model: str | Path = "demo", backend: str = "auto", *,
-                 safety: bool = True, log: Callable[[str], None] | None = None):
+                 safety: bool = True, use_cache: bool = True,
+                 log: Callable[[str], None] | None = None):
         self.log = log or (lambda msg: None)
         t0 = time.perf_counter()
         self.bundle = resolve_model(model)
@@ -120,12 +121,15 @@ class Pipeline:
         for name, entry in self.manifest.graphs.items():
             if name == "safety_checker" and not safety:
                 continue
-            engine = backends.open_engine(self.backend, entry.spec, self.bundle / entry.file)
+            engine = backends.open_engine(self.backend, entry, self.bundle, use_cache)
+            t = time.perf_counter()
             try:
                 engine.load()
             except EngineError:
                 verify_hashes(self.bundle, self.manifest, only=name)  # corrupt file: BundleError
                 raise
+            status = getattr(engine, "cache_status", "off")
+            self.log(f"{name}: loaded in {time.perf_counter() - t:.2f} s (engine cache: {status})")
             self.engines[name] = engine
         self.load_seconds = time.perf_counter() - t0
 

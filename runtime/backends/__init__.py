@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from runtime.bundle import GraphSpec
+from runtime.bundle import GraphEntry
 from runtime.engine import Engine
 
 BACKENDS = ("auto", "tensorrt", "ort-cuda", "ort-cpu")
@@ -51,10 +51,15 @@ def pick(requested: str) -> tuple[str, str]:
     return requested, "requested"
 
 
-def open_engine(backend: str, spec: GraphSpec, path: Path) -> Engine:
-    """An unloaded engine for one bundle graph."""
+def open_engine(backend: str, entry: GraphEntry, bundle: Path, use_cache: bool = True) -> Engine:
+    """An unloaded engine for one bundle graph (`use_cache`: engine cache artifacts)."""
+    path = Path(bundle) / entry.file
     if backend in ("ort-cpu", "ort-cuda"):
-        from runtime.backends.ort import OrtEngine
+        from runtime import cache
+        from runtime.backends.ort import OrtEngine, ort_cpu_key
 
-        return OrtEngine(spec, path, backend)
-    raise ValueError(f"backend {backend} cannot open {spec.name} yet")
+        key = None
+        if use_cache:
+            key = ort_cpu_key(entry) if backend == "ort-cpu" else cache.ort_cuda_key(entry)
+        return OrtEngine(entry.spec, path, backend, cache_key=key)
+    raise ValueError(f"backend {backend} cannot open {entry.spec.name} yet")
