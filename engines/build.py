@@ -10,7 +10,9 @@ TensorRT: FP16 plans, one optimization profile each. `--dynamic` (the default) u
 the manifest's min/opt/max batch and image size unless flags override them;
 `--static` builds min = opt = max at `--opt` (default: batch 1 at the manifest's
 default size, i.e. 512x512 for v1.x, UNet batch 2 for guidance), the fastest plan for
-that one shape. ort-cuda: fp16 fused ONNX graphs (engines/ort_cuda.py).
+that one shape; the text encoder stays dynamic (engines/shapes.py says why). Static and
+dynamic plans live side by side in the cache; the runtime prefers the static plan
+for exactly its shapes. ort-cuda: fp16 fused ONNX graphs (engines/ort_cuda.py).
 
 Artifacts go to the engine cache (runtime/cache.py) under a key of graph hash, backend
 and version, GPU and compute capability, precision and profile, so a plan is never
@@ -57,23 +59,32 @@ def _bhw(text: str, flag: str) -> tuple[int, int, int]:
     return b, h, w
 
 
-def choose_profile(manifest: Manifest, static: bool, lo: str | None, opt: str | None,
-                   hi: str | None) -> Profile:
-    """The manifest's profile with flag overrides; static: min = opt = max = --opt."""
-    p = manifest.profile
-    rows = {"min": (p.batch[0], p.height[0], p.width[0]),
-            "opt": (1, manifest.default_height, manifest.default_width) if static
-            else (p.batch[1], p.height[1], p.width[1]),
-            "max": (p.batch[2], p.height[2], p.width[2])}
-    for key, text in (("min", lo), ("opt", opt), ("max", hi)):
-        if text is not None:
-            rows[key] = _bhw(text, f"--{key}")
-    if static:
-        rows["min"] = rows["max"] = rows["opt"]
+def _profile(rows: dict[str, tuple[int, int, int]]) -> Profile:
     try:
         return Profile(*zip(rows["min"], rows["opt"], rows["max"], strict=True))
     except ValueError as e:
         raise UsageError(str(e)) from None
+
+
+def choose_profiles(manifest: Manifest, static: bool, lo: str | None, opt: str | None,
+                    hi: str | None) -> tuple[Profile, Profile | None]:
+    """(dynamic profile, static profile or None): the manifest's profile with flag
+    overrides; static is min = opt = max = --opt, by default batch 1 at the manifest's
+    default size (512x512 for v1.x)."""
+    p = manifest.profile
+    rows = {"min": (p.batch[0], p.height[0], p.width[0]),
+            "opt": (p.batch[1], p.height[1], p.width[1]),
+            "max": (p.batch[2], p.height[2], p.width[2])}
+    for key, text in (("min", lo), ("max", hi)):
+        if text is not None:
+            rows[key] = _bhw(text, f"--{key}")
+    if static:  # --opt names the one shape; the text encoder keeps the dynamic rows
+        one = _bhw(opt, "--opt") if opt else (1, manifest.default_height,
+                                              manifest.default_width)
+        return _profile(rows), _profile({"min": one, "opt": one, "max": one})
+    if opt is not None:
+        rows["opt"] = _bhw(opt, "--opt")
+    return _profile(rows), None
 
 
 def parse_args(argv: list[str] | None) -> tuple[BuildOptions, bool]:
@@ -114,9 +125,9 @@ def parse_args(argv: list[str] | None) -> tuple[BuildOptions, bool]:
         graphs = tuple(g for g in graphs if g in wanted)
     if a.workspace_gb is not None and a.workspace_gb <= 0:
         raise UsageError("--workspace-gb must be positive")
+    profile, static = choose_profiles(manifest, a.static, a.min, a.opt, a.max)
     opts = BuildOptions(
-        bundle=bundle, backend=a.backend, graphs=graphs, static=a.static,
-        profile=choose_profile(manifest, a.static, a.min, a.opt, a.max),
+        bundle=bundle, backend=a.backend, graphs=graphs, profile=profile, static=static,
         cache_dir=a.cache_dir, no_build=a.no_build, force=a.force,
         tensorrt=TensorRTOptions(a.workspace_gb, a.opt_level, a.timing_cache, a.refit))
     return opts, a.verbose
@@ -153,7 +164,7 @@ def tensorrt_jobs(opts: BuildOptions, manifest: Manifest, verbose: bool) -> list
     gpu = "".join(c if c.isalnum() else "-" for c in device.name)
     timing = opts.tensorrt.timing_cache or (
         cache_root / "tensorrt" / f"timing-{gpu}-sm{device.capability}-trt{version}.cache")
-    print(f"TensorRT {version} on {device.name} (sm {device.capability}), "
+    print(f"TensorRT {version} on {device.model} (sm {device.capability}), "
           f"{describe(opts.profile, opts.static)}; timing cache {timing}")
 
     jobs: list[Job] = []
@@ -230,7 +241,8 @@ def run(opts: BuildOptions, verbose: bool = False) -> int:
         print(f"{tag}: building {key.backend} {key.precision} ...", flush=True)
         start = time.perf_counter()
         meta = {"built_by": "engines.build", "options": {
-            "static": opts.static, "profile": opts.profile.to_json(),
+            "static": opts.static.to_json() if opts.static else None,
+            "profile": opts.profile.to_json(),
             "workspace_gb": opts.tensorrt.workspace_gb, "opt_level": opts.tensorrt.opt_level,
             "refit": opts.tensorrt.refit}}
         path = cache.store(key, build, opts.cache_dir, meta=meta, force=opts.force)

@@ -21,8 +21,8 @@ class BuildOptions:
     bundle: Path
     backend: str  # "tensorrt" | "ort-cuda"
     graphs: tuple[str, ...]  # which bundle graphs, in build order
-    static: bool  # TensorRT: min = opt = max at `profile`'s opt values
     profile: Profile  # batch/height/width min/opt/max in images and pixels
+    static: Profile | None = None  # TensorRT --static: min = opt = max (one shape)
     cache_dir: Path | None = None  # None: runtime.cache.default_dir()
     no_build: bool = False  # only report what is cached; exit 2 if something is missing
     force: bool = False  # rebuild even when an intact artifact is cached

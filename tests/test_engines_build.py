@@ -149,4 +149,54 @@ def test_plan_key_is_the_one_cache_lookup_uses(bundle, tmp_path, monkeypatch):
     (key,) = [k for k, _ in cache.entries("tensorrt", "text_encoder", tmp_path)]
     manifest = read_manifest(bundle)
     assert key.graph_sha256 == cache.graph_sha256(manifest.graphs["text_encoder"])
-    assert (key.device, key.capability, key.backend_version) == ("Fake H100", "9.0", "10.3.0")
+    assert (key.device, key.capability, key.backend_version) == ("Fake H100, 132 SMs", "9.0", "10.3.0")
+
+
+def test_static_keeps_text_encoder_dynamic(bundle, tmp_path, monkeypatch):
+    gpu = FakeGPU().install(monkeypatch)
+    assert build(bundle, tmp_path, "--static", "--opt", "1x64x64",
+                 "--graphs", "text_encoder,vae_decoder") == 0
+    text, vae = gpu.builds
+    assert text["profile"]["input_ids"] == {"min": [1, 77], "opt": [1, 77], "max": [2, 77]}
+    assert vae["profile"]["latent"] == {"min": [1, 4, 8, 8], "opt": [1, 4, 8, 8],
+                                        "max": [1, 4, 8, 8]}
+
+
+def test_cached_engine_picks_and_swaps_plans(bundle, tmp_path, monkeypatch):
+    """CachedTensorRTEngine: the static plan for its exact shapes, the dynamic one
+    otherwise, and a clear error when no plan covers the shapes."""
+    from runtime.backends.tensorrt import CachedTensorRTEngine
+    from runtime.engine import EngineError
+
+    gpu = FakeGPU().install(monkeypatch)
+    assert build(bundle, tmp_path, "--graphs", "unet") == 0  # dynamic 64..256 px
+    assert build(bundle, tmp_path, "--graphs", "unet", "--static") == 0  # 128 px
+    manifest = read_manifest(bundle)
+    device = TensorRTDevice(Cuda(gpu.cudart))
+    e = CachedTensorRTEngine(manifest.graphs["unet"], manifest.profile, device, tmp_path,
+                             cuda_graph=True)
+    e.load()
+    static_plan = e.path
+    assert json.loads(static_plan.read_bytes())["profile"]["sample"]["max"] == [2, 4, 16, 16]
+
+    def step(hw):
+        shapes = {"sample": (2, 4, hw, hw), "timestep": (1,),
+                  "encoder_hidden_states": (2, 77, 8)}
+        e.allocate(shapes)
+        e.set_constant("encoder_hidden_states", np.zeros(shapes["encoder_hidden_states"],
+                                                         np.float32))
+        x = np.ones(shapes["sample"], np.float32)
+        np.testing.assert_allclose(
+            e.run({"sample": x, "timestep": np.array([3.0], np.float32)})["noise_pred"], 3 * x)
+
+    step(16)
+    assert e.path == static_plan and len(gpu.calls("deserialize_cuda_engine")) == 1
+    step(24)  # 192 px: only the dynamic plan covers it
+    assert e.path != static_plan and len(gpu.calls("deserialize_cuda_engine")) == 2
+    step(16)  # back to the static plan
+    assert e.path == static_plan
+    with pytest.raises(EngineError, match=r"no TensorRT 10.3.0 plan .* engines.build"):
+        step(40)  # 320 px > the profile's 256
+    e.release()
+    device.release()
+    assert gpu.device_mem == {}

@@ -88,3 +88,49 @@ def test_python_310_compatible():
                         "--eval-annotations", "runtime", "engines"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def _cuda_python_dir() -> Path | None:
+    if importlib.util.find_spec("cuda") is not None:
+        return None  # importable as is: no extra path needed
+    for c in filter(None, [os.environ.get("SDRT_CUDA_PYTHON"),
+                           str(Path(sys.prefix) / "typing-stubs")]):
+        if (Path(c) / "cuda" / "bindings").is_dir():
+            return Path(c)
+    return None
+
+
+CUDA_CHECK = r"""
+import re, sys
+from pathlib import Path
+from runtime.backends import cuda
+rt = cuda.runtime_module()
+src = Path(cuda.__file__).read_text()
+calls = set(re.findall(r'self\.call\("(\w+)"', src))
+attrs = set(re.findall(r'self\.rt\.(\w+)\.(\w+)', src))
+missing = [c for c in sorted(calls) if not hasattr(rt, c)]
+missing += [f"{a}.{b}" for a, b in sorted(attrs) if not hasattr(getattr(rt, a, None), b)]
+assert not missing, missing
+assert len(calls) >= 15, calls
+assert cuda.stream_handle(rt.cudaStream_t()) == 0  # int() of a cudaStream_t works
+try:
+    print(cuda.Cuda().device_info())  # a GPU machine
+except cuda.CudaError as e:
+    assert str(e).startswith("cudaGetDevice failed: cudaError"), e
+    print("no GPU:", e)
+"""
+
+
+def test_cuda_python_has_every_call_we_make():
+    """Against the real cuda-python (12.x or 13.x) where installed: every runtime
+    function and enum the helper uses exists, and its errors are checked."""
+    extra = _cuda_python_dir()
+    if extra is None and importlib.util.find_spec("cuda") is None:
+        pytest.skip("cuda-python not found (pip install --no-deps --target .venv/typing-stubs "
+                    "cuda-python cuda-bindings cuda-pathfinder, or set SDRT_CUDA_PYTHON)")
+    env = dict(os.environ)
+    if extra is not None:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(extra), env.get("PYTHONPATH")]))
+    r = subprocess.run([sys.executable, "-c", CUDA_CHECK], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr

@@ -41,7 +41,15 @@ class DeviceInfo:
     index: int
     name: str  # "NVIDIA H100 80GB HBM3", "Orin"
     capability: str  # "9.0", "8.7"
+    sm_count: int  # streaming multiprocessors: tells an AGX Orin from an Orin Nano
     total_memory: int  # bytes
+
+    @property
+    def model(self) -> str:
+        """What a TensorRT plan is specific to besides the compute capability: the name
+        and SM count (Jetson Orin modules all call themselves "Orin"; TensorRT warns
+        against moving plans between device models)."""
+        return f"{self.name}, {self.sm_count} SMs"
 
 
 class Cuda:
@@ -75,7 +83,7 @@ class Cuda:
         if isinstance(name, bytes):
             name = name.split(b"\0", 1)[0].decode(errors="replace")
         return DeviceInfo(index, str(name).strip(), f"{props.major}.{props.minor}",
-                          int(props.totalGlobalMem))
+                          int(props.multiProcessorCount), int(props.totalGlobalMem))
 
     # --- memory ---------------------------------------------------------------------
 

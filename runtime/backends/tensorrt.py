@@ -37,7 +37,7 @@ import numpy as np
 
 from runtime import cache
 from runtime.backends.cuda import Cuda, CudaError, DeviceInfo, stream_handle
-from runtime.bundle import GraphEntry, GraphSpec
+from runtime.bundle import GraphEntry, GraphSpec, Profile
 from runtime.engine import Engine, Shapes
 
 if TYPE_CHECKING:
@@ -78,7 +78,7 @@ def plan_key(entry: GraphEntry, profile: cache.ShapeProfile, version: str,
              device: DeviceInfo) -> cache.CacheKey:
     """Key of an FP16 plan of one graph for one TensorRT version, GPU and profile."""
     return cache.CacheKey(entry.spec.name, cache.graph_sha256(entry), "tensorrt", version,
-                          device.name, device.capability, "fp16", cache.shapes_json(profile))
+                          device.model, device.capability, "fp16", cache.shapes_json(profile))
 
 
 def find_plan(entry: GraphEntry, shapes: Shapes, version: str, device: DeviceInfo,
@@ -94,7 +94,7 @@ def find_plan(entry: GraphEntry, shapes: Shapes, version: str, device: DeviceInf
     for key, _ in cache.entries("tensorrt", entry.spec.name, cache_dir):
         profile = key.profile()
         if (profile is not None and key.graph_sha256 == want.graph_sha256
-                and key.backend_version == version and key.device == device.name
+                and key.backend_version == version and key.device == device.model
                 and key.capability == device.capability and cache.covers(profile, shapes)):
             size = sum(math.prod(row["max"]) for row in profile.values())
             fits.append((size, key))
@@ -224,7 +224,7 @@ class TensorRTEngine(Engine):
             key = json.loads(side.read_text())["key"]
         except (OSError, ValueError, KeyError, TypeError):
             return  # not ours to judge; TensorRT checks the plan itself
-        here = (trt_version(), device.info.name, device.info.capability)
+        here = (trt_version(), device.info.model, device.info.capability)
         built = (key.get("backend_version"), key.get("device"), key.get("capability"))
         if key.get("backend") == "tensorrt" and built != here:
             raise self.error(f"plan {self.path} was built with TensorRT {built[0]} for "
@@ -393,23 +393,87 @@ class TensorRTEngine(Engine):
                 self.device.cuda.free_pinned(buf.host_ptr)
         self.buffers, self.outputs, self.given = {}, {}, set()
 
-    def release(self) -> None:
-        """Free everything this engine owns, in reverse order of creation."""
+    def _unload(self) -> None:
+        """Free the CUDA graph, buffers, context and engine (in that order); keep the device."""
         try:
-            if self.device is not None:
+            if self.device is not None and self.device.stream is not None:
                 self.device.cuda.sync(self.device.stream)
             self._drop_graph()
             self._free_buffers()
-            self.context = None
-            self.engine = None
-            if self.owns_device and self.device is not None:
-                self.device.release()
-                self.device = None
         except CudaError as e:
             raise self.error(f"release failed: {e}") from None
         finally:
+            self.context = None
+            self.engine = None
             self.shapes = None
             self.bound_generation = -1
+
+    def release(self) -> None:
+        """Free everything this engine owns, in reverse order of creation. Arrays returned
+        by run() point into freed pinned memory afterwards: copy them before."""
+        self._unload()
+        if self.owns_device and self.device is not None:
+            try:
+                self.device.release()
+            except CudaError as e:
+                raise self.error(f"release failed: {e}") from None
+            self.device = None
+
+
+class CachedTensorRTEngine(TensorRTEngine):
+    """A bundle graph's TensorRT engine whose plan comes from the engine cache.
+
+    load() deserializes the plan for the profile's opt shapes; allocate(shapes) swaps
+    to another cached plan when these shapes have a better one (a static plan for
+    exactly them) or the loaded plan's profile does not cover them. Plans are found
+    with find_plan (this TensorRT version and GPU only); none found is an EngineError
+    that says which `engines.build` command makes one."""
+
+    def __init__(self, entry: GraphEntry, profile: Profile,
+                 device: TensorRTDevice | None = None, cache_dir: Path | None = None,
+                 cuda_graph: bool = False, verify: bool = True):
+        super().__init__(entry.spec, Path(), device, cuda_graph)
+        self.entry = entry
+        self.profile = profile
+        self.cache_dir = cache_dir
+        self.verify = verify  # sha256 every plan once per process (size only when False)
+        self.found: dict[tuple, Path] = {}  # input shapes -> plan
+
+    def _plan_for(self, shapes: Shapes) -> Path:
+        memo = tuple(sorted((k, tuple(v)) for k, v in shapes.items()))
+        if memo not in self.found:
+            try:
+                if self.device is None:
+                    self.device = TensorRTDevice()
+                version = trt_version()
+            except (CudaError, ImportError) as e:
+                raise self.error(str(e), shapes) from None
+            path = find_plan(self.entry, shapes, version, self.device.info, self.cache_dir,
+                             self.verify)
+            if path is None:
+                raise self.error(
+                    f"no TensorRT {version} plan for {self.device.info.model} covers these "
+                    f"shapes; build one with `python -m engines.build BUNDLE --backend "
+                    f"tensorrt` (--static for one shape, --min/--max for a wider profile)",
+                    shapes)
+            self.found[memo] = path
+        return self.found[memo]
+
+    def load(self) -> None:
+        opt = {name: tuple(row["opt"]) for name, row in self.profile.shapes(self.spec).items()}
+        self.path = self._plan_for(opt)
+        super().load()
+
+    def allocate(self, shapes: Shapes) -> None:
+        shapes = {k: tuple(int(v) for v in s) for k, s in shapes.items()}
+        if shapes == self.shapes:
+            return
+        path = self._plan_for(shapes)
+        if path != self.path or self.engine is None:
+            self._unload()
+            self.path = path
+            super().load()
+        super().allocate(shapes)
 
 
 def open_all(entries: Iterable[tuple[GraphSpec, Path]], cuda_graph: bool = False,

@@ -61,6 +61,7 @@ class _Props:
     name: bytes
     major: int
     minor: int
+    multiProcessorCount: int = 132
     totalGlobalMem: int = 80 << 30
 
 
