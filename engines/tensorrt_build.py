@@ -34,20 +34,26 @@ def _network_flags() -> int:
 
 
 def _parse(network: trt.INetworkDefinition, logger: trt.ILogger,
-           onnx_path: Path) -> None:
+           onnx_path: Path) -> trt.OnnxParser:
+    """Fill `network`; the returned parser owns the weights: keep it until the build ends."""
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
         raise BuildError(f"TensorRT cannot parse {onnx_path}: "
                          f"{'; '.join(errors) or 'no details'}")
+    return parser
 
 
 def _profile(builder: trt.Builder, network: trt.INetworkDefinition,
              shapes: Mapping[str, Mapping[str, list[int]]]) -> trt.IOptimizationProfile:
-    """One optimization profile; every network input must have a row in `shapes`."""
+    """One optimization profile over the inputs with dynamic axes (-1 after parsing);
+    each must have a row in `shapes`. Fixed-shape inputs (the timestep [1]) need none."""
     profile = builder.create_optimization_profile()
     for i in range(network.num_inputs):
         tensor = network.get_input(i)
+        dims = tensor.shape
+        if all(dims[d] >= 0 for d in range(len(dims))):
+            continue
         row = shapes.get(tensor.name)
         if row is None:
             raise BuildError(f"graph input {tensor.name} has no shape profile")
@@ -78,7 +84,7 @@ def build_plan(onnx_path: Path, shapes: Mapping[str, Mapping[str, list[int]]],
     logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(_network_flags())
-    _parse(network, logger, onnx_path)
+    parser = _parse(network, logger, onnx_path)
 
     config = builder.create_builder_config()
     config.set_flag(trt.BuilderFlag.FP16)
@@ -99,6 +105,7 @@ def build_plan(onnx_path: Path, shapes: Mapping[str, Mapping[str, list[int]]],
         config.set_timing_cache(tcache, False)
 
     plan = builder.build_serialized_network(network, config)
+    del parser  # the network's weights lived in it until here
     if plan is None:
         raise BuildError(f"TensorRT failed to build {onnx_path.name} (see its log above)")
 

@@ -299,7 +299,11 @@ class TensorRTEngine(Engine):
 
     def _profile_hint(self, name: str, shape: tuple[int, ...]) -> str:
         assert self.engine is not None
-        lo, _, hi = (list(_dims(d)) for d in self.engine.get_tensor_profile_shape(name, 0))
+        try:
+            lo, _, hi = (list(_dims(d)) for d in self.engine.get_tensor_profile_shape(name, 0))
+        except Exception:  # a fixed-shape input has no profile: say what it is
+            fixed = list(_dims(self.engine.get_tensor_shape(name)))
+            return f"input {name} {list(shape)} does not fit the plan's fixed shape {fixed}"
         return (f"input {name} {list(shape)} is outside the plan's profile min {lo} max {hi}; "
                 f"rebuild with `python -m engines.build BUNDLE --backend tensorrt` and a "
                 f"profile that covers it")

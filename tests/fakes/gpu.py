@@ -194,8 +194,9 @@ class FakeContext:
 
     def set_input_shape(self, name: str, shape: tuple) -> bool:
         self._log("set_input_shape", name, tuple(shape))
-        row = self.engine.profile[name]
-        if not all(lo <= s <= hi for lo, s, hi in zip(row["min"], shape, row["max"], strict=True)):
+        row = self.engine.profile.get(name)  # None: a fixed-shape input (timestep)
+        if row is not None and not all(
+                lo <= s <= hi for lo, s, hi in zip(row["min"], shape, row["max"], strict=True)):
             return False
         self.input_shapes[name] = tuple(shape)
         return True
@@ -350,7 +351,11 @@ class FakeParser:
         self.gpu.log.append(("parse_from_file", path))
         model = onnx.load(path)  # loads external data from beside the file, as TensorRT
         self.network.name = model.graph.name
-        self.network.inputs = [types.SimpleNamespace(name=i.name) for i in model.graph.input]
+        self.network.inputs = [
+            types.SimpleNamespace(name=i.name, shape=tuple(
+                d.dim_value if d.HasField("dim_value") else -1
+                for d in i.type.tensor_type.shape.dim))
+            for i in model.graph.input]
         return True
 
     def get_error(self, i: int) -> str:
