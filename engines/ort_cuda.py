@@ -14,7 +14,9 @@ GPU or not; its cache key carries the onnxruntime major.minor (runtime.cache.ort
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 # onnxruntime's names for our graphs (safety_checker is a CLIP vision tower, which the
 # SD tool optimizes as "unet": same attention/layernorm fusions, no text-only ones)
@@ -26,19 +28,33 @@ MODEL_TYPES = {
 }
 
 
-def optimize_fp16(onnx_path: Path, out_dir: Path, graph: str, external: bool) -> Path:
-    """Write `out_dir/<graph>.onnx` (+ `<graph>.onnx.data` when `external`, as for a
-    source graph that had external data) and return its path."""
+def _optimize(onnx_path: Path, model_type: str, attention: bool) -> Any:
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
+    options = FusionOptions(model_type)
+    options.enable_attention = attention
+    return optimize_model(str(onnx_path), model_type=model_type, num_heads=0, hidden_size=0,
+                          opt_level=0, optimization_options=options, use_gpu=True)
+
+
+def optimize_fp16(onnx_path: Path, out_dir: Path, graph: str, external: bool,
+                  warn: Callable[[str], None] = print) -> Path:
+    """Write `out_dir/<graph>.onnx` (+ `<graph>.onnx.data` when `external`, as for a
+    source graph that had external data) and return its path."""
     model_type = MODEL_TYPES[graph]
     quiet = logging.getLogger("onnxruntime.transformers")
     level, quiet.level = quiet.level, logging.ERROR  # its INFO lines are not ours
     try:
-        model = optimize_model(str(onnx_path), model_type=model_type, num_heads=0,
-                               hidden_size=0, opt_level=0,
-                               optimization_options=FusionOptions(model_type), use_gpu=True)
+        try:
+            model = _optimize(onnx_path, model_type, attention=True)
+        except TypeError as e:
+            # onnxruntime's UNet attention fusion does int() of a 1-element array
+            # (fusion_attention_unet.py get_num_heads), an error since numpy 2.4
+            warn(f"{graph}: onnxruntime's attention fusion failed ({e}); built without it "
+                 f"(slower attention); with numpy<2.4 (or an onnxruntime that fixed it) "
+                 f"rebuild with --force to get it")
+            model = _optimize(onnx_path, model_type, attention=False)
         model.convert_float_to_float16(keep_io_types=True)
     finally:
         quiet.level = level

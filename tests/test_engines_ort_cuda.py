@@ -98,3 +98,25 @@ def test_ort_cuda_engine_runs_the_artifacts(built):
         e.allocate(shapes)
         got = e.run(feeds)["noise_pred"]
     np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-2)
+
+
+def test_attention_fusion_failure_falls_back_with_a_warning(built, tmp_path, monkeypatch):
+    """onnxruntime 1.31's UNet attention fusion raises TypeError under numpy 2.4
+    (int() of a 1-element array): the graph is still built, without that fusion."""
+    from engines import ort_cuda
+
+    real = ort_cuda._optimize
+    calls = []
+
+    def flaky(path, model_type, attention):
+        calls.append(attention)
+        if attention:
+            raise TypeError("only 0-dimensional arrays can be converted to Python scalars")
+        return real(path, model_type, attention)
+
+    monkeypatch.setattr(ort_cuda, "_optimize", flaky)
+    warnings = []
+    bundle = built[0]
+    out = ort_cuda.optimize_fp16(bundle / "unet.onnx", tmp_path, "unet", False, warnings.append)
+    assert out.is_file() and calls == [True, False]
+    assert len(warnings) == 1 and "attention fusion failed" in warnings[0]
