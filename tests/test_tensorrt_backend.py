@@ -260,3 +260,20 @@ def test_find_plan_prefers_static_then_smallest_covering(gpu, tmp_path):
     assert find_plan(entry, SHAPES, gpu.trt_version, info, tmp_path).parent.name == \
         plan_key(entry, static, gpu.trt_version, info).dirname
     assert find_plan(entry, SHAPES, "10.99.0", info, tmp_path) is None  # other TensorRT
+
+
+def test_failed_capture_falls_back_to_plain_runs(gpu, tmp_path):
+    e = make_engine(gpu, tmp_path, cuda_graph=True)
+    e.load()
+    e.allocate(SHAPES)
+    e.set_constant("encoder_hidden_states", EHS)
+    gpu.fail["cudaGraphInstantiate"] = "cudaErrorStreamCaptureUnsupported"
+    f = feeds(0)
+    with pytest.warns(RuntimeWarning, match="CUDA graph capture failed"):
+        out = e.run(f)
+    np.testing.assert_allclose(out["noise_pred"], f["sample"] * 3 + 0.5, rtol=1e-6)
+    gpu.fail.clear()
+    f = feeds(1, t=5.0)  # later runs execute directly and stay correct
+    np.testing.assert_allclose(e.run(f)["noise_pred"], f["sample"] * 5 + 0.5, rtol=1e-6)
+    assert not gpu.calls("cudaGraphLaunch") and len(gpu.calls("cudaStreamBeginCapture")) == 1
+    e.release()

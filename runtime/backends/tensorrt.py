@@ -11,14 +11,19 @@ detected, not version-parsed:
 
 Lifecycle (runtime.engine): several engines share one TensorRTDevice (stream, runtime,
 scratch). load() every engine first, so the shared scratch is sized to the largest,
-then allocate(shapes) -> set_constant / run -> release().
+then allocate(shapes) -> set_constant / run -> release(); the device last.
 
-    device = TensorRTDevice()
-    unet = TensorRTEngine(spec, plan_path, device, cuda_graph=True)
+    device = TensorRTDevice()                              # one per pipeline
+    unet = CachedTensorRTEngine(manifest.graphs["unet"], manifest.profile, device,
+                                cuda_graph=True)           # plan found in the engine cache
     unet.load(); unet.allocate({"sample": (2, 4, 64, 64), ...})
     unet.set_constant("encoder_hidden_states", ehs)       # [2B, 77, 768] f32, once
     out = unet.run({"sample": x, "timestep": t})         # aliases pinned host buffers
     unet.release(); device.release()
+
+TensorRTEngine(spec, plan_path, device) does the same for a plan file you name.
+Arrays returned by run() live in pinned host memory owned by the engine: they are
+overwritten by the next run() and freed by allocate() with new shapes and release().
 
 run() copies the changed inputs host -> device, executes (or replays its CUDA graph),
 copies the outputs device -> host and synchronizes the stream once.
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -369,18 +375,24 @@ class TensorRTEngine(Engine):
 
     def _capture(self, device: TensorRTDevice, context: trt.IExecutionContext,
                  stream: int) -> None:
+        """Record one execute_async_v3 into a CUDA graph for self.shapes. Capture is an
+        optimization: when this plan or driver cannot be captured, warn once, abort the
+        capture and keep running without graphs (this run's outputs are already made)."""
         cuda = device.cuda
         cuda.begin_capture(device.stream)
         try:
-            ok = context.execute_async_v3(stream)
-        except Exception:
-            cuda.abort_capture(device.stream)
-            raise
-        if not ok:
-            cuda.abort_capture(device.stream)
-            raise self.error("execute_async_v3 failed during CUDA graph capture")
-        self.graph = cuda.end_capture(device.stream)
-        self.graph_exec = cuda.instantiate(self.graph)
+            if not context.execute_async_v3(stream):
+                raise CudaError("execute_async_v3 returned False while capturing")
+            self.graph = cuda.end_capture(device.stream)
+            self.graph_exec = cuda.instantiate(self.graph)
+        except Exception as e:  # CudaError, or TensorRT refusing to enqueue while capturing
+            if self.graph is None:
+                cuda.abort_capture(device.stream)
+            self._drop_graph()
+            self.cuda_graph = False
+            warnings.warn(f"tensorrt engine {self.name!r}: CUDA graph capture failed at shapes "
+                          f"{self.shapes} ({e}); running without CUDA graphs",
+                          RuntimeWarning, stacklevel=3)
 
     # --- release ------------------------------------------------------------------------
 
