@@ -176,7 +176,7 @@ def tensorrt_jobs(opts: BuildOptions, manifest: Manifest, verbose: bool) -> list
         def build(folder: Path, onnx_path: Path = onnx_path, shapes: dict = shapes,
                   name: str = name) -> Path:
             out = folder / f"{name}.plan"
-            out.write_bytes(build_plan(onnx_path, shapes, opts.tensorrt, timing, verbose))
+            build_plan(onnx_path, out, shapes, opts.tensorrt, timing, verbose)
             return out
 
         jobs.append((name, plan_key(entry, shapes, version, device), build))

@@ -74,9 +74,10 @@ def _timing_cache_lock(path: Path) -> Iterator[None]:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
-def build_plan(onnx_path: Path, shapes: Mapping[str, Mapping[str, list[int]]],
-               options: TensorRTOptions, timing_cache: Path, verbose: bool = False) -> bytes:
-    """Serialized FP16 plan of one ONNX graph for the GPU this runs on.
+def build_plan(onnx_path: Path, out: Path, shapes: Mapping[str, Mapping[str, list[int]]],
+               options: TensorRTOptions, timing_cache: Path, verbose: bool = False) -> None:
+    """Write the serialized FP16 plan of one ONNX graph, for the GPU this runs on, to `out`
+    (straight from TensorRT's buffer: no second copy of a multi-GB plan in memory).
 
     `shapes`: {input: {"min","opt","max": dims}} (static when all three are equal).
     The timing cache at `timing_cache` is loaded before and merged back after the
@@ -115,4 +116,5 @@ def build_plan(onnx_path: Path, shapes: Mapping[str, Mapping[str, list[int]]],
             other = config.create_timing_cache(timing_cache.read_bytes())
             merged.combine(other, False)
         cache.write_atomic(timing_cache, bytes(merged.serialize()))
-    return bytes(plan)
+    with open(out, "wb") as f:
+        f.write(plan)  # IHostMemory is a buffer
