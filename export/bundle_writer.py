@@ -1,0 +1,139 @@
+"""Write a bundle: graphs, tokenizer files, scheduler_config.json, manifest.json.
+
+Everything goes into a temporary folder beside the output, which is renamed into place
+only when complete, so a failed or interrupted export never leaves a half-written or
+half-overwritten bundle.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import tempfile
+from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import onnx
+
+from export.checks import check_opset, check_out
+from export.clip_vocab import write_tokenizer_files
+from export.components import Components, weights_sha256
+from export.configs import CONFIGS
+from export.graphs import GraphJob, check_io, export_onnx, graph_jobs, max_abs_error, ort_session, timed
+from runtime.bundle import (
+    SCHEDULER_CONFIG,
+    TOKENIZER_DIR,
+    GraphEntry,
+    Manifest,
+    Profile,
+    sha256_file,
+)
+
+TWO_GB = 2**31  # protobuf's limit for one serialized ModelProto
+PACKAGES = ("torch", "diffusers", "transformers", "onnx", "onnxruntime", "numpy")
+TOKENIZER_FILES = ("vocab.json", "merges.txt")
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def _write_graph(job: GraphJob, folder: Path, opset: int, threshold: int) -> GraphEntry:
+    """Export one graph into `folder`; external data (one .onnx.data file) above `threshold` bytes."""
+    spec = job.spec
+    scratch = folder / f".{spec.name}.export"
+    scratch.mkdir()
+    export_onnx(job, scratch / spec.file, opset)
+    size = sum(f.stat().st_size for f in scratch.iterdir())  # graph + per-weight files if > 2 GB
+    model = onnx.load(str(scratch / spec.file))  # pulls in any external weights
+    check_io(model, spec)
+    external = f"{spec.file}.data" if size > threshold else None
+    if external:
+        onnx.save_model(model, str(folder / spec.file), save_as_external_data=True,
+                        all_tensors_to_one_file=True, location=external)
+    else:
+        onnx.save_model(model, str(folder / spec.file))
+    del model
+    shutil.rmtree(scratch)
+    err = max_abs_error(ort_session(folder / spec.file), job)
+    return GraphEntry(spec, sha256_file(folder / spec.file), external,
+                      sha256_file(folder / external) if external else None, err)
+
+
+def _write_tokenizer(c: Components, dest: Path) -> None:
+    if c.tokenizer_dir is None:
+        write_tokenizer_files(dest)  # CLIP's real BPE vocabulary (= v1-4's tokenizer/)
+        return
+    dest.mkdir()
+    for f in TOKENIZER_FILES:
+        shutil.copyfile(Path(c.tokenizer_dir) / f, dest / f)
+
+
+def export_bundle(components: Components, out_dir: str | os.PathLike, *, opset: int = 17,
+                  external_data_threshold: int = TWO_GB, safety: bool = True, force: bool = False,
+                  profile: Profile | None = None, log: Callable[[str], None] = print) -> Path:
+    """Export `components` to the bundle folder `out_dir` and return its path.
+
+    opset                    ONNX opset (>= 17).
+    external_data_threshold  graphs whose weights exceed this many bytes are saved with one
+                             external data file `<graph>.onnx.data` (tests force it small).
+    safety                   export the safety checker when the components have one.
+    force                    replace an existing bundle at `out_dir`.
+    profile                  min/opt/max batch and size; default: the model config's
+                             (demo, sd14-random) or runtime.bundle.Profile().
+    log                      called with one progress line per graph (with its time).
+
+    Raises ExportError for a bad `out_dir`; anything else is a bug or a bad model.
+    """
+    out = Path(out_dir).absolute()
+    check_out(out, force)
+    check_opset(opset)
+    if profile is None:
+        cfg = CONFIGS.get(components.model_id)
+        profile = cfg.profile if cfg else Profile()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        graphs = {}
+        for job in graph_jobs(components, safety):
+            entry, seconds = timed(lambda job=job: _write_graph(job, tmp, opset, external_data_threshold))
+            graphs[job.spec.name] = entry
+            ext = f" + {entry.external_data}" if entry.external_data else ""
+            log(f"{job.spec.name}: {entry.file}{ext} in {seconds:.1f} s, "
+                f"max abs error vs torch {entry.max_abs_error:.1e}")
+        _write_tokenizer(components, tmp / TOKENIZER_DIR)
+        components.scheduler.save_config(tmp)  # diffusers' own scheduler_config.json
+        assert (tmp / SCHEDULER_CONFIG).is_file()
+        size = components.default_size
+        Manifest(
+            source={"model": components.model_id, "hash": weights_sha256(components)},
+            hidden=components.hidden, graphs=graphs, profile=profile,
+            default_height=size, default_width=size, opset=opset, packages=package_versions(),
+        ).write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp made it 0700
+        _replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Move the finished bundle into place; an old bundle is removed only afterwards."""
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+    os.rename(out, old / out.name)
+    os.rename(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,73 @@
+"""`python -m export`: one model -> one bundle folder. User errors: one line, exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+
+from export.checks import check_opset, check_out, model_kind
+from export.errors import ExportError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line instead of usage + error
+        raise ExportError(f"{message} (see python -m export --help)")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m export", description=(
+        "Export a Stable Diffusion v1.x model to an ONNX bundle (text_encoder, unet, vae_decoder, "
+        "safety_checker, tokenizer/, scheduler_config.json, manifest.json)."))
+    p.add_argument("--model", required=True, help=(
+        "demo | sd14-random | a diffusers folder | a .safetensors checkpoint | a hub id"))
+    p.add_argument("--out", required=True, help="bundle folder to create")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17, default 17)")
+    p.add_argument("--no-safety-checker", action="store_true", help="leave the safety checker out")
+    p.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="allow pickle checkpoints (.ckpt/.bin), which can run code when loaded")
+    p.add_argument("--seed", type=int, default=0, help="weights seed for demo / sd14-random")
+    return p
+
+
+def quiet_libraries() -> None:
+    """This process only: transformers/diffusers log errors only (no torchvision notices)."""
+    import diffusers
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    diffusers.logging.set_verbosity_error()
+
+
+def main(argv: list[str] | None = None) -> int:
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    try:
+        args = parser().parse_args(argv)
+        check_out(args.out, args.force)  # fail fast: before importing torch or loading
+        check_opset(args.opset)
+        model_kind(args.model, args.allow_pickle)
+        t0 = time.perf_counter()
+        quiet_libraries()
+        from export.bundle_writer import export_bundle
+        from export.sources import load_components
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer warnings about shape-dependent Python code
+            components = load_components(args.model, allow_pickle=args.allow_pickle,
+                                         safety=not args.no_safety_checker, seed=args.seed)
+            log(f"loaded {args.model} in {time.perf_counter() - t0:.1f} s")
+            out = export_bundle(components, args.out, opset=args.opset, force=args.force,
+                                safety=not args.no_safety_checker, log=log)
+    except ExportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    log(f"wrote {out} in {time.perf_counter() - t0:.1f} s")
+    print(out)
+    return 0

@@ -1,0 +1,107 @@
+"""Model configs as data: the tiny `demo` model and the real v1-4 (`sd14-random`).
+
+Each field holds the keyword arguments of one diffusers/transformers config class, so
+`UNet2DConditionModel(**cfg.unet)` builds the module. The v1-4 values are those of
+CompVis/stable-diffusion-v1-4's `*/config.json` files (text encoder and safety checker:
+openai/clip-vit-large-patch14). Treat the dicts as read-only; `ModelConfig.copy()` hands
+out fresh ones.
+
+The demo keeps every v1-4 interface (49408-token vocabulary, 77 positions, 4 latent
+channels, a 4-block factor-8 VAE, cross-attention, a 17-concept safety checker at CLIP's
+224 px input) at tiny widths, so its bundle ships in a few MB.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+from runtime.bundle import LATENT_CHANNELS, MAX_TOKENS, SAFETY_SIZE, Profile
+
+VOCAB = 49408  # CLIP BPE vocabulary
+CONCEPTS = 17  # StableDiffusionSafetyChecker: 17 concept + 3 special-care embeddings
+SPECIAL_CONCEPTS = 3
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    text_encoder: dict  # transformers.CLIPTextConfig kwargs
+    unet: dict  # diffusers.UNet2DConditionModel kwargs
+    vae: dict  # diffusers.AutoencoderKL kwargs
+    safety_vision: dict  # transformers.CLIPVisionConfig kwargs
+    safety_projection: int  # CLIPConfig.projection_dim
+    scheduler: dict  # diffusers.PNDMScheduler kwargs
+    profile: Profile
+
+    def copy(self, field: str) -> dict:
+        return copy.deepcopy(getattr(self, field))
+
+
+# v1-4's scheduler/scheduler_config.json (PNDMScheduler).
+SD14_SCHEDULER = {
+    "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000, "skip_prk_steps": True, "steps_offset": 1,
+    "set_alpha_to_one": False, "clip_sample": False, "prediction_type": "epsilon",
+    "trained_betas": None,
+}
+
+SD14 = ModelConfig(
+    name="sd14-random",
+    text_encoder={  # openai/clip-vit-large-patch14 text tower: 12 layers x 768, 12 heads
+        "vocab_size": VOCAB, "hidden_size": 768, "intermediate_size": 3072, "projection_dim": 768,
+        "num_hidden_layers": 12, "num_attention_heads": 12, "max_position_embeddings": MAX_TOKENS,
+        "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "bos_token_id": 0, "eos_token_id": 2,
+        "pad_token_id": 1,
+    },
+    unet={
+        "sample_size": 64, "in_channels": LATENT_CHANNELS, "out_channels": LATENT_CHANNELS,
+        "layers_per_block": 2, "block_out_channels": (320, 640, 1280, 1280),
+        "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        "cross_attention_dim": 768, "attention_head_dim": 8, "norm_num_groups": 32,
+        "center_input_sample": False, "flip_sin_to_cos": True, "freq_shift": 0,
+        "downsample_padding": 1, "mid_block_scale_factor": 1, "act_fn": "silu", "norm_eps": 1e-5,
+    },
+    vae={
+        "sample_size": 512, "in_channels": 3, "out_channels": 3, "latent_channels": LATENT_CHANNELS,
+        "layers_per_block": 2, "block_out_channels": (128, 256, 512, 512),
+        "down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4,
+        "act_fn": "silu", "norm_num_groups": 32, "scaling_factor": 0.18215,
+    },
+    safety_vision={  # CLIP ViT-L/14 vision tower: 24 layers x 1024, 16 heads
+        "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+        "num_attention_heads": 16, "image_size": SAFETY_SIZE, "patch_size": 14,
+        "projection_dim": 768, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
+    },
+    safety_projection=768,
+    scheduler=SD14_SCHEDULER,
+    profile=Profile(batch=(1, 1, 4), height=(256, 512, 1024), width=(256, 512, 1024)),
+)
+
+DEMO = ModelConfig(
+    name="demo",
+    text_encoder={
+        **SD14.text_encoder, "hidden_size": 16, "intermediate_size": 32, "projection_dim": 16,
+        "num_hidden_layers": 2, "num_attention_heads": 2,
+    },
+    unet={
+        **SD14.unet, "sample_size": 32, "layers_per_block": 1, "block_out_channels": (32, 64),
+        "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+        "cross_attention_dim": 16, "attention_head_dim": 4, "norm_num_groups": 16,
+    },
+    vae={
+        **SD14.vae, "sample_size": 256, "layers_per_block": 1, "block_out_channels": (8, 8, 16, 16),
+        "norm_num_groups": 4,
+    },
+    safety_vision={
+        **SD14.safety_vision, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
+        "num_attention_heads": 2, "patch_size": 32, "projection_dim": 16,
+    },
+    safety_projection=16,
+    scheduler=SD14_SCHEDULER,
+    profile=Profile(batch=(1, 1, 4), height=(64, 256, 512), width=(64, 256, 512)),
+)
+
+CONFIGS = {c.name: c for c in (DEMO, SD14)}
