@@ -1,0 +1,50 @@
+"""Engine build time: our side's first load into an empty engine cache.
+
+ort-cpu builds at load (ORT optimizes each graph once and saves it); tensorrt and
+ort-cuda build with `python -m engines.build` first (that path is UNTESTED here).
+The worker that runs next reuses the same cache folder, so its cold start is the
+warm-cache restart a deployment sees.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from benchmarks.settings import Settings
+from benchmarks.timing import peak_rss_bytes
+
+
+def build(s: Settings, bundle: Path, log: Callable[[str], None]) -> dict:
+    from runtime.pipeline import Pipeline
+
+    out: dict = {"cache_dir": os.environ.get("SDRT_CACHE_DIR")}
+    if s.backend in ("tensorrt", "ort-cuda"):
+        cmd = [sys.executable, "-m", "engines.build", str(bundle), "--backend", s.backend]
+        if out["cache_dir"]:
+            cmd += ["--cache-dir", out["cache_dir"]]
+        log(" ".join(cmd))
+        t = time.perf_counter()
+        subprocess.run(cmd, check=True)
+        out["engines_build_seconds"] = time.perf_counter() - t
+    lines: list[str] = []
+
+    def keep(msg: str) -> None:
+        lines.append(msg)
+        log(msg)
+
+    pipe = Pipeline(bundle, s.backend, safety=s.safety, log=keep)
+    out["load_seconds"] = pipe.load_seconds
+    pipe.close()
+    per_graph = {}
+    for line in lines:  # "unet: loaded in 12.34 s (engine cache: built)"
+        m = re.match(r"(\w+): loaded in ([\d.]+) s \(engine cache: (.+)\)", line)
+        if m:
+            per_graph[m.group(1)] = {"seconds": float(m.group(2)), "cache": m.group(3)}
+    out.update(graphs=per_graph, log=lines, peak_rss=peak_rss_bytes())
+    return out

@@ -1,0 +1,202 @@
+"""The three outputs of a benchmark: JSON (everything), a markdown table, a PNG bar chart."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+# (key in a worker's "stages", row label); p50/p90/min of each
+STAGE_ROWS = (
+    ("text_encoder", "Text encoder (prompt + negative prompt)"),
+    ("unet_step", "UNet, one call"),
+    ("denoise", "Denoising loop, all calls"),
+    ("host_overhead_step", "Host overhead per step (step time - UNet time)"),
+    ("loop_overhead_step", "Loop overhead per step incl. setup ((loop - UNet) / calls)"),
+    ("vae_decoder", "VAE decode"),
+    ("safety_checker", "Safety checker (incl. CLIP preprocessing)"),
+    ("total", "End to end, one call"),
+)
+CHART_ROWS = ("text_encoder", "unet_step", "denoise", "vae_decoder", "safety_checker", "total")
+HOST_OVERHEAD_TARGET = 0.2e-3  # seconds per step at 64x64 latents (issue 6)
+E2E_TARGET = 1.3  # ORT CPU end to end vs diffusers eager on the same CPU
+H100_FLOOR = 0.10  # s per 512x512 / 50 steps / CFG image (DESIGN.md physical reference)
+
+
+def fmt_s(v: float | None) -> str:
+    if v is None:
+        return "-"
+    if v < 1e-3:
+        return f"{v * 1e6:.0f} µs"
+    return f"{v * 1e3:.1f} ms" if v < 1 else f"{v:.2f} s"
+
+
+def fmt_bytes(v: int | None) -> str:
+    return "-" if v is None else f"{v / 2**30:.2f} GiB" if v >= 2**30 else f"{v / 2**20:.0f} MiB"
+
+
+def ratio(num: float | None, den: float | None) -> str:
+    return f"{num / den:.2f}x" if num and den else "-"
+
+
+def _stage(side: dict, key: str) -> dict:
+    return (side or {}).get("stages", {}).get(key, {})
+
+
+def estimate_50_steps(side: dict, calls_50: int) -> float | None:
+    """text + calls_50 x (loop time per call) + VAE + safety, from this run's p50s."""
+    st = (side or {}).get("stages", {})
+    calls = (side or {}).get("unet_calls_per_image")
+    if not st or not calls or "denoise" not in st:
+        return None
+    fixed = st["total"]["p50"] - st["denoise"]["p50"]
+    return fixed + st["denoise"]["p50"] / calls * calls_50
+
+
+def weights(ours: dict, base: dict) -> str:
+    w = base.get("weights") or {}
+    text = f"bundle {(ours.get('weights') or {}).get('bundle', '-')}"
+    if w:
+        same = "match" if w.get("hash_matches_manifest") else "DO NOT match"
+        built = " (built from the seed: diffusers' load is random init, not a checkpoint read)" \
+            if w["source"] in ("demo", "sd14-random") else ""
+        text += (f"; diffusers from export's loader: {w['source']}, seed {w['seed']}{built}; "
+                 f"its weights {same} the manifest's source hash")
+    return text
+
+
+def markdown(r: dict) -> str:
+    s, m, ours, base = r["settings"], r["machine"], r.get("ours") or {}, r.get("diffusers") or {}
+    calls = ours.get("unet_calls_per_image") or base.get("unet_calls_per_image")
+    lines = [
+        f"# {s['model']}: {s['backend']} vs diffusers ({r['baseline']}), {m['name']}",
+        "",
+        f"- Machine: {m['cpu']}, {m['cpu_cores']} cores, {fmt_bytes(m.get('memory_bytes'))} RAM"
+        + (f"; GPU {m['gpus'][0]['name']}" if m["gpus"] else "; no GPU"),
+        "- Versions: " + ", ".join(f"{k} {v}" for k, v in m["packages"].items()),
+        f"- Settings: {s['width']}x{s['height']}, {s['steps']} steps {s['scheduler']} "
+        f"({calls} UNet calls), guidance {s['guidance_scale']:g}, batch {s['batch_size']}, "
+        f"seed {s['seed']}, safety checker {'on' if s['safety'] else 'off'}; "
+        f"{s['warmup']} warm-up + {s['runs']} timed runs per side, each side in its own process",
+        f"- Weights: {weights(ours, base)}",
+        f"- Date: {r['created']}; command: `{r['command']}`",
+    ]
+    if s["steps"] != 50:
+        lines.append(f"- **{s['steps']} steps only**: per-step figures are what this run measures; "
+                     f"the 50-step row is an estimate from them")
+    lines += ["", "| stage | ours p50 | ours p90 | ours min | diffusers p50 | diffusers p90 | "
+              "diffusers min | ours better by |", "|---|---|---|---|---|---|---|---|"]
+    for key, label in STAGE_ROWS:
+        a, b = _stage(ours, key), _stage(base, key)
+        if not a and not b:
+            continue
+        lines.append(f"| {label} | {fmt_s(a.get('p50'))} | {fmt_s(a.get('p90'))} | "
+                     f"{fmt_s(a.get('min'))} | {fmt_s(b.get('p50'))} | {fmt_s(b.get('p90'))} | "
+                     f"{fmt_s(b.get('min'))} | {ratio(b.get('p50'), a.get('p50'))} |")
+    if s["steps"] != 50 and calls:
+        calls_50 = calls + 50 - s["steps"]
+        a, b = estimate_50_steps(ours, calls_50), estimate_50_steps(base, calls_50)
+        lines.append(f"| *Estimated end to end at 50 steps ({calls_50} calls)* | {fmt_s(a)} | | | "
+                     f"{fmt_s(b)} | | | {ratio(b, a)} |")
+    one = [
+        ("Load (ours: warm engine cache)", ours.get("load_seconds"), base.get("load_seconds"), fmt_s),
+        ("Cold start: process start to first image", ours.get("cold_start_seconds"),
+         base.get("cold_start_seconds"), fmt_s),
+        (f"Peak RSS, batch {s['batch_size']}", ours.get("peak_rss"), base.get("peak_rss"), fmt_bytes),
+        ("Peak device memory", ours.get("peak_device_memory"), base.get("peak_device_memory"), fmt_bytes),
+    ]
+    build = r.get("build") or {}
+    if build.get("load_seconds"):
+        one.insert(0, ("Engine build (first load, empty engine cache)",
+                       build["load_seconds"] + build.get("engines_build_seconds", 0), None, fmt_s))
+    lines += ["", "| one-off | ours | diffusers | ours better by |", "|---|---|---|---|"]
+    for label, a, b, f in one:
+        if a is None and b is None:
+            continue
+        lines.append(f"| {label} | {f(a)} | {f(b)} | {ratio(b, a)} |")
+    for batch in s["throughput_batches"]:
+        a = (ours.get("throughput") or {}).get(str(batch), {})
+        b = (base.get("throughput") or {}).get(str(batch), {})
+        fa = f"{a['images_per_s']:.3g} img/s" if "images_per_s" in a else a.get("skipped", "-")
+        fb = f"{b['images_per_s']:.3g} img/s" if "images_per_s" in b else b.get("skipped", "-")
+        lines.append(f"| Throughput, batch {batch} | {fa} | {fb} | "
+                     f"{ratio(a.get('images_per_s'), b.get('images_per_s'))} |")
+    lines += ["", "Times are wall clock on the host" + (
+        " (CUDA events where marked in the JSON)" if m["gpus"] else "") +
+        "; ratios compare p50s; \"ours better by\" > 1 means ours is faster (smaller)."]
+    lines += ["", "## Against the targets (reported, not asserted)", ""]
+    lines += [f"- {t}" for t in targets(r)]
+    return "\n".join(lines) + "\n"
+
+
+def targets(r: dict) -> list[str]:
+    s, ours, base = r["settings"], r.get("ours") or {}, r.get("diffusers") or {}
+    out = []
+    ho = _stage(ours, "host_overhead_step").get("p50")
+    if ho is not None:
+        h, w = s["height"] // 8, s["width"] // 8
+        verdict = "met" if ho < HOST_OVERHEAD_TARGET else "missed"
+        out.append(f"Host overhead per UNet step: {fmt_s(ho)} p50 at {h}x{w} latents "
+                   f"(target < 0.2 ms at 64x64: {verdict})")
+    alloc = ours.get("alloc")
+    if alloc:
+        verdict = "met" if alloc["bytes_per_step_max"] == 0 else "missed"
+        out.append(f"Allocations in the loop: {alloc['bytes_per_step_p50']} bytes per step p50, "
+                   f"{alloc['bytes_per_step_max']} max, numpy/Python (tracemalloc; ORT's arena not "
+                   f"seen) (target zero: {verdict})")
+    a, b = _stage(ours, "total").get("p50"), _stage(base, "total").get("p50")
+    if a and b:
+        verdict = "met" if b / a >= E2E_TARGET else "missed"
+        out.append(f"End to end vs diffusers: {b / a:.2f}x (target >= {E2E_TARGET}x: {verdict})")
+    c = r.get("closeness")
+    if c:
+        out.append(f"Image closeness to diffusers (uint8, before the safety checker's blackout): "
+                   f"max {c['max_abs']}, mean {c['mean_abs']:.3f}; NSFW flags ours "
+                   f"{c['nsfw_ours']}, diffusers {c['nsfw_diffusers']}")
+    if r["machine"]["gpus"] and a:
+        reference = (s["height"], s["width"], s["steps"], s["batch_size"]) == (512, 512, 50, 1)
+        out.append(f"Physical floor (H100, 512x512, 50 steps, CFG): {H100_FLOOR} s; ours / floor = "
+                   f"{a / H100_FLOOR:.1f}" + ("" if reference else " (settings differ: not comparable)"))
+    return out
+
+
+def chart(r: dict, path: Path) -> None:
+    """Horizontal bars, log time axis: p50 per stage, ours vs diffusers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = dict(STAGE_ROWS)
+    keys = [k for k in CHART_ROWS if _stage(r.get("ours"), k) or _stage(r.get("diffusers"), k)]
+    fig, ax = plt.subplots(figsize=(9, 0.6 * len(keys) + 2))
+    height = 0.38
+    for j, (side, color) in enumerate((("ours", "tab:blue"), ("diffusers", "tab:orange"))):
+        vals = [_stage(r.get(side), k).get("p50", 0) for k in keys]
+        ys = [i + (j - 0.5) * height for i in range(len(keys))]
+        name = f"ours ({r['settings']['backend']})" if side == "ours" else f"diffusers ({r['baseline']})"
+        ax.barh(ys, vals, height, label=name, color=color)
+        for y, v in zip(ys, vals, strict=True):
+            if v:
+                ax.text(v, y, " " + fmt_s(v), va="center", fontsize=8)
+    ax.set_yticks(range(len(keys)), [labels[k].split(" (")[0] for k in keys])
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("seconds (p50, log scale)")
+    s = r["settings"]
+    ax.set_title(f"{Path(s['model']).name} {s['width']}x{s['height']}, {s['steps']} steps, "
+                 f"batch {s['batch_size']} - {r['machine']['name']}", fontsize=10)
+    lo, hi = ax.get_xlim()
+    ax.set_xlim(lo, hi * 4)  # room for the value labels
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, fontsize=8, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(r: dict, out_dir: Path, stem: str) -> dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / f"{stem}.json", "md": out_dir / f"{stem}.md", "png": out_dir / f"{stem}.png"}
+    paths["json"].write_text(json.dumps(r, indent=1) + "\n")
+    paths["md"].write_text(markdown(r))
+    chart(r, paths["png"])
+    return paths
