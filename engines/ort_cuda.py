@@ -44,20 +44,24 @@ def optimize_fp16(onnx_path: Path, out_dir: Path, graph: str, external: bool,
     source graph that had external data) and return its path."""
     model_type = MODEL_TYPES[graph]
     quiet = logging.getLogger("onnxruntime.transformers")
-    level, quiet.level = quiet.level, logging.ERROR  # its INFO lines are not ours
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # its INFO lines are not ours
     try:
+        failed = None
         try:
             model = _optimize(onnx_path, model_type, attention=True)
         except TypeError as e:
             # onnxruntime's UNet attention fusion does int() of a 1-element array
             # (fusion_attention_unet.py get_num_heads), an error since numpy 2.4
-            warn(f"{graph}: onnxruntime's attention fusion failed ({e}); built without it "
-                 f"(slower attention); with numpy<2.4 (or an onnxruntime that fixed it) "
+            failed = str(e)
+        if failed is not None:  # outside the except: the first try's graph is freed
+            warn(f"{graph}: onnxruntime's attention fusion failed ({failed}); built without "
+                 f"it (slower attention); with numpy<2.4 (or an onnxruntime that fixed it) "
                  f"rebuild with --force to get it")
             model = _optimize(onnx_path, model_type, attention=False)
         model.convert_float_to_float16(keep_io_types=True)
     finally:
-        quiet.level = level
+        quiet.setLevel(level)
     out = out_dir / f"{graph}.onnx"
     model.save_model_to_file(str(out), use_external_data_format=external)
     return out
