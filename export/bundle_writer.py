@@ -22,6 +22,7 @@ from export.clip_vocab import write_tokenizer_files
 from export.components import Components, weights_sha256
 from export.configs import CONFIGS
 from export.graphs import GraphJob, check_io, export_onnx, graph_jobs, max_abs_error, ort_session, timed
+from export.tokenizer_files import copy_tokenizer
 from runtime.bundle import (
     SCHEDULER_CONFIG,
     TOKENIZER_DIR,
@@ -33,7 +34,6 @@ from runtime.bundle import (
 
 TWO_GB = 2**31  # protobuf's limit for one serialized ModelProto
 PACKAGES = ("torch", "diffusers", "transformers", "onnx", "onnxruntime", "numpy")
-TOKENIZER_FILES = ("vocab.json", "merges.txt")
 
 
 def package_versions() -> dict[str, str]:
@@ -72,9 +72,7 @@ def _write_tokenizer(c: Components, dest: Path) -> None:
     if c.tokenizer_dir is None:
         write_tokenizer_files(dest)  # CLIP's real BPE vocabulary (= v1-4's tokenizer/)
         return
-    dest.mkdir()
-    for f in TOKENIZER_FILES:
-        shutil.copyfile(Path(c.tokenizer_dir) / f, dest / f)
+    copy_tokenizer(c.tokenizer_dir, dest)
 
 
 def export_bundle(components: Components, out_dir: str | os.PathLike, *, opset: int = 17,

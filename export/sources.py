@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from export.checks import PICKLE_SUFFIXES, model_kind
 from export.configs import SD14, ModelConfig
 from export.errors import ExportError
+from export.tokenizer_files import has_tokenizer
 
 if TYPE_CHECKING:
     from export.components import Components
@@ -97,9 +98,8 @@ def load_diffusers_folder(path: Path, *, allow_pickle: bool = False, safety: boo
         raise
     except Exception as e:  # diffusers/transformers raise many types for a broken folder
         raise ExportError(f"cannot load {path} as a diffusers model: {_one_line(e)}") from None
-    for f in ("vocab.json", "merges.txt"):
-        if not (path / "tokenizer" / f).is_file():
-            raise ExportError(f"{path / 'tokenizer'} has no {f}; not a CLIP tokenizer folder")
+    if not has_tokenizer(path / "tokenizer"):
+        raise ExportError(f"{path / 'tokenizer'} has neither vocab.json + merges.txt nor tokenizer.json")
     return Components(text, unet, vae, checker, scheduler, path / "tokenizer",
                       model_id or str(path))
 
