@@ -86,16 +86,16 @@ def build_safety_checker(cfg: ModelConfig, seed: int) -> StableDiffusionSafetyCh
     return checker
 
 
-def build_components(name: str, seed: int = 0, safety: bool = True) -> Components:
-    """Deterministic random-weight components for `name` in ("demo", "sd14-random").
+def build_components(name: str | ModelConfig, seed: int = 0, safety: bool = True) -> Components:
+    """Deterministic random-weight components for "demo", "sd14-random" or a ModelConfig.
 
     Each module is built after `torch.manual_seed(seed + k)` (k fixed per module), so
     the same seed gives bit-identical weights on any machine with the same torch.
     """
-    cfg = CONFIGS[name]
+    cfg = CONFIGS[name] if isinstance(name, str) else name
     text = _seeded(seed, lambda: CLIPTextModel(CLIPTextConfig(**cfg.copy("text_encoder"))))
     unet = _seeded(seed + 1, lambda: UNet2DConditionModel(**cfg.copy("unet")))
     vae = _seeded(seed + 2, lambda: AutoencoderKL(**cfg.copy("vae")))
     checker = build_safety_checker(cfg, seed + 3) if safety else None
     scheduler = PNDMScheduler.from_config(cfg.copy("scheduler"))  # keeps v1-4's clip_sample key
-    return Components(text, unet, vae, checker, scheduler, None, name)
+    return Components(text, unet, vae, checker, scheduler, None, cfg.name)
