@@ -16,6 +16,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import onnx
+from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
 from export.checks import check_opset, check_out
 from export.clip_vocab import write_tokenizer_files
@@ -27,6 +28,7 @@ from runtime.bundle import (
     SCHEDULER_CONFIG,
     TOKENIZER_DIR,
     GraphEntry,
+    GraphSpec,
     Manifest,
     Profile,
     sha256_file,
@@ -53,19 +55,49 @@ def _write_graph(job: GraphJob, folder: Path, opset: int, threshold: int) -> Gra
     scratch.mkdir()
     export_onnx(job, scratch / spec.file, opset)
     size = sum(f.stat().st_size for f in scratch.iterdir())  # graph + per-weight files if > 2 GB
-    model = onnx.load(str(scratch / spec.file))  # pulls in any external weights
-    check_io(model, spec)
-    external = f"{spec.file}.data" if size > threshold else None
+    external = f"{spec.file}.data" if size > min(threshold, TWO_GB) else None
     if external:
-        onnx.save_model(model, str(folder / spec.file), save_as_external_data=True,
-                        all_tensors_to_one_file=True, location=external)
+        _gather_external_data(scratch / spec.file, folder / spec.file, external, spec)
     else:
+        model = onnx.load(str(scratch / spec.file))
+        check_io(model, spec)
         onnx.save_model(model, str(folder / spec.file))
-    del model
+        del model
     shutil.rmtree(scratch)
     err = max_abs_error(ort_session(folder / spec.file), job)
     return GraphEntry(spec, sha256_file(folder / spec.file), external,
                       sha256_file(folder / external) if external else None, err)
+
+
+def _gather_external_data(src: Path, dest: Path, data_name: str, spec: GraphSpec,
+                          min_bytes: int = 1024) -> None:
+    """Save `src` as `dest` + one `data_name` file holding every initializer of >= min_bytes.
+
+    Streams tensor by tensor (from torch's per-weight files, or from the graph itself), so
+    a 3.4 GB UNet is never held twice in memory.
+    """
+    model = onnx.load(str(src), load_external_data=False)
+    check_io(model, spec)
+    offset = 0
+    with open(dest.parent / data_name, "wb") as data:
+        for t in model.graph.initializer:
+            if uses_external_data(t):
+                info = ExternalDataInfo(t)
+                with open(src.parent / info.location, "rb") as f:
+                    f.seek(info.offset or 0)
+                    blob = f.read(info.length) if info.length else f.read()
+            elif len(t.raw_data) >= min_bytes:
+                blob = t.raw_data
+            else:
+                continue
+            data.write(blob)
+            t.ClearField("raw_data")
+            del t.external_data[:]
+            for key, value in (("location", data_name), ("offset", offset), ("length", len(blob))):
+                t.external_data.add(key=key, value=str(value))
+            t.data_location = onnx.TensorProto.EXTERNAL
+            offset += len(blob)
+    onnx.save_model(model, str(dest))
 
 
 def _write_tokenizer(c: Components, dest: Path) -> None:

@@ -149,8 +149,10 @@ def torch_outputs(job: GraphJob, inputs: tuple[torch.Tensor, ...] | None = None)
 
 
 def ort_session(path: Path) -> ort.InferenceSession:
+    """A plain CPU session on the graph as written (no ORT graph rewrites, less memory)."""
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
