@@ -60,6 +60,6 @@ def open_engine(backend: str, entry: GraphEntry, bundle: Path, use_cache: bool =
 
         key = None
         if use_cache:
-            key = ort_cpu_key(entry) if backend == "ort-cpu" else cache.ort_cuda_key(entry)
+            key = ort_cpu_key(entry, path) if backend == "ort-cpu" else cache.ort_cuda_key(entry)
         return OrtEngine(entry.spec, path, backend, cache_key=key)
     raise ValueError(f"backend {backend} cannot open {entry.spec.name} yet")

@@ -62,10 +62,17 @@ def cpu_isa() -> str:
     return f"{platform.machine()}:{','.join(sorted(flags.intersection(_ISA_FLAGS)))}"
 
 
-def ort_cpu_key(entry: GraphEntry) -> cache.CacheKey:
-    """Key of ORT's saved optimized fp32 graph: hardware specific, so the ISA is in it."""
-    return cache.CacheKey(entry.spec.name, cache.graph_sha256(entry), "ort-cpu",
-                          ort.__version__, cache.ANY, cpu_isa(), "fp32", cache.ANY)
+def ort_cpu_key(entry: GraphEntry, path: Path) -> cache.CacheKey:
+    """Key of ORT's saved optimized fp32 graph: hardware specific, so the ISA is in it.
+
+    Besides the manifest's sha256, the bundle file's size and mtime are in the key
+    (hashing a multi-GB graph at every start would cost what the cache saves): a graph
+    edited or damaged after export misses the cache instead of being served stale.
+    """
+    st = path.stat()
+    graph = f"{cache.graph_sha256(entry)}@{st.st_size}:{st.st_mtime_ns}"
+    return cache.CacheKey(entry.spec.name, graph, "ort-cpu", ort.__version__, cache.ANY,
+                          cpu_isa(), "fp32", cache.ANY)
 
 
 class OrtEngine(Engine):

@@ -1,0 +1,134 @@
+"""`python -m runtime.generate`: output files, metadata, and every bad input -> one line, exit 2."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from runtime.bundle import MANIFEST, demo_bundle
+
+PROMPT = "a photo of an astronaut riding a horse on mars"
+
+
+def generate(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "runtime.generate", *args], capture_output=True,
+                          text=True, timeout=300, cwd=cwd)
+
+
+def test_generates_png_with_metadata(tmp_path):
+    out = generate(PROMPT, "--steps", "3", "--seed", "7", "--batch-size", "2",
+                   "--output-dir", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    paths = out.stdout.split()
+    assert len(paths) == 2 and all(p.endswith(".png") for p in paths)
+    with Image.open(paths[1]) as im:
+        meta = im.text
+        assert im.size == (256, 256)
+    assert meta["prompt"] == PROMPT and meta["seed"] == "7" and meta["steps"] == "3"
+    assert meta["scheduler"] == "pndm" and meta["guidance_scale"] == "7.5"
+    assert meta["size"] == "256x256" and meta["backend"] == "ort-cpu" and meta["model"] == "demo"
+    assert meta["batch_index"] == "1" and meta["negative_prompt"] == ""
+    assert "backend: ort-cpu" in out.stderr and "time:" in out.stderr
+    # Same command again: new names, old files untouched.
+    before = {p: open(p, "rb").read() for p in paths}
+    again = generate(PROMPT, "--steps", "3", "--seed", "7", "--batch-size", "2",
+                     "--output-dir", str(tmp_path))
+    assert again.returncode == 0, again.stderr
+    assert set(again.stdout.split()).isdisjoint(paths)
+    assert all(open(p, "rb").read() == b for p, b in before.items())
+    assert {open(p, "rb").read() for p in again.stdout.split()} == set(before.values())
+
+
+def test_no_safety_is_reported(tmp_path):
+    out = generate(PROMPT, "--steps", "2", "--seed", "1", "--no-safety", "--output-dir",
+                   str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    assert "safety checker: off" in out.stderr
+    with Image.open(out.stdout.split()[0]) as im:
+        assert im.text["safety_checker"] == "off"
+
+
+def test_long_prompt_warns(tmp_path):
+    out = generate("word " * 100, "--steps", "1", "--seed", "1", "--output-dir", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    assert "tokens were dropped" in out.stderr and "last 25 tokens" in out.stderr
+
+
+def test_latents_file(tmp_path):
+    lat = np.random.RandomState(0).randn(1, 4, 8, 8).astype(np.float32)
+    np.save(tmp_path / "lat.npy", lat)
+    out = generate(PROMPT, "--steps", "2", "--height", "64", "--width", "64", "--latents",
+                   str(tmp_path / "lat.npy"), "--output-dir", str(tmp_path / "o"))
+    assert out.returncode == 0, out.stderr
+
+
+def _broken_bundles(tmp_path):
+    bad_version = tmp_path / "v99"
+    shutil.copytree(demo_bundle(), bad_version)
+    m = json.loads((bad_version / MANIFEST).read_text())
+    m["format_version"] = 99
+    (bad_version / MANIFEST).write_text(json.dumps(m))
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(demo_bundle(), corrupt)
+    (corrupt / MANIFEST).write_text("{not json")
+    missing_graph = tmp_path / "nounet"
+    shutil.copytree(demo_bundle(), missing_graph)
+    (missing_graph / "unet.onnx").unlink()
+    bad_onnx = tmp_path / "badonnx"
+    shutil.copytree(demo_bundle(), bad_onnx)
+    (bad_onnx / "unet.onnx").write_bytes(b"garbage")
+    return {"v99": (bad_version, "format version 99"), "corrupt": (corrupt, "corrupt"),
+            "nounet": (missing_graph, "missing unet.onnx"), "badonnx": (bad_onnx, "unet")}
+
+
+BAD_ARGS = {
+    "scheduler": (["--scheduler", "nope"], "unknown scheduler"),
+    "steps0": (["--steps", "0"], "steps must be"),
+    "height": (["--height", "100"], "height must be a multiple of 8"),
+    "width_big": (["--width", "4096"], "width must be"),
+    "guidance": (["--guidance-scale", "-1"], "guidance scale must be >= 0"),
+    "batch0": (["--batch-size", "0"], "batch size must be"),
+    "model": (["--model", "/nonexistent/bundle"], "model folder not found"),
+    "backend": (["--backend", "tensorrt"], "backend tensorrt is not available"),
+    "steps_text": (["--steps", "many"], "invalid int value"),
+    "latents_missing": (["--latents", "/nonexistent.npy"], "cannot read latents"),
+    "latents_shape": (["--latents", "SHAPE"], "latents must be a float array of shape"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ARGS))
+def test_bad_arguments(tmp_path, case):
+    args, message = BAD_ARGS[case]
+    if "SHAPE" in args:
+        np.save(tmp_path / "l.npy", np.zeros((1, 4, 3, 3), np.float32))
+        args = [str(tmp_path / "l.npy") if a == "SHAPE" else a for a in args]
+    out_dir = tmp_path / "out"
+    out = generate(PROMPT, "--steps", "2", *args, "--output-dir", str(out_dir))
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert message in lines[-1] and "Traceback" not in out.stderr, out.stderr
+    assert len([x for x in lines if x.startswith("error")]) == 1
+    assert not out_dir.exists()
+
+
+@pytest.mark.parametrize("case", ["v99", "corrupt", "nounet", "badonnx"])
+def test_bad_bundles(tmp_path, case):
+    bundle, message = _broken_bundles(tmp_path)[case]
+    out = generate(PROMPT, "--model", str(bundle), "--output-dir", str(tmp_path / "out"))
+    assert out.returncode == 2, out.stderr
+    assert message in out.stderr and "Traceback" not in out.stderr, out.stderr
+    lines = out.stderr.strip().splitlines()  # info lines (backend, loads), then one error line
+    assert lines[-1].startswith("error:") and sum(x.startswith("error") for x in lines) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_unwritable_output_dir(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")  # a file where a folder should be (root ignores chmod)
+    out = generate(PROMPT, "--steps", "1", "--output-dir", str(blocker / "sub"))
+    assert out.returncode == 2 and "not usable" in out.stderr, out.stderr
+    assert blocker.read_text() == "x"

@@ -1,0 +1,39 @@
+"""The runtime runs with torch, diffusers and transformers unimportable."""
+
+import subprocess
+import sys
+import textwrap
+
+SCRIPT = textwrap.dedent("""
+    import sys
+
+    class Block:
+        banned = ("torch", "diffusers", "transformers")
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in self.banned:
+                raise ImportError(f"runtime imported {name}")
+            return None
+
+    sys.meta_path.insert(0, Block())
+    for m in list(sys.modules):
+        if m.split(".")[0] in Block.banned:
+            del sys.modules[m]
+
+    import importlib, pkgutil
+    import runtime
+    for m in pkgutil.walk_packages(runtime.__path__, "runtime."):
+        if m.name != "runtime.backends.tensorrt":  # needs tensorrt itself
+            importlib.import_module(m.name)
+    from runtime import Pipeline
+    with Pipeline("demo", "ort-cpu") as pipe:
+        r = pipe("a photo of an astronaut riding a horse on mars", steps=3, seed=0)
+    assert r.images.dtype.name == "uint8" and r.images.ndim == 4, r.images.shape
+    assert not [m for m in sys.modules if m.split(".")[0] in Block.banned]
+    print("ok", r.images.shape)
+""")
+
+
+def test_runtime_imports_and_generates_without_torch():
+    out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("ok")
