@@ -22,6 +22,7 @@ import numpy as np
 
 from runtime import backends
 from runtime.bundle import (
+    GRAPH_ORDER,
     LATENT_CHANNELS,
     MAX_TOKENS,
     SCHEDULER_CONFIG,
@@ -104,10 +105,9 @@ class Pipeline:
         self.bundle = resolve_model(model)
         self.manifest = read_manifest(self.bundle)
         try:
-            self.backend, why = backends.pick(backend)
+            tries, why = backends.candidates(backend)
         except ValueError as e:
             raise UsageError(str(e)) from None
-        self.log(f"backend: {self.backend} ({why})")
         try:
             config = json.loads((self.bundle / SCHEDULER_CONFIG).read_text())
             # StableDiffusionPipeline.__init__ rewrites these two (deprecated configs), so
@@ -117,20 +117,27 @@ class Pipeline:
         except (OSError, ValueError, Exception) as e:  # tokenizers raises plain Exception
             raise BundleError(f"corrupt bundle {self.bundle}: {str(e).splitlines()[0]}; "
                               f"re-export it") from None
-        self.engines: dict[str, Engine] = {}
-        for name, entry in self.manifest.graphs.items():
-            if name == "safety_checker" and not safety:
-                continue
-            engine = backends.open_engine(self.backend, entry, self.bundle, use_cache)
-            t = time.perf_counter()
+        names = [n for n in GRAPH_ORDER if n in self.manifest.graphs
+                 and (safety or n != "safety_checker")]
+
+        def loaded(name: str, engine: Engine, seconds: float) -> None:
+            status = getattr(engine, "cache_status", None)
+            self.log(f"{name}: loaded in {seconds:.2f} s" + (f" (engine cache: {status})"
+                                                              if status else ""))
+
+        for i, b in enumerate(tries):
+            self.log(f"backend: {b} ({why})")
             try:
-                engine.load()
-            except EngineError:
-                verify_hashes(self.bundle, self.manifest, only=name)  # corrupt file: BundleError
-                raise
-            status = getattr(engine, "cache_status", "off")
-            self.log(f"{name}: loaded in {time.perf_counter() - t:.2f} s (engine cache: {status})")
-            self.engines[name] = engine
+                self.engine_set = backends.EngineSet(b, self.manifest, self.bundle, names,
+                                                     use_cache, loaded)
+                break
+            except EngineError as e:
+                if i + 1 == len(tries):
+                    verify_hashes(self.bundle, self.manifest)  # a corrupt file: BundleError
+                    raise
+                self.log(f"{e}; falling back to {tries[i + 1]}")  # auto only
+        self.backend = b
+        self.engines: dict[str, Engine] = self.engine_set.engines
         self.load_seconds = time.perf_counter() - t0
 
     @property
@@ -138,9 +145,7 @@ class Pipeline:
         return "safety_checker" in self.engines
 
     def close(self) -> None:
-        for e in self.engines.values():
-            e.release()
-        self.engines = {}
+        self.engine_set.release()
 
     def __enter__(self) -> Pipeline:
         return self

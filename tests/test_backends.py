@@ -1,0 +1,40 @@
+"""Backend choice: explicit requests, `auto`, and auto's fallback when engines fail to load."""
+
+import pytest
+
+from runtime import backends
+from runtime.engine import EngineError
+from runtime.pipeline import Pipeline, UsageError
+
+
+def test_unknown_and_unavailable_backends():
+    with pytest.raises(ValueError, match="unknown backend"):
+        backends.candidates("cuda")
+    with pytest.raises(ValueError, match="backend tensorrt is not available here"):
+        backends.candidates("tensorrt")  # no TensorRT on CPU machines
+    assert backends.candidates("ort-cpu") == (["ort-cpu"], "requested")
+    tries, why = backends.candidates("auto")
+    assert tries[-1] == "ort-cpu" and why.startswith("auto")
+
+
+def test_auto_falls_back_when_a_backend_cannot_load(monkeypatch):
+    """E.g. TensorRT installed but no plans built yet: auto says so and uses the next one."""
+    real = backends.EngineSet
+
+    class FailingTensorRT(real):
+        def __init__(self, backend, *args, **kwargs):
+            if backend == "tensorrt":
+                raise EngineError("tensorrt engine 'unet': no plan; build one with engines.build")
+            super().__init__(backend, *args, **kwargs)
+
+    monkeypatch.setattr(backends, "EngineSet", FailingTensorRT)
+    monkeypatch.setattr(backends, "candidates", lambda r: (["tensorrt", "ort-cpu"], "auto"))
+    lines = []
+    with Pipeline("demo", "auto", log=lines.append) as pipe:
+        assert pipe.backend == "ort-cpu"
+    assert any("no plan" in x and "falling back to ort-cpu" in x for x in lines)
+
+
+def test_explicit_backend_does_not_fall_back():
+    with pytest.raises(UsageError, match="not available"):
+        Pipeline("demo", "ort-cuda")
