@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import pytest
+
+# Engine-cache artifacts (ORT's optimized graphs, plans) go to a per-run temp folder, not
+# the user's ~/.cache; set here, at import, so the CLI subprocesses inherit it too.
+os.environ.setdefault("SDRT_CACHE_DIR", tempfile.mkdtemp(prefix="sdrt-test-cache-"))
 
 
 @pytest.fixture(scope="session")
