@@ -3,6 +3,7 @@ mistake costs a second, not a torch import. Each raises ExportError with one lin
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -10,12 +11,14 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from export.errors import ExportError
+from export.tokenizer_files import has_tokenizer
 from runtime.bundle import MANIFEST
 
 BUILT_IN = ("demo", "sd14-random")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 HUB_TIMEOUT_S = 3.0
+REQUIRED = ("text_encoder", "unet", "vae", "scheduler", "tokenizer")  # diffusers subfolders
 
 
 def check_out(out: str | os.PathLike, force: bool) -> None:
@@ -49,14 +52,53 @@ def hub_reachable(timeout: float = HUB_TIMEOUT_S) -> bool:
         return False
 
 
-def model_kind(model: str, allow_pickle: bool = False) -> str:
+def _weights(folder: Path) -> tuple[bool, str | None]:
+    """(has safetensors weights, variant such as "fp16" when only that variant exists)."""
+    files = [f.name for f in folder.iterdir()] if folder.is_dir() else []
+    st = [f for f in files if f.endswith(".safetensors")]
+    if any(f.count(".") == 1 for f in st):
+        return True, None
+    if st:
+        return True, st[0].split(".")[-2]  # e.g. model.fp16.safetensors -> fp16
+    pickled = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
+    return False, (pickled[0].split(".")[-2] if pickled and pickled[0].count(".") > 1 else None)
+
+
+def check_diffusers_folder(path: Path, allow_pickle: bool = False,
+                           safety: bool = True) -> tuple[dict[str, str | None], bool]:
+    """({component: weights variant or None}, load the safety checker?) for a diffusers folder."""
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise ExportError(f"{path} is not a diffusers model (no model_index.json)")
+    try:
+        entries = json.loads(index.read_text())
+    except (OSError, ValueError) as e:
+        raise ExportError(f"{index} is not valid JSON: {e}") from None
+    missing = [d for d in REQUIRED if not (path / d).is_dir()]
+    if missing:
+        raise ExportError(f"{path} is not a Stable Diffusion v1.x diffusers model "
+                          f"(missing {', '.join(missing)})")
+    if not has_tokenizer(path / "tokenizer"):
+        raise ExportError(f"{path / 'tokenizer'} has neither vocab.json + merges.txt nor tokenizer.json")
+    entry = entries.get("safety_checker") if isinstance(entries, dict) else None
+    use_checker = bool(safety and isinstance(entry, list) and entry and entry[0] is not None
+                       and (path / "safety_checker").is_dir())
+    variants = {}
+    for d in ("text_encoder", "unet", "vae") + (("safety_checker",) if use_checker else ()):
+        has_safetensors, variants[d] = _weights(path / d)
+        if not has_safetensors and not allow_pickle:
+            raise ExportError(f"{path / d} has only pickle weights (not safetensors); pass "
+                              f"--allow-pickle if you trust this model")
+    return variants, use_checker
+
+
+def model_kind(model: str, allow_pickle: bool = False, safety: bool = True) -> str:
     """"built-in", "folder", "file" or "hub" for a --model value, or raise ExportError."""
     if model in BUILT_IN:
         return "built-in"
     path = Path(model).expanduser()
     if path.is_dir():
-        if not (path / "model_index.json").is_file():
-            raise ExportError(f"{path} is not a diffusers model (no model_index.json)")
+        check_diffusers_folder(path, allow_pickle, safety)
         return "folder"
     if path.is_file():
         if path.suffix in PICKLE_SUFFIXES and not allow_pickle:

@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser().parse_args(argv)
         check_out(args.out, args.force)  # fail fast: before importing torch or loading
         check_opset(args.opset)
-        model_kind(args.model, args.allow_pickle)
+        model_kind(args.model, args.allow_pickle, not args.no_safety_checker)
         t0 = time.perf_counter()
         quiet_libraries()
         from export.bundle_writer import export_bundle

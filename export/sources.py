@@ -11,21 +11,18 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from export.checks import PICKLE_SUFFIXES, model_kind
+from export.checks import check_diffusers_folder, model_kind
 from export.configs import SD14, ModelConfig
 from export.errors import ExportError
-from export.tokenizer_files import has_tokenizer
 
 if TYPE_CHECKING:
     from export.components import Components
-
-REQUIRED = ("text_encoder", "unet", "vae", "scheduler", "tokenizer")
 
 
 def load_components(model: str, *, allow_pickle: bool = False, safety: bool = True,
                     seed: int = 0) -> Components:
     """Components for a `--model` value (see module doc)."""
-    kind = model_kind(model, allow_pickle)
+    kind = model_kind(model, allow_pickle, safety)
     if kind == "built-in":
         from export.components import build_components
 
@@ -38,18 +35,6 @@ def load_components(model: str, *, allow_pickle: bool = False, safety: bool = Tr
     return load_from_hub(model, allow_pickle=allow_pickle, safety=safety)
 
 
-def _weights(folder: Path) -> tuple[bool, str | None]:
-    """(has safetensors weights, variant such as "fp16" when only that variant exists)."""
-    files = [f.name for f in folder.iterdir()] if folder.is_dir() else []
-    st = [f for f in files if f.endswith(".safetensors")]
-    if any(f.count(".") == 1 for f in st):
-        return True, None
-    if st:
-        return True, st[0].split(".")[-2]  # e.g. model.fp16.safetensors -> fp16
-    pickled = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
-    return False, (pickled[0].split(".")[-2] if pickled and pickled[0].count(".") > 1 else None)
-
-
 def load_diffusers_folder(path: Path, *, allow_pickle: bool = False, safety: bool = True,
                           model_id: str | None = None) -> Components:
     """A diffusers StableDiffusionPipeline folder (model_index.json + component folders)."""
@@ -60,26 +45,7 @@ def load_diffusers_folder(path: Path, *, allow_pickle: bool = False, safety: boo
 
     from export.components import Components
 
-    model_kind(str(path))  # raises unless model_index.json is there
-    index = path / "model_index.json"
-    try:
-        entries = json.loads(index.read_text())
-    except (OSError, ValueError) as e:
-        raise ExportError(f"{index} is not valid JSON: {e}") from None
-    missing = [d for d in REQUIRED if not (path / d).is_dir()]
-    if missing:
-        raise ExportError(f"{path} is not a Stable Diffusion v1.x diffusers model "
-                          f"(missing {', '.join(missing)})")
-    use_checker = safety and (entries.get("safety_checker") or [None])[0] is not None \
-        and (path / "safety_checker").is_dir()
-    folders = ("text_encoder", "unet", "vae") + (("safety_checker",) if use_checker else ())
-    variants = {}
-    for d in folders:
-        has_st, variant = _weights(path / d)
-        if not has_st and not allow_pickle:
-            raise ExportError(f"{path / d} has only pickle weights (not safetensors); pass "
-                              f"--allow-pickle if you trust this model")
-        variants[d] = variant
+    variants, use_checker = check_diffusers_folder(path, allow_pickle, safety)
     try:
         sched_cfg = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
         scheduler_cls = getattr(diffusers, sched_cfg["_class_name"])
@@ -98,8 +64,6 @@ def load_diffusers_folder(path: Path, *, allow_pickle: bool = False, safety: boo
         raise
     except Exception as e:  # diffusers/transformers raise many types for a broken folder
         raise ExportError(f"cannot load {path} as a diffusers model: {_one_line(e)}") from None
-    if not has_tokenizer(path / "tokenizer"):
-        raise ExportError(f"{path / 'tokenizer'} has neither vocab.json + merges.txt nor tokenizer.json")
     return Components(text, unet, vae, checker, scheduler, path / "tokenizer",
                       model_id or str(path))
 

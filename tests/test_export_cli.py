@@ -36,6 +36,8 @@ def fake_diffusers_folder(root, weight_file):
         (root / d).mkdir()
     for d in ("text_encoder", "unet", "vae"):
         (root / d / weight_file).write_bytes(b"not really weights")
+    for f in ("vocab.json", "merges.txt"):
+        (root / "tokenizer" / f).write_text("{}")
     return root
 
 
@@ -60,6 +62,12 @@ def test_incomplete_diffusers_model(tmp_path):
 def test_pickle_weights_in_a_folder_need_opt_in(tmp_path):
     model = fake_diffusers_folder(tmp_path / "m", "diffusion_pytorch_model.bin")
     assert_refused(tmp_path, ["--model", str(model), "--out", str(tmp_path / "b")], "--allow-pickle")
+
+
+def test_folder_without_tokenizer(tmp_path):
+    model = fake_diffusers_folder(tmp_path / "m", "diffusion_pytorch_model.safetensors")
+    (model / "tokenizer" / "vocab.json").unlink()
+    assert_refused(tmp_path, ["--model", str(model), "--out", str(tmp_path / "b")], "tokenizer")
 
 
 def test_ckpt_needs_allow_pickle(tmp_path):
