@@ -25,7 +25,6 @@ from export.configs import CONFIGS
 from export.graphs import GraphJob, check_io, export_onnx, graph_jobs, max_abs_error, ort_session, timed
 from export.tokenizer_files import copy_tokenizer
 from runtime.bundle import (
-    SCHEDULER_CONFIG,
     TOKENIZER_DIR,
     GraphEntry,
     GraphSpec,
@@ -141,16 +140,13 @@ def export_bundle(components: Components, out_dir: str | os.PathLike, *, opset: 
                 f"max abs error vs torch {entry.max_abs_error:.1e}")
         _write_tokenizer(components, tmp / TOKENIZER_DIR)
         components.scheduler.save_config(tmp)  # diffusers' own scheduler_config.json
-        assert (tmp / SCHEDULER_CONFIG).is_file()
         size = components.default_size
         Manifest(
             source={"model": components.model_id, "hash": weights_sha256(components)},
             hidden=components.hidden, graphs=graphs, profile=profile,
             default_height=size, default_width=size, opset=opset, packages=package_versions(),
         ).write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp made it 0700
+        tmp.chmod(0o755)  # mkdtemp made it 0700
         _replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
