@@ -165,3 +165,9 @@ def test_replace_swaps_in_the_new_bundle(tmp_path):
     _replace(new, out)
     assert (out / "manifest.json").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_no_safety_checker_leaves_the_graph_out(demo_components):
+    from export.graphs import graph_jobs
+
+    assert [j.spec.name for j in graph_jobs(demo_components, safety=False)] == list(GRAPH_ORDER[:3])

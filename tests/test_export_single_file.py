@@ -127,3 +127,13 @@ def test_single_file_of_another_architecture_is_one_line(checkpoint):
     with pytest.raises(ExportError, match="cannot load") as e:
         load_single_file(path)  # v1-4 widths: shapes do not fit
     assert "\n" not in str(e.value)
+
+
+def test_pickle_checkpoint_loads_only_with_opt_in(checkpoint, tmp_path):
+    c, path = checkpoint
+    ckpt = tmp_path / "tiny.ckpt"
+    torch.save({"state_dict": safetensors_torch.load_file(str(path))}, ckpt)
+    with pytest.raises(ExportError, match="--allow-pickle"):
+        load_single_file(ckpt, config=TINY_SD14)
+    loaded = load_single_file(ckpt, allow_pickle=True, config=TINY_SD14)
+    assert torch.equal(loaded.unet.conv_in.weight, c.unet.conv_in.weight)
