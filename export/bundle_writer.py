@@ -7,6 +7,7 @@ half-overwritten bundle.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shutil
@@ -25,6 +26,7 @@ from export.configs import CONFIGS
 from export.graphs import GraphJob, check_io, export_onnx, graph_jobs, max_abs_error, ort_session, timed
 from export.tokenizer_files import copy_tokenizer
 from runtime.bundle import (
+    SCHEDULER_CONFIG,
     TOKENIZER_DIR,
     GraphEntry,
     GraphSpec,
@@ -106,6 +108,17 @@ def _write_tokenizer(c: Components, dest: Path) -> None:
     copy_tokenizer(c.tokenizer_dir, dest)
 
 
+def scheduler_config_json(scheduler) -> str:
+    """diffusers' scheduler_config.json minus the keys diffusers filled in with this class's
+    defaults (`_use_default_values`), i.e. the model's own file. This matters: v1-4's file has
+    no timestep_spacing, so diffusers' Euler built from it uses Euler's default (linspace),
+    while a file that spelled out PNDM's default ("leading") would give Euler "leading"."""
+    config = json.loads(scheduler.to_json_string())
+    for key in scheduler.config.get("_use_default_values", []):
+        config.pop(key, None)
+    return json.dumps(config, indent=2, sort_keys=True) + "\n"
+
+
 def export_bundle(components: Components, out_dir: str | os.PathLike, *, opset: int = 17,
                   external_data_threshold: int = TWO_GB, safety: bool = True, force: bool = False,
                   profile: Profile | None = None, log: Callable[[str], None] = print) -> Path:
@@ -139,7 +152,7 @@ def export_bundle(components: Components, out_dir: str | os.PathLike, *, opset: 
             log(f"{job.spec.name}: {entry.file}{ext} in {seconds:.1f} s, "
                 f"max abs error vs torch {entry.max_abs_error:.1e}")
         _write_tokenizer(components, tmp / TOKENIZER_DIR)
-        components.scheduler.save_config(tmp)  # diffusers' own scheduler_config.json
+        (tmp / SCHEDULER_CONFIG).write_text(scheduler_config_json(components.scheduler))
         size = components.default_size
         Manifest(
             source={"model": components.model_id, "hash": weights_sha256(components)},

@@ -146,6 +146,8 @@ def test_manifest(bundle, demo_components, tmp_path):
         "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
         "num_train_timesteps": 1000, "skip_prk_steps": True, "steps_offset": 1,
         "set_alpha_to_one": False, "clip_sample": False, "prediction_type": "epsilon"}
+    # v1-4's own file has no timestep_spacing: other schedulers built from it use their defaults
+    assert "timestep_spacing" not in sched
     write_tokenizer_files(tmp_path)
     for f in ("vocab.json", "merges.txt"):
         assert (bundle / "tokenizer" / f).read_bytes() == (tmp_path / f).read_bytes()
