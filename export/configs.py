@@ -82,14 +82,15 @@ SD14 = ModelConfig(
 DEMO = ModelConfig(
     name="demo",
     text_encoder={
-        **SD14.text_encoder, "hidden_size": 16, "intermediate_size": 32, "projection_dim": 16,
+        # hidden 8: the 49408-token embedding table dominates the shipped bundle's size
+        **SD14.text_encoder, "hidden_size": 8, "intermediate_size": 16, "projection_dim": 8,
         "num_hidden_layers": 2, "num_attention_heads": 2,
     },
     unet={
-        **SD14.unet, "sample_size": 32, "layers_per_block": 1, "block_out_channels": (32, 64),
+        **SD14.unet, "sample_size": 32, "layers_per_block": 1, "block_out_channels": (16, 32),
         "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
         "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
-        "cross_attention_dim": 16, "attention_head_dim": 4, "norm_num_groups": 16,
+        "cross_attention_dim": 8, "attention_head_dim": 4, "norm_num_groups": 8,
     },
     vae={
         **SD14.vae, "sample_size": 256, "layers_per_block": 1, "block_out_channels": (8, 8, 16, 16),

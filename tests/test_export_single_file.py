@@ -25,7 +25,8 @@ from export.sources import load_single_file  # noqa: E402
 
 TINY_SD14 = dataclasses.replace(
     SD14, name="tiny-sd14", text_encoder=DEMO.text_encoder,
-    unet={**SD14.unet, "block_out_channels": (32, 32, 64, 64), "cross_attention_dim": 16,
+    unet={**SD14.unet, "block_out_channels": (32, 32, 64, 64),
+          "cross_attention_dim": DEMO.text_encoder["hidden_size"],
           "sample_size": 16},
     vae={**SD14.vae, "block_out_channels": (8, 8, 16, 16), "norm_num_groups": 4})
 
