@@ -201,7 +201,8 @@ class Pipeline:
             if latents.shape != req.latent_shape or not np.issubdtype(latents.dtype, np.floating):
                 raise UsageError(f"latents must be a float array of shape {list(req.latent_shape)}, "
                                  f"got {latents.dtype}{list(latents.shape)}")
-            _check_finite("the given latents", latents)
+            if not np.isfinite(latents).all():
+                raise UsageError("latents contain NaN or inf values")
             req = Request(**{**req.__dict__, "latents": latents.astype(np.float32)})
         return req
 

@@ -1,0 +1,54 @@
+"""Pipeline behaviour beyond parity: NaN detection, validation, reuse, latents input."""
+
+import numpy as np
+import pytest
+
+from runtime.pipeline import Pipeline, StageError, UsageError
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    with Pipeline("demo", "ort-cpu") as p:
+        yield p
+
+
+def test_nan_in_a_stage_names_the_stage(pipe, monkeypatch):
+    unet = pipe.engines["unet"]
+    real = unet.run
+
+    def poisoned(feeds):
+        out = real(feeds)
+        out["noise_pred"][0, 0, 0, 0] = np.nan
+        return out
+
+    monkeypatch.setattr(unet, "run", poisoned)
+    with pytest.raises(StageError, match=r"unet \(step 1 of 3, timestep 501\) produced NaN"):
+        pipe("x", steps=2, seed=0)
+
+
+def test_same_seed_same_image_and_reuse(pipe):
+    a = pipe("a red apple", steps=3, seed=42, height=64, width=64).images.copy()
+    pipe("something else", steps=2, seed=1, batch_size=2)  # other shapes in between
+    b = pipe("a red apple", steps=3, seed=42, height=64, width=64).images
+    np.testing.assert_array_equal(a, b)
+
+
+def test_given_latents_equal_seeded_latents(pipe):
+    from runtime.rng import TorchCPUGenerator
+
+    lat = TorchCPUGenerator(9).randn((1, 4, 8, 8))
+    a = pipe("x", steps=2, seed=9, height=64, width=64).images.copy()
+    b = pipe("x", steps=2, latents=lat, height=64, width=64).images
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(batch_size=5), "outside this model's batch range"),
+    (dict(height=72, width=520), "width must be a multiple of 8 in"),
+    (dict(seed=-1), "seed must be"),
+    (dict(guidance_scale=float("nan")), "guidance scale"),
+    (dict(latents=np.full((1, 4, 32, 32), np.inf, np.float32)), "latents contain NaN or inf"),
+])
+def test_validation(pipe, kwargs, message):
+    with pytest.raises(UsageError, match=message):
+        pipe("x", steps=1, **kwargs)
