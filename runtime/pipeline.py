@@ -114,7 +114,7 @@ class Pipeline:
             # DDIM's default clip_sample=True never applies there: mirror it.
             self.scheduler_config = {**config, "clip_sample": False, "steps_offset": 1}
             self.tokenizer = ClipTokenizer(self.bundle / TOKENIZER_DIR)
-        except (OSError, ValueError, Exception) as e:  # tokenizers raises plain Exception
+        except Exception as e:  # OSError, JSON errors; tokenizers raises plain Exception
             raise BundleError(f"corrupt bundle {self.bundle}: {str(e).splitlines()[0]}; "
                               f"re-export it") from None
         names = [n for n in GRAPH_ORDER if n in self.manifest.graphs
@@ -137,8 +137,12 @@ class Pipeline:
                     raise
                 self.log(f"{e}; falling back to {tries[i + 1]}")  # auto only
         self.backend = b
-        self.engines: dict[str, Engine] = self.engine_set.engines
         self.load_seconds = time.perf_counter() - t0
+
+    @property
+    def engines(self) -> dict[str, Engine]:
+        """Loaded engines by graph name (empty after close())."""
+        return self.engine_set.engines
 
     @property
     def has_safety_checker(self) -> bool:
