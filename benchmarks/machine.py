@@ -95,7 +95,16 @@ def info() -> dict:
     except ImportError:
         pass
     d["name"] = name(d)
+    d["load_average_at_start"] = load_average()
     return d
+
+
+def load_average() -> list[float] | None:
+    """1/5/15-minute load averages: other work on a shared machine skews timings."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def name(d: dict) -> str:

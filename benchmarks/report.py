@@ -52,6 +52,12 @@ def estimate_50_steps(side: dict, calls_50: int) -> float | None:
     return fixed + st["denoise"]["p50"] / calls * calls_50
 
 
+def model_label(r: dict) -> str:
+    """The source model's name (demo, sd14-random) when the bundle was exported from one."""
+    src = (r.get("bundle") or {}).get("source", {}).get("model")
+    return src if src in ("demo", "sd14-random") else Path(r["settings"]["model"]).name
+
+
 def weights(ours: dict, base: dict) -> str:
     w = base.get("weights") or {}
     text = f"bundle {(ours.get('weights') or {}).get('bundle', '-')}"
@@ -68,16 +74,20 @@ def markdown(r: dict) -> str:
     s, m, ours, base = r["settings"], r["machine"], r.get("ours") or {}, r.get("diffusers") or {}
     calls = ours.get("unet_calls_per_image") or base.get("unet_calls_per_image")
     lines = [
-        f"# {s['model']}: {s['backend']} vs diffusers ({r['baseline']}), {m['name']}",
+        f"# {model_label(r)}: {s['backend']} vs diffusers ({r['baseline']}), {m['name']}",
         "",
         f"- Machine: {m['cpu']}, {m['cpu_cores']} cores, {fmt_bytes(m.get('memory_bytes'))} RAM"
         + (f"; GPU {m['gpus'][0]['name']}" if m["gpus"] else "; no GPU"),
         "- Versions: " + ", ".join(f"{k} {v}" for k, v in m["packages"].items()),
+        f"- Load average (1/5/15 min) before the run {m.get('load_average_at_start')}, after it "
+        f"{r.get('load_average_at_end')}, on {m['cpu_cores']} cores (load before the run is other "
+        f"work sharing the machine)",
         f"- Settings: {s['width']}x{s['height']}, {s['steps']} steps {s['scheduler']} "
         f"({calls} UNet calls), guidance {s['guidance_scale']:g}, batch {s['batch_size']}, "
         f"seed {s['seed']}, safety checker {'on' if s['safety'] else 'off'}; "
         f"{s['warmup']} warm-up + {s['runs']} timed runs per side, each side in its own process",
-        f"- Weights: {weights(ours, base)}",
+        f"- Weights: {weights(ours, base)} (source hash "
+        f"{(r.get('bundle') or {}).get('source', {}).get('hash', '-')[:12]})",
         f"- Date: {r['created']}; command: `{r['command']}`",
     ]
     if s["steps"] != 50:
@@ -98,7 +108,8 @@ def markdown(r: dict) -> str:
         lines.append(f"| *Estimated end to end at 50 steps ({calls_50} calls)* | {fmt_s(a)} | | | "
                      f"{fmt_s(b)} | | | {ratio(b, a)} |")
     one = [
-        ("Load (ours: warm engine cache)", ours.get("load_seconds"), base.get("load_seconds"), fmt_s),
+        ("Load (ours: warm engine cache; diffusers: building the modules)", ours.get("load_seconds"),
+         base.get("load_seconds"), fmt_s),
         ("Cold start: process start to first image", ours.get("cold_start_seconds"),
          base.get("cold_start_seconds"), fmt_s),
         (f"Peak RSS, batch {s['batch_size']}", ours.get("peak_rss"), base.get("peak_rss"), fmt_bytes),
@@ -120,6 +131,8 @@ def markdown(r: dict) -> str:
         fb = f"{b['images_per_s']:.3g} img/s" if "images_per_s" in b else b.get("skipped", "-")
         lines.append(f"| Throughput, batch {batch} | {fa} | {fb} | "
                      f"{ratio(a.get('images_per_s'), b.get('images_per_s'))} |")
+    lines += ["", "Cold start is a fresh process (interpreter, imports, load, first image; the "
+              "baseline's weight-hash check taken out); throughput is images per call time."]
     lines += ["", "Times are wall clock on the host" + (
         " (CUDA events where marked in the JSON)" if m["gpus"] else "") +
         "; ratios compare p50s; \"ours better by\" > 1 means ours is faster (smaller)."]
@@ -150,7 +163,7 @@ def targets(r: dict) -> list[str]:
     c = r.get("closeness")
     if c:
         out.append(f"Image closeness to diffusers (uint8, before the safety checker's blackout): "
-                   f"max {c['max_abs']}, mean {c['mean_abs']:.3f}; NSFW flags ours "
+                   f"max {c['max_abs']}, mean {c['mean_abs']:.4f}; NSFW flags ours "
                    f"{c['nsfw_ours']}, diffusers {c['nsfw_diffusers']}")
     if r["machine"]["gpus"] and a:
         reference = (s["height"], s["width"], s["steps"], s["batch_size"]) == (512, 512, 50, 1)
@@ -183,7 +196,7 @@ def chart(r: dict, path: Path) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("seconds (p50, log scale)")
     s = r["settings"]
-    ax.set_title(f"{Path(s['model']).name} {s['width']}x{s['height']}, {s['steps']} steps, "
+    ax.set_title(f"{model_label(r)} {s['width']}x{s['height']}, {s['steps']} steps, "
                  f"batch {s['batch_size']} - {r['machine']['name']}", fontsize=10)
     lo, hi = ax.get_xlim()
     ax.set_xlim(lo, hi * 4)  # room for the value labels
@@ -200,3 +213,20 @@ def write(r: dict, out_dir: Path, stem: str) -> dict[str, Path]:
     paths["md"].write_text(markdown(r))
     chart(r, paths["png"])
     return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m benchmarks.report RESULT.json`: rewrite its .md and .png from the JSON."""
+    import sys
+
+    for name in argv if argv is not None else sys.argv[1:]:
+        path = Path(name)
+        r = json.loads(path.read_text())
+        path.with_suffix(".md").write_text(markdown(r))
+        chart(r, path.with_suffix(".png"))
+        print(f"wrote {path.with_suffix('.md')} and {path.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -130,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
             result["closeness"] = closeness(work, result)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    stem = a.name or machine.slug(f"{Path(s.model).name}-{s.backend}-{s.width}x{s.height}-"
+    result["load_average_at_end"] = machine.load_average()
+    stem = a.name or machine.slug(f"{report.model_label(result)}-{s.backend}-{s.width}x{s.height}-"
                                   f"{s.steps}steps-{info['name']}")
     paths = report.write(result, a.out, stem)
     print(report.markdown(result))
