@@ -10,6 +10,7 @@ import argparse
 import os
 import re
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from runtime.backends import BACKENDS
 from runtime.bundle import BundleError
 from runtime.engine import EngineError
 from runtime.images import png_bytes, write_new_file
-from runtime.pipeline import Pipeline, Result, StageError, UsageError
+from runtime.pipeline import Pipeline, Result, StageError, UsageError, check_settings
 from runtime.schedulers import SCHEDULERS
 
 
@@ -50,14 +51,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def check_output_dir(folder: Path) -> None:
-    """Refuse early an output folder we could not write, before any work is done."""
-    probe = folder.resolve()
-    while not probe.exists():
-        probe = probe.parent
+    """Refuse early (before loading a model) an output folder that cannot exist."""
+    try:
+        probe = folder.resolve()
+        while not probe.exists() and not probe.is_symlink():
+            probe = probe.parent
+    except (OSError, RuntimeError) as e:  # symlink loops, unreadable parents
+        raise UsageError(f"output folder {folder} is not usable: {e}") from None
     if not probe.is_dir():
         raise UsageError(f"output folder {folder} is not usable: {probe} is not a folder")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise UsageError(f"output folder {folder} is not writable")
+
+
+def prepare_output_dir(folder: Path) -> None:
+    """Create the folder and write a probe file: the one test that also holds for root,
+    read-only mounts and /proc. Runs after validation, before generating."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise UsageError(f"output folder {folder} is not writable: {e.strerror or e}") from None
 
 
 def load_latents(path: Path) -> np.ndarray:
@@ -116,13 +131,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     say = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
     try:
+        seed = check_settings(args.steps, args.scheduler, args.guidance_scale, args.batch_size,
+                              args.seed)  # before loading a model: typos fail fast
         check_output_dir(args.output_dir)
         latents = load_latents(args.latents) if args.latents else None
         with Pipeline(args.model, args.backend, safety=not args.no_safety, log=say) as pipe:
             req = pipe.request(args.prompt, args.negative_prompt, steps=args.steps,
                                scheduler=args.scheduler, guidance_scale=args.guidance_scale,
                                height=args.height, width=args.width, batch_size=args.batch_size,
-                               seed=args.seed, latents=latents, safety=not args.no_safety)
+                               seed=seed, latents=latents, safety=not args.no_safety)
+            prepare_output_dir(args.output_dir)
             say(f"model: {pipe.bundle} (loaded in {pipe.load_seconds:.2f} s)")
             if args.no_safety:
                 say("safety checker: off (--no-safety)")
@@ -141,12 +159,14 @@ def main(argv: list[str] | None = None) -> int:
         say(f"error: {e}")
         return 1
     except KeyboardInterrupt:
-        say("interrupted; nothing written")
+        say("interrupted")
         return 130
     r = result.request
-    if result.dropped_tokens[0]:
-        say(f"warning: the prompt is longer than 77 tokens; its last {result.dropped_tokens[0]} "
-            f"tokens were dropped")
+    for what, dropped in (("prompt", result.dropped_tokens),
+                          ("negative prompt", result.dropped_negative_tokens)):
+        if dropped and dropped[0]:
+            say(f"warning: the {what} is longer than 77 tokens; its last {dropped[0]} "
+                f"tokens were dropped")
     say(f"{r.batch} image(s) {r.width}x{r.height}, {r.scheduler} {r.steps} steps, guidance "
         f"{r.guidance_scale:g}, seed {r.seed}, backend {pipe.backend}")
     timings = {"load": pipe.load_seconds, **result.timings}

@@ -70,6 +70,9 @@ def write_new_file(folder: Path, stem: str, suffix: str, data: bytes) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=suffix)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; a PNG is an ordinary file
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         for k in range(100_000):

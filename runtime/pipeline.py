@@ -36,7 +36,7 @@ from runtime.bundle import (
 from runtime.engine import Engine, EngineError
 from runtime.images import clip_preprocess, postprocess
 from runtime.rng import TorchCPUGenerator
-from runtime.schedulers import SCHEDULERS, make_schedule
+from runtime.schedulers import SCHEDULERS, Schedule, make_schedule
 from runtime.tokenizer import ClipTokenizer
 
 
@@ -63,6 +63,7 @@ class Request:
     seed: int
     latents: np.ndarray | None  # [B, 4, h, w] float32, or None to draw from `seed`
     safety: bool
+    schedule: Schedule  # the scheduler's tables for these steps
 
     @property
     def batch(self) -> int:  # B: images in this call
@@ -84,6 +85,7 @@ class Result:
     request: Request
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     dropped_tokens: list[int] = field(default_factory=list)  # per prompt, truncation at 77
+    dropped_negative_tokens: list[int] = field(default_factory=list)  # per negative prompt (CFG)
     safety_checked: bool = False
 
 
@@ -92,6 +94,28 @@ def _check_finite(stage: str, x: np.ndarray) -> None:
     if not np.isfinite(x.sum(dtype=np.float64)):
         raise StageError(f"{stage} produced NaN or inf values; the model or its engine is "
                          f"broken for these inputs")
+
+
+MAX_GUIDANCE = 1000.0  # far past any useful value; beyond it float32 CFG arithmetic overflows
+
+
+def check_settings(steps: int, scheduler: str, guidance_scale: float, batch_size: int,
+                   seed: int | None) -> int:
+    """Checks that need no model (the CLI runs them before loading one); returns the seed,
+    drawn at random when None. Raises UsageError with one line."""
+    if scheduler not in SCHEDULERS:
+        raise UsageError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+    if not isinstance(steps, int) or steps < 1:
+        raise UsageError(f"steps must be an integer >= 1, got {steps!r}")
+    if not 0 <= guidance_scale <= MAX_GUIDANCE:  # NaN fails too
+        raise UsageError(f"guidance scale must be >= 0 and <= {MAX_GUIDANCE:g}, got {guidance_scale}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise UsageError(f"batch size must be an integer >= 1, got {batch_size!r}")
+    if seed is None:
+        seed = secrets.randbits(63)
+    if not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise UsageError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+    return seed
 
 
 class Pipeline:
@@ -110,9 +134,11 @@ class Pipeline:
             raise UsageError(str(e)) from None
         try:
             config = json.loads((self.bundle / SCHEDULER_CONFIG).read_text())
-            # StableDiffusionPipeline.__init__ rewrites these two (deprecated configs), so
-            # DDIM's default clip_sample=True never applies there: mirror it.
-            self.scheduler_config = {**config, "clip_sample": False, "steps_offset": 1}
+            # StableDiffusionPipeline.__init__ rewrites a deprecated clip_sample=True and any
+            # steps_offset != 1 (every scheduler's default is 0): mirror it.
+            self.scheduler_config = {**config, "steps_offset": 1}
+            if config.get("clip_sample") is True:
+                self.scheduler_config["clip_sample"] = False
             self.tokenizer = ClipTokenizer(self.bundle / TOKENIZER_DIR)
         except Exception as e:  # OSError, JSON errors; tokenizers raises plain Exception
             raise BundleError(f"corrupt bundle {self.bundle}: {str(e).splitlines()[0]}; "
@@ -172,14 +198,7 @@ class Pipeline:
         negs = (neg,) * len(prompts) if isinstance(neg, str) else tuple(neg)
         if len(negs) != len(prompts):
             raise UsageError(f"{len(negs)} negative prompts for {len(prompts)} prompts")
-        if scheduler not in SCHEDULERS:
-            raise UsageError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
-        if not isinstance(steps, int) or steps < 1:
-            raise UsageError(f"steps must be an integer >= 1, got {steps!r}")
-        if not np.isfinite(guidance_scale) or guidance_scale < 0:
-            raise UsageError(f"guidance scale must be >= 0, got {guidance_scale}")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise UsageError(f"batch size must be an integer >= 1, got {batch_size!r}")
+        seed = check_settings(steps, scheduler, guidance_scale, batch_size, seed)
         m, prof = self.manifest, self.manifest.profile
         height = m.default_height if height is None else height
         width = m.default_width if width is None else width
@@ -191,24 +210,38 @@ class Pipeline:
         if not prof.batch[0] <= b <= prof.batch[2]:
             raise UsageError(f"{b} images per call is outside this model's batch range "
                              f"[{prof.batch[0]}, {prof.batch[2]}]")
-        if seed is None:
-            seed = secrets.randbits(63)
-        if not isinstance(seed, int) or not 0 <= seed < 2**64:
-            raise UsageError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+        schedule = self._schedule(scheduler, steps)
         safety = self.has_safety_checker if safety is None else safety
         if safety and not self.has_safety_checker:
             safety = False  # the bundle has none, or it was not loaded
         req = Request(prompts, negs, batch_size, steps, scheduler, float(guidance_scale),
-                      height, width, seed, None, safety)
+                      height, width, seed, None, safety, schedule)
         if latents is not None:
             latents = np.asarray(latents)
             if latents.shape != req.latent_shape or not np.issubdtype(latents.dtype, np.floating):
                 raise UsageError(f"latents must be a float array of shape {list(req.latent_shape)}, "
                                  f"got {latents.dtype}{list(latents.shape)}")
+            with np.errstate(over="ignore"):
+                latents = latents.astype(np.float32)
             if not np.isfinite(latents).all():
-                raise UsageError("latents contain NaN or inf values")
-            req = Request(**{**req.__dict__, "latents": latents.astype(np.float32)})
+                raise UsageError("latents contain NaN or inf values (in float32)")
+            req = Request(**{**req.__dict__, "latents": latents})
         return req
+
+    def _schedule(self, scheduler: str, steps: int) -> Schedule:
+        """The scheduler's frozen tables, built before any work so bad settings fail early."""
+        try:
+            limit = int(self.scheduler_config.get("num_train_timesteps", 1000))
+        except (TypeError, ValueError):
+            limit = 1000
+        if steps > limit:
+            raise UsageError(f"steps must be at most {limit} (the model's training timesteps), "
+                             f"got {steps}")
+        try:
+            return make_schedule(scheduler, self.scheduler_config, steps)
+        except (ValueError, TypeError, KeyError) as e:
+            raise UsageError(f"scheduler {scheduler} cannot run {steps} steps with this model's "
+                             f"scheduler_config.json: {e}") from None
 
     # -- generation -------------------------------------------------------------------
 
@@ -242,10 +275,13 @@ class Pipeline:
             images[np.asarray(nsfw)] = 0  # diffusers: flagged images become black
             timings["safety_checker"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t_start
-        return Result(images, nsfw, req, timings, dropped, req.safety)
+        n = len(req.prompts)
+        return Result(images, nsfw, req, timings, dropped_tokens=dropped[:n],
+                      dropped_negative_tokens=dropped[n:], safety_checked=req.safety)
 
     def _encode(self, req: Request) -> tuple[np.ndarray, np.ndarray | None, list[int]]:
-        """Prompt (and negative prompt) embeddings, each repeated per image: [B, 77, C]."""
+        """Prompt (and negative prompt) embeddings, each repeated per image: [B, 77, C],
+        and the tokens truncation dropped from each text."""
         texts = list(req.prompts) + (list(req.negative_prompts) if req.cfg else [])
         ids, dropped = self.tokenizer.encode(texts)  # [P, 77] int32
         enc = self.engines["text_encoder"]
@@ -255,11 +291,11 @@ class Pipeline:
         n, k = len(req.prompts), req.images_per_prompt
         cond = np.repeat(hidden[:n], k, axis=0)  # diffusers repeats each prompt k times in a row
         uncond = np.repeat(hidden[n:], k, axis=0) if req.cfg else None
-        return cond, uncond, dropped[:n]
+        return cond, uncond, dropped  # dropped: prompts', then negative prompts' (with CFG)
 
     def _denoise(self, req: Request, cond: np.ndarray, uncond: np.ndarray | None,
                  progress: Callable[[int, int], None] | None) -> tuple[np.ndarray, float]:
-        sched = make_schedule(req.scheduler, self.scheduler_config, req.steps)
+        sched = req.schedule
         state = sched.new_state()
         rng = TorchCPUGenerator(req.seed)
         b, shape = req.batch, req.latent_shape

@@ -81,7 +81,12 @@ def _broken_bundles(tmp_path):
     bad_onnx = tmp_path / "badonnx"
     shutil.copytree(demo_bundle(), bad_onnx)
     (bad_onnx / "unet.onnx").write_bytes(b"garbage")
+    bad_sched = tmp_path / "badsched"
+    shutil.copytree(demo_bundle(), bad_sched)
+    cfg = json.loads((bad_sched / "scheduler_config.json").read_text())
+    (bad_sched / "scheduler_config.json").write_text(json.dumps({**cfg, "beta_schedule": "foo"}))
     return {"v99": (bad_version, "format version 99"), "corrupt": (corrupt, "corrupt"),
+            "badsched": (bad_sched, "scheduler_config.json"),
             "nounet": (missing_graph, "missing unet.onnx"), "badonnx": (bad_onnx, "unet")}
 
 
@@ -95,6 +100,8 @@ BAD_ARGS = {
     "model": (["--model", "/nonexistent/bundle"], "model folder not found"),
     "backend": (["--backend", "tensorrt"], "backend tensorrt is not available"),
     "steps_text": (["--steps", "many"], "invalid int value"),
+    "steps_big": (["--scheduler", "ddim", "--steps", "1001"], "steps must be at most 1000"),
+    "guidance_huge": (["--guidance-scale", "1e39"], "guidance scale must be >= 0 and <= 1000"),
     "latents_missing": (["--latents", "/nonexistent.npy"], "cannot read latents"),
     "latents_shape": (["--latents", "SHAPE"], "latents must be a float array of shape"),
 }
@@ -115,7 +122,7 @@ def test_bad_arguments(tmp_path, case):
     assert not out_dir.exists()
 
 
-@pytest.mark.parametrize("case", ["v99", "corrupt", "nounet", "badonnx"])
+@pytest.mark.parametrize("case", ["v99", "corrupt", "nounet", "badonnx", "badsched"])
 def test_bad_bundles(tmp_path, case):
     bundle, message = _broken_bundles(tmp_path)[case]
     out = generate(PROMPT, "--model", str(bundle), "--output-dir", str(tmp_path / "out"))
@@ -124,6 +131,28 @@ def test_bad_bundles(tmp_path, case):
     lines = out.stderr.strip().splitlines()  # info lines (backend, loads), then one error line
     assert lines[-1].startswith("error:") and sum(x.startswith("error") for x in lines) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_output_dir_that_cannot_be_created():
+    out = generate(PROMPT, "--steps", "1", "--output-dir", "/proc/sdrt-test-out")
+    assert out.returncode == 2 and "not writable" in out.stderr.splitlines()[-1], out.stderr
+
+
+def test_negative_prompt_too_long_warns_and_png_mode(tmp_path):
+    out = generate(PROMPT, "--steps", "1", "--seed", "1", "--negative-prompt", "word " * 90,
+                   "--output-dir", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    assert "the negative prompt is longer than 77 tokens; its last 15 tokens" in out.stderr
+    mode = (tmp_path / out.stdout.split()[0]).stat().st_mode & 0o777
+    assert mode == 0o666 & ~_umask()  # not mkstemp's 0600
+
+
+def _umask() -> int:
+    import os
+
+    m = os.umask(0)
+    os.umask(m)
+    return m
 
 
 def test_unwritable_output_dir(tmp_path):
