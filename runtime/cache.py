@@ -149,7 +149,8 @@ def lookup(key: CacheKey, cache_dir: Path | None = None, verify: bool = True) ->
     side = _read_sidecar(folder)
     try:
         same = side is not None and CacheKey(**side["key"]) == key
-    except TypeError:
+        same = same and isinstance(side["files"], dict) and side["main"] in side["files"]
+    except (TypeError, KeyError):
         same = False
     if side is None or not same:
         warnings.warn(f"engine cache: {folder} has no valid {SIDECAR}; rebuilding it",

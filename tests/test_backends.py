@@ -38,3 +38,24 @@ def test_auto_falls_back_when_a_backend_cannot_load(monkeypatch):
 def test_explicit_backend_does_not_fall_back():
     with pytest.raises(UsageError, match="not available"):
         Pipeline("demo", "ort-cuda")
+
+
+def test_ort_cpu_cache_unwritable_or_damaged(tmp_path, monkeypatch):
+    """A cache folder that cannot be written runs without the cache; a damaged cached
+    graph of the right size is rebuilt from the bundle."""
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    monkeypatch.setenv("SDRT_CACHE_DIR", str(blocker / "cache"))  # under a file: ENOTDIR
+    lines = []
+    with Pipeline("demo", "ort-cpu", log=lines.append) as pipe:
+        assert pipe("x", steps=1, seed=0).images.shape[0] == 1
+    assert any("unet: loaded" in x and "engine cache: off" in x for x in lines), lines
+
+    monkeypatch.setenv("SDRT_CACHE_DIR", str(tmp_path / "cache"))
+    Pipeline("demo", "ort-cpu").close()  # builds the cache
+    [graph] = (tmp_path / "cache" / "ort-cpu").glob("unet-*/unet.onnx")
+    graph.write_bytes(b"\0" * graph.stat().st_size)  # same size, garbage
+    lines = []
+    with Pipeline("demo", "ort-cpu", log=lines.append) as pipe:
+        assert pipe("x", steps=1, seed=0).images.shape[0] == 1
+    assert any("unet: loaded" in x and "engine cache: rebuilt" in x for x in lines), lines

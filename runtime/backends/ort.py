@@ -111,36 +111,52 @@ class OrtEngine(Engine):
                              providers=[PROVIDERS[self.backend]])
         return out
 
-    def _cached_graph(self) -> Path | None:
+    def _cached_graph(self, rebuild: bool = False) -> Path | None:
+        """The cached graph to load (None: use the bundle's); sets cache_status."""
         if self.cache_key is None:
             return None
-        if self.cache_key.backend == "ort-cpu":
+        try:
             # sizes only: hashing a multi-GB graph would cost the time the cache saves
-            found = cache.lookup(self.cache_key, self.cache_dir, verify=False)
-            self.cache_status = "hit" if found else "built"
-            return found or cache.store(self.cache_key, self._optimize_into, self.cache_dir)
-        found = cache.lookup(self.cache_key, self.cache_dir, verify=False)  # built by engines
-        self.cache_status = "hit" if found else "miss (fp32 bundle graph)"
-        return found
+            found = None if rebuild else cache.lookup(self.cache_key, self.cache_dir, verify=False)
+            if self.cache_key.backend != "ort-cpu":  # ort-cuda graphs come from engines.build
+                self.cache_status = "hit" if found else "miss (fp32 bundle graph)"
+                return found
+            self.cache_status = "hit" if found else ("rebuilt" if rebuild else "built")
+            return found or cache.store(self.cache_key, self._optimize_into, self.cache_dir,
+                                        force=rebuild)
+        except OSError as e:  # read-only or full cache folder: run without the cache
+            self.cache_status = f"off ({e.strerror or e})"
+            return None
+
+    def _session(self, path: Path, optimized: bool) -> ort.InferenceSession:
+        # ort-cpu's cached graph is already optimized for this CPU; ort-cuda's fp16
+        # graph still gets ORT's own (fast) session-time optimizations.
+        optimize = not (optimized and self.backend == "ort-cpu")
+        options = self.options or session_options(optimize=optimize)
+        return ort.InferenceSession(str(path), options, providers=[PROVIDERS[self.backend]])
 
     def load(self) -> None:
         provider = PROVIDERS[self.backend]
         try:
-            cached = self._cached_graph()
-            # ort-cpu's cached graph is already optimized for this CPU; ort-cuda's fp16
-            # graph still gets ORT's own (fast) session-time optimizations.
-            optimize = not (cached and self.backend == "ort-cpu")
-            path = cached or self.path
-            options = self.options or session_options(optimize=optimize)
-            self.session = ort.InferenceSession(str(path), options, providers=[provider])
+            cached = self._cached_graph()  # building it fails on a damaged bundle graph too
+            try:
+                self.session = self._session(cached or self.path, cached is not None)
+            except Exception:
+                if cached is None or self.cache_key.backend != "ort-cpu":
+                    raise
+                # a damaged cache entry of the right size: rebuild it once from the bundle
+                cached = self._cached_graph(rebuild=True)
+                self.session = self._session(cached or self.path, cached is not None)
         except Exception as e:  # ORT raises its own Fail/InvalidGraph types
             raise self.error(f"cannot load {self.path}: {str(e).splitlines()[0]}") from None
         if provider not in self.session.get_providers():  # ORT falls back silently
             raise self.error(f"{provider} is not active (got {self.session.get_providers()})")
-        names = {i.name for i in self.session.get_inputs()}
-        want = {t.name for t in self.spec.inputs}
-        if names != want:
-            raise self.error(f"graph inputs {sorted(names)} do not match the spec {sorted(want)}")
+        for kind, got, specs in (("inputs", self.session.get_inputs(), self.spec.inputs),
+                                 ("outputs", self.session.get_outputs(), self.spec.outputs)):
+            names, want = {t.name for t in got}, {t.name for t in specs}
+            if names != want:
+                raise self.error(f"graph {kind} {sorted(names)} do not match the manifest's "
+                                 f"{sorted(want)}")
 
     def allocate(self, shapes: Shapes) -> None:
         shapes = {k: tuple(v) for k, v in shapes.items()}
