@@ -278,8 +278,17 @@ def read_manifest(bundle: Path | str) -> Manifest:
         )
     except BundleError:
         raise
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise BundleError(f"corrupt {path}: bad or missing field {e}; re-export the bundle") from None
+    if manifest.vae_scaling != "host":
+        raise BundleError(f"{path}: vae_scaling {manifest.vae_scaling!r} is not supported by this "
+                          f"runtime (it scales latents on the host); re-export the bundle")
+    for e in graphs.values():
+        for t in (*e.spec.inputs, *e.spec.outputs):
+            # every named axis of an output must come from an input (fixed: C, K, 3, 77)
+            if any(isinstance(a, str) and a not in ("B", "N", "h", "w", "H", "W") for a in t.shape):
+                raise BundleError(f"corrupt {path}: {e.spec.name}.{t.name} has an unknown axis "
+                                  f"in {list(t.shape)}; re-export the bundle")
     missing = [g for g in REQUIRED_GRAPHS if g not in graphs]
     if missing:
         raise BundleError(f"{path}: missing graphs {', '.join(missing)}; re-export the bundle")

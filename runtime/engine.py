@@ -32,6 +32,10 @@ class EngineError(RuntimeError):
     """A backend failed to load, allocate or run a graph."""
 
 
+class SpecMismatch(EngineError):
+    """A graph's inputs/outputs differ from its spec in the manifest: a corrupt bundle."""
+
+
 class Engine(ABC):
     backend: str = "?"
 
@@ -44,10 +48,11 @@ class Engine(ABC):
     def name(self) -> str:
         return self.spec.name
 
-    def error(self, what: str, shapes: Shapes | None = None) -> EngineError:
+    def error(self, what: str, shapes: Shapes | None = None,
+              kind: type[EngineError] = EngineError) -> EngineError:
         shapes = self.shapes if shapes is None else shapes
         where = f" at shapes {dict(shapes)}" if shapes else ""
-        return EngineError(f"{self.backend} engine {self.name!r}: {what}{where}")
+        return kind(f"{self.backend} engine {self.name!r}: {what}{where}")
 
     def check_feeds(self, feeds: Mapping[str, np.ndarray]) -> None:
         """Feeds must match the allocated shapes and the spec's dtypes exactly."""

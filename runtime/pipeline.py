@@ -33,7 +33,7 @@ from runtime.bundle import (
     resolve_model,
     verify_hashes,
 )
-from runtime.engine import Engine, EngineError
+from runtime.engine import Engine, EngineError, SpecMismatch
 from runtime.images import clip_preprocess, postprocess
 from runtime.rng import TorchCPUGenerator
 from runtime.schedulers import SCHEDULERS, Schedule, make_schedule
@@ -158,6 +158,8 @@ class Pipeline:
                                                      use_cache, loaded)
                 break
             except EngineError as e:
+                if isinstance(e, SpecMismatch):
+                    raise BundleError(f"corrupt bundle {self.bundle}: {e}; re-export it") from None
                 if i + 1 == len(tries):
                     verify_hashes(self.bundle, self.manifest)  # a corrupt file: BundleError
                     raise

@@ -85,7 +85,13 @@ def _broken_bundles(tmp_path):
     shutil.copytree(demo_bundle(), bad_sched)
     cfg = json.loads((bad_sched / "scheduler_config.json").read_text())
     (bad_sched / "scheduler_config.json").write_text(json.dumps({**cfg, "beta_schedule": "foo"}))
+    renamed = tmp_path / "renamed"
+    shutil.copytree(demo_bundle(), renamed)
+    m = json.loads((renamed / MANIFEST).read_text())
+    m["graphs"]["unet"]["outputs"][0]["name"] = "not_noise_pred"
+    (renamed / MANIFEST).write_text(json.dumps(m))
     return {"v99": (bad_version, "format version 99"), "corrupt": (corrupt, "corrupt"),
+            "renamed": (renamed, "do not match the manifest"),
             "badsched": (bad_sched, "scheduler_config.json"),
             "nounet": (missing_graph, "missing unet.onnx"), "badonnx": (bad_onnx, "unet")}
 
@@ -122,7 +128,7 @@ def test_bad_arguments(tmp_path, case):
     assert not out_dir.exists()
 
 
-@pytest.mark.parametrize("case", ["v99", "corrupt", "nounet", "badonnx", "badsched"])
+@pytest.mark.parametrize("case", ["v99", "corrupt", "nounet", "badonnx", "badsched", "renamed"])
 def test_bad_bundles(tmp_path, case):
     bundle, message = _broken_bundles(tmp_path)[case]
     out = generate(PROMPT, "--model", str(bundle), "--output-dir", str(tmp_path / "out"))

@@ -22,7 +22,7 @@ import onnxruntime as ort
 
 from runtime import cache
 from runtime.bundle import GraphEntry, GraphSpec
-from runtime.engine import Engine, Shapes
+from runtime.engine import Engine, Shapes, SpecMismatch
 
 PROVIDERS = {"ort-cpu": "CPUExecutionProvider", "ort-cuda": "CUDAExecutionProvider"}
 
@@ -156,7 +156,7 @@ class OrtEngine(Engine):
             names, want = {t.name for t in got}, {t.name for t in specs}
             if names != want:
                 raise self.error(f"graph {kind} {sorted(names)} do not match the manifest's "
-                                 f"{sorted(want)}")
+                                 f"{sorted(want)}", kind=SpecMismatch)
 
     def allocate(self, shapes: Shapes) -> None:
         shapes = {k: tuple(v) for k, v in shapes.items()}
