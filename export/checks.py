@@ -25,6 +25,13 @@ def check_out(out: str | os.PathLike, force: bool) -> None:
     """Raise unless `out` may be written: free, or an old bundle (or empty folder) with force."""
     out = Path(out)
     if not out.exists():
+        parent = out.absolute().parent
+        while not parent.exists():
+            parent = parent.parent
+        if not parent.is_dir():
+            raise ExportError(f"cannot create {out}: {parent} is not a folder")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise ExportError(f"cannot create {out}: {parent} is not writable")
         return
     if not out.is_dir():
         raise ExportError(f"{out} exists and is not a folder; choose another --out")
@@ -35,9 +42,17 @@ def check_out(out: str | os.PathLike, force: bool) -> None:
                           f"refusing to replace it, choose another --out")
 
 
+MAX_OPSET = 20  # the legacy TorchScript exporter's newest opset in torch 2.x
+
+
 def check_opset(opset: int) -> None:
-    if opset < 17:
-        raise ExportError(f"--opset must be >= 17, got {opset}")
+    if not 17 <= opset <= MAX_OPSET:
+        raise ExportError(f"--opset must be in [17, {MAX_OPSET}], got {opset}")
+
+
+def check_seed(seed: int) -> None:
+    if not 0 <= seed < 2**63:  # torch.manual_seed's range, less the top bit export adds to
+        raise ExportError(f"--seed must be in [0, 2**63), got {seed}")
 
 
 def hub_reachable(timeout: float = HUB_TIMEOUT_S) -> bool:

@@ -7,7 +7,7 @@ import sys
 import time
 import warnings
 
-from export.checks import check_opset, check_out, model_kind
+from export.checks import check_opset, check_out, check_seed, model_kind
 from export.errors import ExportError
 
 
@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser().parse_args(argv)
         check_out(args.out, args.force)  # fail fast: before importing torch or loading
         check_opset(args.opset)
+        check_seed(args.seed)
         model_kind(args.model, args.allow_pickle, not args.no_safety_checker)
         t0 = time.perf_counter()
         quiet_libraries()
@@ -64,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
                                 safety=not args.no_safety_checker, log=log)
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the output folder went away or filled up mid-export
+        print(f"error: cannot write the bundle: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted; nothing was written", file=sys.stderr)
