@@ -107,7 +107,12 @@ def test_hub_id_offline(tmp_path):
 
 
 def test_old_opset_and_bad_arguments(tmp_path):
-    assert_refused(tmp_path, ["--model", "demo", "--out", str(tmp_path / "b"), "--opset", "13"], ">= 17")
+    assert_refused(tmp_path, ["--model", "demo", "--out", str(tmp_path / "b"), "--opset", "13"],
+                   "--opset must be in [17, 20]")
+    assert_refused(tmp_path, ["--model", "demo", "--out", str(tmp_path / "b"), "--opset", "99"],
+                   "--opset must be in [17, 20]")
+    assert_refused(tmp_path, ["--model", "demo", "--out", str(tmp_path / "b"), "--seed", str(2**64)],
+                   "--seed must be in")
     assert_refused(tmp_path, ["--out", str(tmp_path / "b")], "--model")
 
 
