@@ -148,8 +148,8 @@ def lookup(key: CacheKey, cache_dir: Path | None = None, verify: bool = True) ->
         return None
     side = _read_sidecar(folder)
     try:
-        same = side is not None and CacheKey(**side["key"]) == key
-        same = same and isinstance(side["files"], dict) and side["main"] in side["files"]
+        same = (side is not None and CacheKey(**side["key"]) == key
+                and isinstance(side["files"], dict) and side["main"] in side["files"])
     except (TypeError, KeyError):
         same = False
     if side is None or not same:
