@@ -205,7 +205,8 @@ def ort_cuda_jobs(opts: BuildOptions, manifest: Manifest) -> list[Job]:
         def build(folder: Path, onnx_path: Path = onnx_path, name: str = name,
                   external: bool = entry.external_data is not None) -> Path:
             return optimize_fp16(onnx_path, folder, name, external,
-                                 lambda msg: print(f"warning: {msg}", file=sys.stderr))
+                                 lambda msg: print(f"warning: {msg}", file=sys.stderr),
+                                 lambda msg: print(msg, flush=True))
 
         jobs.append((name, cache.ort_cuda_key(entry, onnxruntime.__version__), build))
     return jobs
