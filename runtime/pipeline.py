@@ -122,8 +122,10 @@ class Pipeline:
     """A loaded bundle on one backend; create once, call many times."""
 
     def __init__(self, model: str | Path = "demo", backend: str = "auto", *,
-                 safety: bool = True, use_cache: bool = True,
+                 safety: bool = True, use_cache: bool = True, cuda_graph: bool = True,
                  log: Callable[[str], None] | None = None):
+        """`cuda_graph`: replay the UNet's run as a CUDA graph captured per shape (tensorrt,
+        ort-cuda); off runs it kernel by kernel, for comparison."""
         self.log = log or (lambda msg: None)
         t0 = time.perf_counter()
         self.bundle = resolve_model(model)
@@ -148,14 +150,17 @@ class Pipeline:
 
         def loaded(name: str, engine: Engine, seconds: float) -> None:
             status = getattr(engine, "cache_status", None)
-            self.log(f"{name}: loaded in {seconds:.2f} s" + (f" (engine cache: {status})"
-                                                              if status else ""))
+            graph = getattr(engine, "cuda_graph_status", None) or (
+                "on" if getattr(engine, "cuda_graph", False) else "off")
+            notes = ([f"engine cache: {status}"] if status else []) + (
+                [f"CUDA graph: {graph}"] if name == "unet" and engine.backend != "ort-cpu" else [])
+            self.log(f"{name}: loaded in {seconds:.2f} s" + (f" ({'; '.join(notes)})" if notes else ""))
 
         for i, b in enumerate(tries):
             self.log(f"backend: {b} ({why})")
             try:
                 self.engine_set = backends.EngineSet(b, self.manifest, self.bundle, names,
-                                                     use_cache, loaded)
+                                                     use_cache, loaded, cuda_graph)
                 break
             except EngineError as e:
                 if isinstance(e, SpecMismatch):

@@ -51,10 +51,12 @@ class EngineSet:
     """The loaded engines of one bundle on one backend (graph name -> Engine)."""
 
     def __init__(self, backend: str, manifest: Manifest, bundle: Path, names: Iterable[str],
-                 use_cache: bool = True, on_load: Callable[[str, Engine, float], None] | None = None):
+                 use_cache: bool = True, on_load: Callable[[str, Engine, float], None] | None = None,
+                 cuda_graph: bool = True):
         import time
 
         self.backend = backend
+        self.cuda_graph = cuda_graph  # for the UNet, on backends that have them
         self.device = None  # TensorRT: one stream + scratch shared by all engines
         self.engines: dict[str, Engine] = {}
         try:
@@ -82,14 +84,15 @@ class EngineSet:
                     raise EngineError(f"tensorrt: cannot start CUDA: {e}") from None
             # CUDA graphs pay off for the UNet: 51 identical launches per image.
             return CachedTensorRTEngine(entry, manifest.profile, self.device,
-                                        cuda_graph=name == "unet")
+                                        cuda_graph=self.cuda_graph and name == "unet")
         from runtime import cache
         from runtime.backends.ort import OrtEngine, ort_cpu_key
 
         key = None
         if use_cache:
             key = ort_cpu_key(entry, path) if self.backend == "ort-cpu" else cache.ort_cuda_key(entry)
-        return OrtEngine(entry.spec, path, self.backend, cache_key=key)
+        return OrtEngine(entry.spec, path, self.backend, cache_key=key,
+                         cuda_graph=self.cuda_graph and name == "unet")
 
     def release(self) -> None:
         """Engines first, then what they share."""

@@ -1,14 +1,13 @@
 """ONNX Runtime backends: `ort-cpu` and `ort-cuda`, with IO binding.
 
-Buffers are allocated once per set of input shapes and bound to the session;
-every run() copies the changing inputs into them and ONNX Runtime writes the
-outputs straight into preallocated host arrays, so the denoising loop
-allocates nothing here. The output arrays returned by run() alias those
-buffers (see runtime.engine).
+Buffers are allocated once per set of input shapes and bound to the session, so
+the denoising loop allocates nothing here. The output arrays returned by run()
+alias those buffers (see runtime.engine).
 
-ort-cpu binds host memory directly (zero copy). ort-cuda keeps the inputs in
-device OrtValues (update_inplace copies host -> device) and binds the outputs
-to host arrays (ONNX Runtime copies device -> host once per run).
+ort-cpu binds host arrays directly (zero copy). ort-cuda keeps inputs and outputs
+in device memory (runtime/backends/ort_cuda.py): inputs are copied host -> device,
+outputs device -> host once per run, and the UNet's run is captured as a CUDA graph
+per set of shapes and replayed.
 """
 
 from __future__ import annotations
@@ -21,6 +20,7 @@ import numpy as np
 import onnxruntime as ort
 
 from runtime import cache
+from runtime.backends.ort_cuda import DeviceBinding, DeviceBindings, provider_options
 from runtime.bundle import GraphEntry, GraphSpec
 from runtime.engine import Engine, Shapes, SpecMismatch
 
@@ -81,13 +81,17 @@ class OrtEngine(Engine):
     ort-cpu with a cache key: the first load runs ORT's optimizer once and saves the
     optimized graph in the engine cache; later loads read it with the optimizer off
     (full-size UNet session start: 11.4 s -> 0.8 s in our trial, DESIGN.md).
-    ort-cuda uses the engines stage's fp16 fused graph when one is cached.
+    ort-cuda uses the engines stage's fp16 fused graph when one is cached; with
+    `cuda_graph` its runs are captured and replayed as CUDA graphs (one per set of
+    shapes); a session that cannot have them (ORT refuses graphs with nodes off the
+    GPU) runs without, and `cuda_graph_status` says why.
     `cache_status` says what happened: "hit", "built", or "off".
     """
 
     def __init__(self, spec: GraphSpec, path: Path, backend: str = "ort-cpu",
                  options: ort.SessionOptions | None = None,
-                 cache_key: cache.CacheKey | None = None, cache_dir: Path | None = None):
+                 cache_key: cache.CacheKey | None = None, cache_dir: Path | None = None,
+                 cuda_graph: bool = False):
         super().__init__(spec, path)
         if backend not in PROVIDERS:
             raise ValueError(f"unknown ONNX Runtime backend {backend!r}")
@@ -95,10 +99,14 @@ class OrtEngine(Engine):
         self.options = options
         self.cache_key, self.cache_dir = cache_key, cache_dir
         self.cache_status = "off"
+        self.cuda_graph = cuda_graph and backend == "ort-cuda"
+        self.cuda_graph_status = "on" if self.cuda_graph else "off"
         self.session: ort.InferenceSession | None = None
-        self.binding: ort.IOBinding | None = None
-        self.inputs: dict[str, np.ndarray | ort.OrtValue] = {}
+        self.binding: ort.IOBinding | None = None  # ort-cpu
+        self.inputs: dict[str, np.ndarray] = {}  # ort-cpu: host arrays bound zero-copy
         self.outputs: dict[str, np.ndarray] = {}
+        self.device: DeviceBindings | None = None  # ort-cuda
+        self.current: DeviceBinding | None = None
 
     @property
     def on_device(self) -> bool:
@@ -133,7 +141,17 @@ class OrtEngine(Engine):
         # graph still gets ORT's own (fast) session-time optimizations.
         optimize = not (optimized and self.backend == "ort-cpu")
         options = self.options or session_options(optimize=optimize)
-        return ort.InferenceSession(str(path), options, providers=[PROVIDERS[self.backend]])
+        if not self.on_device:
+            return ort.InferenceSession(str(path), options, providers=[PROVIDERS[self.backend]])
+        if self.cuda_graph:
+            try:
+                return ort.InferenceSession(str(path), options, providers=[
+                    (PROVIDERS[self.backend], provider_options(cuda_graph=True))])
+            except Exception as e:  # e.g. nodes left on the CPU: no graph possible
+                self.cuda_graph = False
+                self.cuda_graph_status = f"off ({str(e).splitlines()[0][:160]})"
+        return ort.InferenceSession(str(path), options, providers=[
+            (PROVIDERS[self.backend], provider_options(cuda_graph=False))])
 
     def load(self) -> None:
         provider = PROVIDERS[self.backend]
@@ -157,6 +175,8 @@ class OrtEngine(Engine):
             if names != want:
                 raise self.error(f"graph {kind} {sorted(names)} do not match the manifest's "
                                  f"{sorted(want)}", kind=SpecMismatch)
+        if self.on_device:
+            self.device = DeviceBindings(self.session, self.spec, self.cuda_graph)
 
     def allocate(self, shapes: Shapes) -> None:
         shapes = {k: tuple(v) for k, v in shapes.items()}
@@ -164,16 +184,19 @@ class OrtEngine(Engine):
             return
         if self.session is None:
             raise self.error("allocate() before load()", shapes)
+        if self.device is not None:
+            try:
+                self.current = self.device.get(shapes)
+            except Exception as e:  # out of device memory, most likely
+                raise self.error(f"cannot allocate: {str(e).splitlines()[0]}", shapes) from None
+            self.shapes = shapes
+            return
         binding = self.session.io_binding()
         self.inputs, self.outputs = {}, {}
         for t in self.spec.inputs:
             shape, dtype = shapes[t.name], np.dtype(t.dtype)
-            if self.on_device:
-                buf = ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, "cuda", 0)
-                binding.bind_ortvalue_input(t.name, buf)
-            else:
-                buf = np.zeros(shape, dtype)
-                binding.bind_input(t.name, "cpu", 0, dtype, shape, buf.ctypes.data)
+            buf = np.zeros(shape, dtype)
+            binding.bind_input(t.name, "cpu", 0, dtype, shape, buf.ctypes.data)
             self.inputs[t.name] = buf
         for t in self.spec.outputs:
             shape = self.spec.output_shapes(shapes)[t.name]
@@ -183,11 +206,10 @@ class OrtEngine(Engine):
         self.binding, self.shapes = binding, shapes
 
     def _copy_in(self, name: str, array: np.ndarray) -> None:
-        buf = self.inputs[name]
-        if isinstance(buf, np.ndarray):
-            np.copyto(buf, array)
+        if self.current is not None:
+            self.current.copy_in(name, array)
         else:
-            buf.update_inplace(np.ascontiguousarray(array))
+            np.copyto(self.inputs[name], array)
 
     def set_constant(self, name: str, array: np.ndarray) -> None:
         self.check_feeds({name: array})
@@ -198,6 +220,8 @@ class OrtEngine(Engine):
         for name, array in feeds.items():
             self._copy_in(name, array)
         try:
+            if self.current is not None:
+                return self.current.run(self.session)
             self.session.run_with_iobinding(self.binding)
         except Exception as e:
             raise self.error(f"run failed: {str(e).splitlines()[0]}") from None
@@ -205,4 +229,5 @@ class OrtEngine(Engine):
 
     def release(self) -> None:
         self.binding, self.session, self.shapes = None, None, None
+        self.device, self.current = None, None
         self.inputs, self.outputs = {}, {}
