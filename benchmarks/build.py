@@ -38,12 +38,12 @@ def build(s: Settings, bundle: Path, log: Callable[[str], None]) -> dict:
         lines.append(msg)
         log(msg)
 
-    pipe = Pipeline(bundle, s.backend, safety=s.safety, log=keep)
+    pipe = Pipeline(bundle, s.backend, safety=s.safety, cuda_graph=s.cuda_graph, log=keep)
     out["load_seconds"] = pipe.load_seconds
     pipe.close()
     per_graph = {}
     for line in lines:  # "unet: loaded in 12.34 s (engine cache: built)"
-        m = re.match(r"(\w+): loaded in ([\d.]+) s \(engine cache: (.+)\)", line)
+        m = re.match(r"(\w+): loaded in ([\d.]+) s \(engine cache: ([^;)]+)", line)
         if m:
             per_graph[m.group(1)] = {"seconds": float(m.group(2)), "cache": m.group(3)}
     out.update(graphs=per_graph, log=lines, peak_rss=peak_rss_bytes())

@@ -52,6 +52,8 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:
     p.add_argument("--throughput-runs", type=int, default=d.throughput_runs)
     p.add_argument("--no-safety", action="store_true", help="both sides without the safety checker")
     p.add_argument("--no-alloc-probe", action="store_true", help="skip the tracemalloc run")
+    p.add_argument("--no-cuda-graph", action="store_true",
+                   help="ours: run the UNet kernel by kernel instead of replaying a CUDA graph")
     p.add_argument("--no-build", action="store_true",
                    help="skip the engine build; use the default engine cache as it is")
     p.add_argument("--no-baseline", action="store_true", help="ours only")
@@ -66,7 +68,8 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:
     s = Settings(a.model, a.backend, a.prompt, a.negative_prompt, a.steps, a.scheduler,
                  a.guidance_scale, a.height, a.width, a.batch_size, a.seed, a.warmup, a.runs,
                  batches, a.throughput_warmup, a.throughput_runs, not a.no_safety,
-                 not a.no_alloc_probe, a.baseline_device, a.baseline_dtype, a.compile)
+                 not a.no_alloc_probe, not a.no_cuda_graph, a.baseline_device, a.baseline_dtype,
+                 a.compile)
     if s.runs < 1 or s.warmup < 0 or s.warmup + s.runs < 1:
         p.error("--runs must be >= 1 and --warmup >= 0")
     if s.baseline_dtype == "float16" and s.baseline_device == "cpu":

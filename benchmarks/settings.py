@@ -28,6 +28,7 @@ class Settings:
     throughput_runs: int = 1
     safety: bool = True
     alloc_probe: bool = True
+    cuda_graph: bool = True  # ours: the UNet replayed as a CUDA graph (tensorrt, ort-cuda)
     # the diffusers baseline
     baseline_device: str = "cpu"
     baseline_dtype: str = "float32"

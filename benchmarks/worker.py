@@ -60,7 +60,8 @@ class Ours:
         from runtime.pipeline import Pipeline
 
         self.s = s
-        self.pipe = Pipeline(bundle, s.backend, safety=s.safety, log=lambda m: say("ours", m))
+        self.pipe = Pipeline(bundle, s.backend, safety=s.safety, cuda_graph=s.cuda_graph,
+                             log=lambda m: say("ours", m))
         self.load_seconds = self.pipe.load_seconds
         self.unet = TimedEngine(self.pipe.engines["unet"])
         self.vae = TimedEngine(self.pipe.engines["vae_decoder"], keep="image")

@@ -1,0 +1,78 @@
+"""The GPU benchmark's device script (benchmarks/device.py), rehearsed on this CPU.
+
+The rehearsal is the real script with CPU stand-ins (demo model, ort-cpu, diffusers
+fp32 on the CPU), so a run on the GPU machine only swaps the backend: every phase the
+device runs must pass here, and what comes back must fit the device's limits.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import device_kit as kit
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_rehearsal_runs_every_phase(tmp_path):
+    pytest.importorskip("diffusers")
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "benchmarks.device", "rehearse", "--state",
+                        str(tmp_path / "state"), "--out", str(out)], cwd=REPO,
+                       capture_output=True, text=True, timeout=1500)
+    assert r.returncode == 0, r.stderr[-4000:]
+    last = r.stdout.strip().splitlines()[-1]
+    assert last.startswith("device run (rehearsal): all ok; pndm: ours"), last
+    summary = json.loads((out / "summary.json").read_text())
+    ok = {p["phase"]: p["ok"] for p in summary["phases"]}
+    for phase in ("provider", "prepare/export", "prepare/build", "engines-check", "bench-pndm",
+                  "gpu-tests", "bench-euler", "spread"):
+        assert ok.get(phase) is True, (phase, summary["phases"])
+    have_kit = (REPO / kit.KIT).is_dir()
+    assert ok["parts"] is (True if have_kit else None)
+    for name in ("pndm", "euler"):
+        result = json.loads((out / f"{name}.json").read_text())
+        assert result["ours"]["returncode"] == 0 and result["diffusers"]["returncode"] == 0
+        assert result["settings"]["scheduler"] == name
+        assert result["closeness"]["max_abs"] <= 2  # ort-cpu vs diffusers fp32: parity bound
+    spread = json.loads((out / "spread.json").read_text())
+    assert spread["low"] == "bfloat16" and set(spread["by_steps"]) == {"3"}
+    # what the device sends back: at most 8 files, plain names, no folders
+    files = list(out.iterdir())
+    assert len(files) <= 8 and all(f.is_file() for f in files), files
+
+
+def test_split_and_assemble_round_trip(tmp_path):
+    """Parts of a real xz tar stream join back; a missing part is named."""
+    src = tmp_path / "src" / "ortgpu"
+    src.mkdir(parents=True)
+    wheel = src / "onnxruntime_gpu-1.30.0-cp312-cp312-manylinux_2_28_x86_64.whl"
+    import zipfile
+
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr("onnxruntime/capi/libonnxruntime_providers_cuda.so", b"\0" * 5000)
+    stream = tmp_path / "s.tar.xz"
+    subprocess.run(f"tar -C {src.parent} -cf - ortgpu | xz -0 > {stream}", shell=True, check=True)
+    parts_dir = tmp_path / "parts"
+    parts_dir.mkdir()
+    parts = kit.split_stream(stream, parts_dir, 3)
+    assert [p.name for p in parts] == kit.part_names(3)
+    assert b"".join(p.read_bytes() for p in parts) == stream.read_bytes()
+    assert kit.assemble(parts_dir, tmp_path / "joined").name == wheel.name
+    parts[1].unlink()
+    with pytest.raises(RuntimeError, match="ort-part-01-of-03"):
+        kit.assemble(parts_dir, tmp_path / "joined2")
+
+
+def test_steps_stop_a_phase_at_its_limit(tmp_path):
+    steps = kit.Steps(tmp_path / "log")
+    rec = steps.run("sleepy", [sys.executable, "-c", "import time; print('hi'); time.sleep(60)"], 11)
+    assert rec["ok"] is False and "killed at its time limit" in rec["detail"]
+    assert "sleepy| hi" in (tmp_path / "log").read_text()
+    steps.deadline = 0.0  # long past: nothing more starts
+    assert steps.run("late", [sys.executable, "-c", "pass"], 60)["detail"] == "no time left"
