@@ -16,12 +16,12 @@ small wheels installed, `sd14-random` exported, the `ort-cuda` fp16 graphs built
 the machine's own onnxruntime. `finish` joins and installs onnxruntime-gpu, proves the
 CUDA provider is really active (ONNX Runtime falls back to the CPU silently), waits for
 `prepare`, then runs, most important first: ours (ort-cuda fp16, CUDA graph) vs
-diffusers fp16 (SDPA) with PNDM, the gpu-marked tests, Euler, ours without the CUDA
-graph, and diffusers' own fp32-vs-fp16 spread (benchmarks/spread.py); 512x512, 50 steps,
-CFG 7.5, batch 1 (and 4 for throughput). Everything lands in $OUT (at most 8 files come
-back): summary.json, device.log, prepare.log and each result's JSON (re-render the
-markdown and charts here with `python -m benchmarks.report`); the last line printed is a
-one-line summary.
+diffusers fp16 (SDPA) with PNDM, the gpu-marked tests, Euler, ours against diffusers
+fp32, ours without the CUDA graph, and diffusers' own fp32-vs-fp16 spread
+(benchmarks/spread.py); 512x512, 50 steps, CFG 7.5, batch 1 (and 4 for throughput).
+Everything lands in $OUT (at most 8 files come back): summary.json, device.log,
+prepare.log and each result's JSON (re-render the markdown and charts here with
+`python -m benchmarks.report`); the last line printed is a one-line summary.
 
 `rehearse` runs prepare and finish here: the demo model instead of sd14-random, a few
 steps, ort-cpu standing in for ort-cuda and diffusers fp32 on the CPU for its fp16 on
@@ -73,7 +73,11 @@ CPU = Plan(True, "demo", "ort-cpu", "CPUExecutionProvider", ("cpu", "float32"),
            bench_timeout=300, deadline=1800)
 
 # (result name, scheduler, extra benchmarks.run flags), most important first
+# fp32ref: our fp16 picture against diffusers' fp32 one (on sd14-random diffusers' own
+# fp16 picture differs from its fp32 one by a mean of 45/255: results/*spread*)
 BENCHES = (("pndm", "pndm", ()), ("euler", "euler", ()),
+           ("pndm-fp32ref", "pndm", ("--baseline-dtype", "float32", "--runs", "1",
+                                     "--throughput-batches", "1")),
            ("pndm-nograph", "pndm", ("--no-cuda-graph", "--no-baseline")))
 
 # Proves the provider is active on a real graph: a session asked for CUDA that ORT
@@ -240,7 +244,7 @@ def finish(run: Run, carried: Path, out: Path, deadline: float | None = None,
     if not steps.run("engines-check", [*engines, "--no-build"], 120, gpu_env)["ok"]:
         steps.run("engines-rebuild", engines, p.build_timeout, gpu_env)  # another ORT version
     for i, (name, scheduler, extra) in enumerate(BENCHES):
-        if p.backend == "ort-cpu" and "--no-cuda-graph" in extra:
+        if p.backend == "ort-cpu" and name != "pndm" and name != "euler":
             continue  # nothing to compare without a GPU
         steps.run(f"bench-{name}", bench_cmd(run, name, scheduler, extra), p.bench_timeout,
                   gpu_env, run.repo)
