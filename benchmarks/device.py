@@ -2,26 +2,28 @@
 
 The GPU machine is lent 15 minutes at a time, start-up included, and goes cold 30 s
 after a call; onnxruntime-gpu reaches it in four parts (device_kit.py). So the run is
-prepared here and rehearsed here, and on the machine it only runs:
+prepared here and rehearsed here, and on the machine it only runs. The exact calls, what
+each carries and its time limit are in README.md ("Running the GPU benchmark"):
 
-    here, once:  python -m benchmarks.device pack          # .devicekit/: 4 parts + wheels
-    call 1:  python3 -m benchmarks.device start      carry .devicekit/ort-part-00-of-04 .devicekit/wheels
-    call 2:  python3 -m benchmarks.device part       carry .devicekit/ort-part-01-of-04
-    call 3:  python3 -m benchmarks.device part --wait 400    carry .devicekit/ort-part-02-of-04
-    call 4:  python3 -m benchmarks.device finish     carry .devicekit/ort-part-03-of-04   (timeout 600)
-    here:        python -m benchmarks.device rehearse       # the same phases on this CPU
+    here, once:  python -m benchmarks.device pack        # .devicekit/: 4 parts + wheels
+    here:        python -m benchmarks.device rehearse    # the same phases on this CPU
+    call 1:      python3 -m benchmarks.device start      # + launches prepare
+    calls 2, 3:  python3 -m benchmarks.device part [--wait S]
+    call 4:      python3 -m benchmarks.device finish --deadline D
 
 `start` launches `prepare` in its own session, so it runs on while the parts travel:
 small wheels installed, `sd14-random` exported, the `ort-cuda` fp16 graphs built with
 the machine's own onnxruntime. `finish` joins and installs onnxruntime-gpu, proves the
 CUDA provider is really active (ONNX Runtime falls back to the CPU silently), waits for
-`prepare`, then runs, most important first: ours (ort-cuda fp16, CUDA graph) vs
-diffusers fp16 (SDPA) with PNDM, the gpu-marked tests, Euler, ours against diffusers
-fp32, ours without the CUDA graph, and diffusers' own fp32-vs-fp16 spread
+`prepare`, then runs the benchmarks of device_plan.BENCHES, most important first, the
+gpu-marked tests after the first, and diffusers' own fp32-vs-fp16 spread last
 (benchmarks/spread.py); 512x512, 50 steps, CFG 7.5, batch 1 (and 4 for throughput).
 Everything lands in $OUT (at most 8 files come back): summary.json, device.log,
 prepare.log and each result's JSON (re-render the markdown and charts here with
 `python -m benchmarks.report`); the last line printed is a one-line summary.
+
+A call that finds the machine cold (a part missing, no prepare running) says so and
+exits 1 at once instead of waiting: start over from call 1.
 
 `rehearse` runs prepare and finish here: the demo model instead of sd14-random, a few
 steps, ort-cpu standing in for ort-cuda and diffusers fp32 on the CPU for its fp16 on
@@ -37,93 +39,12 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks import device_kit as kit
+from benchmarks.device_plan import BENCHES, CHECK, CPU, GPU, STATE, Run, bench_cmd
 
 REPO = Path(__file__).resolve().parent.parent
-STATE = Path("/tmp/sdrt-device")  # on the GPU machine; lives while it stays warm
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What a run measures: the real one on the GPU, or its rehearsal on this CPU."""
-
-    rehearse: bool
-    model: str  # exported into STATE/bundle
-    backend: str
-    provider: str  # the ONNX Runtime provider that must be active
-    baseline: tuple[str, str]  # diffusers' device, dtype
-    steps: int
-    warmup: int
-    runs: int
-    batches: str  # throughput batch sizes
-    export_timeout: float
-    build_timeout: float
-    bench_timeout: float
-    deadline: float  # seconds `finish` may take in all (the device call's limit is 600)
-
-
-GPU = Plan(False, "sd14-random", "ort-cuda", "CUDAExecutionProvider", ("cuda", "float16"),
-           steps=50, warmup=1, runs=3, batches="1,4", export_timeout=480, build_timeout=480,
-           bench_timeout=240, deadline=540)
-CPU = Plan(True, "demo", "ort-cpu", "CPUExecutionProvider", ("cpu", "float32"),
-           steps=3, warmup=1, runs=1, batches="", export_timeout=300, build_timeout=300,
-           bench_timeout=300, deadline=1800)
-
-# (result name, scheduler, extra benchmarks.run flags), most important first
-# fp32ref: our fp16 picture against diffusers' fp32 one (on sd14-random diffusers' own
-# fp16 picture differs from its fp32 one by a mean of 45/255: results/*spread*)
-BENCHES = (("pndm", "pndm", ()), ("euler", "euler", ()),
-           ("pndm-fp32ref", "pndm", ("--baseline-dtype", "float32", "--runs", "1",
-                                     "--throughput-batches", "1")),
-           ("pndm-nograph", "pndm", ("--no-cuda-graph", "--no-baseline")))
-
-# Proves the provider is active on a real graph: a session asked for CUDA that ORT
-# quietly put on the CPU is the failure this catches.
-CHECK = """
-import sys, numpy as np, onnxruntime as ort
-provider, graph = sys.argv[1], sys.argv[2]
-print("onnxruntime", ort.__version__, "from", ort.__file__, "providers", ort.get_available_providers())
-s = ort.InferenceSession(graph, providers=[provider])
-assert s.get_providers()[0] == provider, f"{provider} not active: {s.get_providers()}"
-out = s.run(None, {"input_ids": np.zeros((2, 77), np.int32)})[0]
-assert np.isfinite(out).all()
-print(provider, "active; ran", graph, "->", out.shape)
-"""
-
-
-class Run:
-    """The folders and environment of one run (STATE on the device, a temp dir here)."""
-
-    def __init__(self, plan: Plan, state: Path, repo: Path):
-        self.plan, self.state, self.repo = plan, state, repo
-        self.parts, self.site, self.ort_site = state / "parts", state / "site", state / "ort-site"
-        self.bundle, self.cache, self.results = state / "bundle", state / "cache", state / "results"
-
-    def env(self, with_ort_gpu: bool) -> dict[str, str]:
-        paths = ([str(self.ort_site)] if with_ort_gpu else []) + [str(self.site), str(self.repo)]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "SDRT_CACHE_DIR": str(self.cache),
-               "PYTHONUNBUFFERED": "1"}
-        if with_ort_gpu:
-            env["LD_LIBRARY_PATH"] = kit.cuda_library_path()
-        return env
-
-    def take_parts(self, carried: Path) -> list[str]:
-        """Copy the parts this call carried into STATE/parts; the names copied."""
-        self.parts.mkdir(parents=True, exist_ok=True)
-        got = []
-        for p in sorted(carried.glob("ort-part-*-of-*")):
-            shutil.copyfile(p, self.parts / p.name)
-            got.append(p.name)
-        return got
-
-    def prepare_status(self) -> dict | None:
-        try:
-            return json.loads((self.state / "prepare.json").read_text())
-        except (OSError, json.JSONDecodeError):
-            return None
 
 
 def prepare(run: Run) -> int:
@@ -147,8 +68,18 @@ def prepare(run: Run) -> int:
 
 
 def start(run: Run, carried: Path) -> int:
-    """Call 1: keep the part, copy the repo out of the synced tree, launch prepare."""
+    """Call 1: keep the part, copy the repo out of the synced tree, launch prepare.
+    A warm machine from an earlier try keeps its parts; its results and prepare status
+    are cleared so nothing stale is reported as new."""
+    pid = run.prepare_pid()
+    if pid is not None:
+        print(f"prepare from an earlier start is still running (pid {pid}): let it finish "
+              f"(part --wait) or give the machine back", file=sys.stderr)
+        return 1
     run.state.mkdir(parents=True, exist_ok=True)
+    for stale in ("prepare.json", "prepare.log", "prepare.pid"):
+        (run.state / stale).unlink(missing_ok=True)
+    shutil.rmtree(run.results, ignore_errors=True)
     print("parts here:", run.take_parts(carried))
     copy = run.state / "repo"
     shutil.rmtree(copy, ignore_errors=True)
@@ -159,38 +90,52 @@ def start(run: Run, carried: Path) -> int:
     child = subprocess.Popen(cmd + (["--rehearse"] if run.plan.rehearse else []), cwd=copy,
                              stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                              start_new_session=True)
+    (run.state / "prepare.pid").write_text(str(child.pid))
     print(f"prepare started (pid {child.pid}) in {copy}; log {run.state / 'prepare.log'}")
     time.sleep(3)
     return 0 if child.poll() in (None, 0) else 1
 
 
 def wait_prepare(run: Run, seconds: float) -> dict | None:
+    """prepare.json once prepare is done; None at once if no prepare runs (it died, or
+    this is a fresh machine), else None after `seconds`."""
     end = time.monotonic() + seconds
     while True:
         status = run.prepare_status()
-        if status is not None or time.monotonic() >= end:
-            return status
+        if status is not None or time.monotonic() >= end or run.prepare_pid() is None:
+            return status or run.prepare_status()
         time.sleep(2)
 
 
-def part(run: Run, carried: Path, wait: float) -> int:
+def missing_earlier_parts(run: Run, carried: Path) -> list[str]:
+    """Parts the calls before this one brought that are not here: the machine went cold."""
+    have = {p.name for p in (*run.parts.glob("ort-part-*"), *carried.glob("ort-part-*"))}
+    missing = []
+    for p in carried.glob("ort-part-*-of-*"):
+        names = kit.part_names(int(p.name.rsplit("-", 1)[1]))
+        missing += [n for n in names[:names.index(p.name)] if n not in have]
+    return sorted(set(missing))
+
+
+def part(run: Run, carried: Path, wait: float, tests_only: bool = False) -> int:
     """Calls 2 and 3: keep the part; optionally wait for prepare (time the machine is
     held anyway, spent here instead of in the last call's 10 minutes)."""
+    cold = missing_earlier_parts(run, carried)
+    if not tests_only and not (run.state / "repo").is_dir():
+        cold.append("the repo copy `start` makes")
+    if cold:
+        print(f"machine went cold (missing: {', '.join(cold)}): start over from call 1",
+              file=sys.stderr)
+        return 1
     print("parts here:", sorted(p.name for p in run.parts.glob("*")), "+", run.take_parts(carried))
+    if tests_only:
+        return 0
     status = wait_prepare(run, wait)
     log = run.state / "prepare.log"
     print(log.read_text()[-3000:] if log.is_file() else "no prepare log yet")
-    print("prepare:", "done" if status else "still running")
-    return 0
-
-
-def bench_cmd(run: Run, name: str, scheduler: str, extra: tuple[str, ...]) -> list[str]:
-    p = run.plan
-    return [sys.executable, "-m", "benchmarks.run", "--model", str(run.bundle), "--backend", p.backend,
-            "--scheduler", scheduler, "--steps", str(p.steps), "--warmup", str(p.warmup),
-            "--runs", str(p.runs), "--throughput-batches", p.batches, "--no-safety", "--no-build",
-            "--baseline-device", p.baseline[0], "--baseline-dtype", p.baseline[1],
-            "--out", str(run.results), "--name", name, *extra]
+    running = run.prepare_pid() is not None
+    print("prepare:", "done" if status else "still running" if running else "NOT RUNNING")
+    return 0 if status or running else 1
 
 
 def headline(results: Path, name: str) -> str | None:
@@ -212,6 +157,11 @@ def finish(run: Run, carried: Path, out: Path, deadline: float | None = None,
     p, py = run.plan, sys.executable
     out.mkdir(parents=True, exist_ok=True)
     steps = kit.Steps(out / "device.log", deadline=time.monotonic() + (deadline or p.deadline))
+    shutil.rmtree(run.results, ignore_errors=True)  # only this call's results go back
+    cold = missing_earlier_parts(run, carried)
+    if cold:
+        steps.note("parts", False, f"missing {', '.join(cold)}")
+        return summarize(run, steps, out, "the machine went cold between calls: start over")
     run.take_parts(carried)
     gpu_env = run.env(with_ort_gpu=not p.rehearse)
     try:
@@ -288,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
                     "to the lease's budget_left_s minus a minute so results come back")
     ap.add_argument("--rehearse", action="store_true", help="prepare/finish: the CPU stand-ins")
     ap.add_argument("--tests-only", action="store_true",
-                    help="finish: only the gpu-marked tests (parts still needed, no start)")
+                    help="part/finish: only the gpu-marked tests (the parts, but no start)")
     a = ap.parse_args(argv)
     carried = REPO / kit.KIT
     if a.command == "pack":
@@ -302,14 +252,16 @@ def main(argv: list[str] | None = None) -> int:
         run = Run(CPU, state, REPO)
         run.state.mkdir(parents=True, exist_ok=True)
         prepare(run)
-        return finish(run, carried, a.out or state / "out")
+        rc = finish(run, carried, a.out or state / "out")
+        shutil.rmtree(state / "ort", ignore_errors=True)  # the unpacked wheel: 340 MB
+        return rc
     run = Run(CPU if a.rehearse else GPU, a.state or STATE, REPO)
     if a.command == "prepare":
         return prepare(run)
     if a.command == "start":
         return start(run, carried)
     if a.command == "part":
-        return part(run, carried, a.wait)
+        return part(run, carried, a.wait, a.tests_only)
     out = a.out or (Path(os.environ["OUT"]) if os.environ.get("OUT") else None)
     if out is None:
         ap.error("finish needs --out or $OUT")

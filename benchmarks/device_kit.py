@@ -180,9 +180,12 @@ class Steps:
         shown = " ".join(c if len(c) < 120 else c[:40].replace("\n", " ") + "..." for c in cmd)
         self.say(f"{name}: {shown} (limit {limit:.0f} s)")
         t0 = time.monotonic()
-        proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=dict(env) if env else None,
-                                cwd=cwd, start_new_session=True, text=True, errors="replace")
+        try:
+            proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, env=dict(env) if env else None,
+                                    cwd=cwd, start_new_session=True, text=True, errors="replace")
+        except OSError as e:  # no such program: this phase failed, the next ones still run
+            return self.note(name, False, f"cannot start: {e}", rc=None, seconds=0.0)
         timer = threading.Timer(limit, _kill_group, (proc.pid,))
         timer.start()
         try:

@@ -159,7 +159,7 @@ def targets(r: dict) -> list[str]:
                    f"{alloc['bytes_per_step_max']} max, numpy/Python (tracemalloc; ORT's arena not "
                    f"seen) (target zero: {verdict})")
     a, b = _stage(ours, "total").get("p50"), _stage(base, "total").get("p50")
-    gpu = bool(r["machine"]["gpus"])
+    gpu = s.get("backend", "ort-cpu") != "ort-cpu"  # GPU targets for GPU backends only
     if a and b:
         want = GPU_E2E_TARGET if gpu else E2E_TARGET
         verdict = "met" if b / a >= want else "missed"
@@ -173,7 +173,7 @@ def targets(r: dict) -> list[str]:
         out.append(f"Image closeness to diffusers (uint8, before the safety checker's blackout): "
                    f"max {c['max_abs']}, mean {c['mean_abs']:.4f}; NSFW flags ours "
                    f"{c['nsfw_ours']}, diffusers {c['nsfw_diffusers']}")
-    if r["machine"]["gpus"] and a:
+    if gpu and a:
         reference = (s["height"], s["width"], s["steps"], s["batch_size"]) == (512, 512, 50, 1)
         out.append(f"Physical floor (H100, 512x512, 50 steps, CFG): {H100_FLOOR} s; ours / floor = "
                    f"{a / H100_FLOOR:.1f}" + ("" if reference else " (settings differ: not comparable)"))

@@ -76,3 +76,52 @@ def test_steps_stop_a_phase_at_its_limit(tmp_path):
     assert "sleepy| hi" in (tmp_path / "log").read_text()
     steps.deadline = 0.0  # long past: nothing more starts
     assert steps.run("late", [sys.executable, "-c", "pass"], 60)["detail"] == "no time left"
+
+
+def test_gpu_plan_fits_the_device():
+    """Every file the GPU run sends back comes back (8 at most), every benchmark command
+    parses, and each call's carry fits in 64 MiB with the working tree."""
+    from benchmarks import device_plan as dp
+    from benchmarks.run import parse_args
+
+    assert len(dp.BENCHES) + len(dp.OTHER_FILES_BACK) <= dp.MAX_FILES_BACK
+    run = dp.Run(dp.GPU, Path("/tmp/x"), REPO)
+    for name, scheduler, extra in dp.BENCHES:
+        cmd = dp.bench_cmd(run, name, scheduler, extra)
+        assert cmd[1:3] == ["-m", "benchmarks.run"]
+        settings, args = parse_args(cmd[3:])
+        assert (settings.steps, settings.backend, args.name) == (50, "ort-cuda", name)
+    kit_dir = REPO / kit.KIT
+    if not kit_dir.is_dir():
+        pytest.skip("no .devicekit here (python -m benchmarks.device pack makes it)")
+    wheels = sum(p.stat().st_size for p in (kit_dir / "wheels").glob("*.whl"))
+    biggest = max(p.stat().st_size for p in kit_dir.glob("ort-part-*"))
+    assert kit.tree_bytes(REPO) + wheels + biggest <= kit.PART_LIMIT
+
+
+def test_a_cold_machine_is_reported_at_once(tmp_path):
+    """A call that lands on a fresh machine (the 30 s window was missed) says so and
+    exits 1 instead of waiting minutes for a prepare that is not there."""
+    from benchmarks import device
+    from benchmarks.device_plan import CPU, Run
+
+    carried = tmp_path / "carried"
+    carried.mkdir()
+    (carried / "ort-part-02-of-04").write_bytes(b"x")
+    run = Run(CPU, tmp_path / "state", REPO)
+    assert device.part(run, carried, wait=300) == 1
+    assert device.missing_earlier_parts(run, carried) == ["ort-part-00-of-04", "ort-part-01-of-04"]
+    out = tmp_path / "out"
+    assert device.finish(run, carried, out) == 1
+    assert json.loads((out / "summary.json").read_text())["stopped"].startswith("the machine went cold")
+
+
+def test_start_refuses_while_an_earlier_prepare_runs(tmp_path):
+    import os
+
+    from benchmarks import device
+    from benchmarks.device_plan import CPU, Run
+
+    run = Run(CPU, tmp_path, REPO)
+    (tmp_path / "prepare.pid").write_text(str(os.getpid()))  # alive: this process
+    assert device.start(run, tmp_path / "none") == 1

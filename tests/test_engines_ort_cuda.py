@@ -110,11 +110,11 @@ def test_attention_fusion_failure_falls_back_with_a_warning(built, tmp_path, mon
     real = ort_cuda._optimize
     calls = []
 
-    def flaky(path, model_type, attention):
+    def flaky(path, model_type, attention, bias_split_gelu=True):
         calls.append(attention)
         if attention:
             raise TypeError("only 0-dimensional arrays can be converted to Python scalars")
-        return real(path, model_type, attention)
+        return real(path, model_type, attention, bias_split_gelu)
 
     monkeypatch.setattr(ort_cuda, "_optimize", flaky)
     warnings = []
@@ -151,7 +151,7 @@ def _unet_feeds(shapes, rng):
     return {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
 
 
-def test_device_bindings_keep_one_binding_per_shape(built, monkeypatch):
+def test_device_bindings_keep_one_binding_per_shape(built):
     """The ort-cuda bookkeeping (buffers per shape, graph ids, copies back to host) on a
     CPU session: same answers as a plain run, a shape seen before gets its own binding
     (and CUDA graph id) back, shapes past MAX_GRAPHS share one plain binding."""
@@ -160,8 +160,7 @@ def test_device_bindings_keep_one_binding_per_shape(built, monkeypatch):
     bundle, _, manifest = built
     spec = manifest.graphs["unet"].spec
     session = ort.InferenceSession(str(bundle / "unet.onnx"), providers=["CPUExecutionProvider"])
-    monkeypatch.setattr(ort_cuda, "MAX_GRAPHS", 1)
-    bindings = ort_cuda.DeviceBindings(session, spec, cuda_graph=True, device="cpu")
+    bindings = ort_cuda.DeviceBindings(session, spec, cuda_graph=True, device="cpu", max_graphs=1)
     rng = np.random.default_rng(0)
     seen = []
     for shapes in (*UNET_SHAPES, UNET_SHAPES[0]):
@@ -179,8 +178,9 @@ def test_device_bindings_keep_one_binding_per_shape(built, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("cuda_graph", [False, True], ids=["plain", "cuda-graph"])
-def test_ort_cuda_unet_steps_match_cpu(built, cuda_graph):
+@pytest.mark.parametrize("cuda_graph,max_graphs", [(False, 4), (True, 4), (True, 1)],
+                         ids=["plain", "cuda-graph", "past-max-graphs"])
+def test_ort_cuda_unet_steps_match_cpu(built, cuda_graph, max_graphs):
     """Several steps at two shapes and back (a captured graph replayed with new inputs
     each step) against the fp32 graph on the CPU. fp16 on the GPU: errors scale with the
     largest output (hundreds here; fp16 keeps ~3 digits), so atol = 2e-3 x max|want|."""
@@ -193,7 +193,7 @@ def test_ort_cuda_unet_steps_match_cpu(built, cuda_graph):
     path = cache.lookup(cache.ort_cuda_key(entry), cache_dir)
     cpu = ort.InferenceSession(str(bundle / "unet.onnx"), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(1)
-    with OrtEngine(entry.spec, path, "ort-cuda", cuda_graph=cuda_graph) as e:
+    with OrtEngine(entry.spec, path, "ort-cuda", cuda_graph=cuda_graph, max_graphs=max_graphs) as e:
         e.load()
         assert e.cuda_graph_status == ("on" if cuda_graph else "off"), e.cuda_graph_status
         for shapes in (*UNET_SHAPES, UNET_SHAPES[0]):
@@ -206,8 +206,8 @@ def test_ort_cuda_unet_steps_match_cpu(built, cuda_graph):
                 got = e.run({k: feeds[k] for k in ("sample", "timestep")})["noise_pred"]
                 want = cpu.run(None, feeds)[0]
                 np.testing.assert_allclose(got, want, rtol=1e-2, atol=2e-3 * np.abs(want).max())
-        if cuda_graph:
-            assert len(e.device.graphs) == 2
+        if cuda_graph:  # past max_graphs: the second shape runs without a graph
+            assert len(e.device.graphs) == min(2, max_graphs)
         assert e.device.memcpy is not None  # outputs copied without allocating
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import onnxruntime as ort
 
 from runtime import cache
-from runtime.backends.ort_cuda import DeviceBinding, DeviceBindings, provider_options
+from runtime.backends.ort_cuda import MAX_GRAPHS, DeviceBinding, DeviceBindings, provider_options
 from runtime.bundle import GraphEntry, GraphSpec
 from runtime.engine import Engine, Shapes, SpecMismatch
 
@@ -91,7 +91,7 @@ class OrtEngine(Engine):
     def __init__(self, spec: GraphSpec, path: Path, backend: str = "ort-cpu",
                  options: ort.SessionOptions | None = None,
                  cache_key: cache.CacheKey | None = None, cache_dir: Path | None = None,
-                 cuda_graph: bool = False):
+                 cuda_graph: bool = False, max_graphs: int = MAX_GRAPHS):
         super().__init__(spec, path)
         if backend not in PROVIDERS:
             raise ValueError(f"unknown ONNX Runtime backend {backend!r}")
@@ -101,6 +101,7 @@ class OrtEngine(Engine):
         self.cache_status = "off"
         self.cuda_graph = cuda_graph and backend == "ort-cuda"
         self.cuda_graph_status = "on" if self.cuda_graph else "off"
+        self.max_graphs = max_graphs  # shape sets captured; more run without a graph
         self.session: ort.InferenceSession | None = None
         self.binding: ort.IOBinding | None = None  # ort-cpu
         self.inputs: dict[str, np.ndarray] = {}  # ort-cpu: host arrays bound zero-copy
@@ -176,7 +177,8 @@ class OrtEngine(Engine):
                 raise self.error(f"graph {kind} {sorted(names)} do not match the manifest's "
                                  f"{sorted(want)}", kind=SpecMismatch)
         if self.on_device:
-            self.device = DeviceBindings(self.session, self.spec, self.cuda_graph)
+            self.device = DeviceBindings(self.session, self.spec, self.cuda_graph,
+                                         max_graphs=self.max_graphs)
 
     def allocate(self, shapes: Shapes) -> None:
         shapes = {k: tuple(v) for k, v in shapes.items()}
@@ -185,6 +187,7 @@ class OrtEngine(Engine):
         if self.session is None:
             raise self.error("allocate() before load()", shapes)
         if self.device is not None:
+            self.current = None  # the old plain binding can be freed before the new one
             try:
                 self.current = self.device.get(shapes)
             except Exception as e:  # out of device memory, most likely

@@ -4,7 +4,7 @@ Inputs AND outputs live in device OrtValues bound once per set of shapes, so ONN
 Runtime's CUDA graph (provider option `enable_cuda_graph`) can replay a captured run:
 a replay needs every I/O tensor at the address it was captured with. ONNX Runtime
 captures one graph per `gpu_graph_id` (run option), so each new set of shapes gets
-the next id and its own buffers, kept for the engine's life (up to MAX_GRAPHS sets;
+the next id and its own buffers, kept for the engine's life (up to `max_graphs` sets;
 after that a binding without a graph), as onnxruntime's own GpuBindingManager does
 (onnxruntime/transformers/io_binding_helper.py).
 
@@ -25,7 +25,7 @@ import onnxruntime as ort
 
 from runtime.bundle import GraphSpec
 
-MAX_GRAPHS = 4  # captured shape sets per engine (each pins its buffers and ORT's workspace)
+MAX_GRAPHS = 4  # captured shape sets per engine, by default (each pins its buffers)
 _D2H = 2  # cudaMemcpyDeviceToHost
 _CUDART = ("libcudart.so.13", "libcudart.so.12", "libcudart.so.11.0", "libcudart.so")
 
@@ -88,8 +88,10 @@ class DeviceBinding:
         self.inputs[name].update_inplace(np.ascontiguousarray(array))  # same address
 
     def run(self, session: ort.InferenceSession) -> dict[str, np.ndarray]:
-        # ONNX Runtime synchronizes its CUDA stream before returning, so the copies below
-        # see finished outputs
+        # Run() ends with the CUDA provider's OnRunEnd(sync_stream=true), a
+        # cudaStreamSynchronize (unless the run option disable_synchronize_execution_providers
+        # is set, which we never set), so the copies below see finished outputs. The GPU
+        # tests check the values after replays.
         session.run_with_iobinding(self.io, self.run_options)
         for name, host in self.outputs.items():
             dev = self.device_outputs[name]
@@ -103,13 +105,14 @@ class DeviceBinding:
 
 
 class DeviceBindings:
-    """DeviceBinding per set of shapes: a CUDA graph each for the first MAX_GRAPHS sets
+    """DeviceBinding per set of shapes: a CUDA graph each for the first `max_graphs` sets
     (when the session has graphs on), one plain binding, replaced, for any others.
     `device` "cpu" runs the same bookkeeping on a CPU session (the CPU tests do)."""
 
     def __init__(self, session: ort.InferenceSession, spec: GraphSpec, cuda_graph: bool,
-                 device: str = "cuda"):
+                 device: str = "cuda", max_graphs: int = MAX_GRAPHS):
         self.session, self.spec, self.cuda_graph, self.device = session, spec, cuda_graph, device
+        self.max_graphs = max_graphs
         self.memcpy = loaded_cudart() if device == "cuda" else None
         self.graphs: list[DeviceBinding] = []
         self.plain: DeviceBinding | None = None
@@ -119,7 +122,7 @@ class DeviceBindings:
         for b in self.graphs:
             if b.shapes == shapes:
                 return b
-        if self.cuda_graph and len(self.graphs) < MAX_GRAPHS:
+        if self.cuda_graph and len(self.graphs) < self.max_graphs:
             b = DeviceBinding(self.session, self.spec, shapes, len(self.graphs), self.memcpy,
                               self.device)
             self.graphs.append(b)
