@@ -23,6 +23,7 @@ artifact is missing. Bad input and missing backends: one line on stderr, exit 2.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 import warnings
@@ -161,7 +162,7 @@ def tensorrt_jobs(opts: BuildOptions, manifest: Manifest, verbose: bool) -> list
         raise UsageError(f"cannot build TensorRT engines here: no usable GPU ({e})") from None
     version = trt_version()
     cache_root = opts.cache_dir or cache.default_dir()
-    gpu = "".join(c if c.isalnum() else "-" for c in device.name)
+    gpu = re.sub(r"[^A-Za-z0-9]+", "-", device.model).strip("-")  # name + SMs (Orin kinds)
     timing = opts.tensorrt.timing_cache or (
         cache_root / "tensorrt" / f"timing-{gpu}-sm{device.capability}-trt{version}.cache")
     print(f"TensorRT {version} on {device.model} (sm {device.capability}), "
@@ -179,7 +180,7 @@ def tensorrt_jobs(opts: BuildOptions, manifest: Manifest, verbose: bool) -> list
             build_plan(onnx_path, out, shapes, opts.tensorrt, timing, verbose)
             return out
 
-        jobs.append((name, plan_key(entry, shapes, version, device), build))
+        jobs.append((name, plan_key(entry, shapes, version, device, opts.tensorrt.key()), build))
     return jobs
 
 

@@ -58,10 +58,14 @@ class CacheKey:
     capability: str  # compute capability "9.0", "8.7", or ANY (CPU: instruction set)
     precision: str  # "fp16" | "fp32"
     shapes: str  # canonical JSON of the shape profile (see `shapes_json`) or ANY
+    options: str = ANY  # build options that change the artifact (TensorRT: refit, opt level)
 
     @property
     def digest(self) -> str:
-        blob = json.dumps(asdict(self), sort_keys=True).encode()
+        fields = asdict(self)
+        if self.options == ANY:  # keys from before `options` existed keep their folders
+            del fields["options"]
+        blob = json.dumps(fields, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     @property

@@ -82,10 +82,11 @@ def test_dynamic_build_then_cached(bundle, tmp_path, monkeypatch, capsys, versio
     unet_parse = [c[1] for c in gpu.calls("parse_from_file") if c[1].endswith("unet.onnx")]
     assert unet_parse == [str(bundle / "unet.onnx")]  # by path: external data resolves
 
-    timing = list((tmp_path / "tensorrt").glob("timing-Fake-H100-sm9.0-trt*.cache"))
-    assert len(timing) == 1 and len(json.loads(timing[0].read_bytes())) == 4  # one per graph
+    timing = list((tmp_path / "tensorrt").glob("timing-Fake-H100-132-SMs-sm9.0-trt*.cache"))
+    assert len(timing) == 1 and len(json.loads(timing[0].read_bytes())["entries"]) == 4  # per graph
 
-    assert build(bundle, tmp_path) == 0  # second run: everything cached
+    # second run with the same options: everything cached (other options: another plan)
+    assert build(bundle, tmp_path, "--workspace-gb", "2", "--opt-level", "4") == 0
     assert capsys.readouterr().out.count("cached ->") == 4 and len(gpu.builds) == 4
 
 
@@ -195,10 +196,97 @@ def test_cached_engine_picks_and_swaps_plans(bundle, tmp_path, monkeypatch):
     assert e.path == static_plan and len(gpu.calls("deserialize_cuda_engine")) == 1
     step(24)  # 192 px: only the dynamic plan covers it
     assert e.path != static_plan and len(gpu.calls("deserialize_cuda_engine")) == 2
-    step(16)  # back to the static plan
-    assert e.path == static_plan
+    step(16)  # back to the static plan: kept deserialized, not read again
+    assert e.path == static_plan and len(gpu.calls("deserialize_cuda_engine")) == 2
+    assert {type(d).__name__ for d in gpu.deserialized} == {"mmap"}  # mapped, not copied
     with pytest.raises(EngineError, match=r"no TensorRT 10.3.0 plan .* engines.build"):
         step(40)  # 320 px > the profile's 256
     e.release()
     device.release()
     assert gpu.device_mem == {}
+
+
+# --- issue 17 -------------------------------------------------------------------------
+
+def _plans(cache_dir, graph):
+    return [json.loads(p.read_bytes()) for p in (cache_dir / "tensorrt").glob(f"{graph}-*/{graph}.plan")]
+
+
+@pytest.mark.parametrize("version", ["8.6.1", "10.3.0"])
+def test_demo_bundle_with_instancenorm_builds_without_plugins(tmp_path, monkeypatch, version):
+    """The shipped demo (a real torch export: InstanceNormalization for every GroupNorm)
+    parses on 8.6 only with the native flag or the registered plugin; with the flag set
+    the plans carry no plugin, so they need none where they run."""
+    gpu = FakeGPU(trt_version=version).install(monkeypatch)
+    assert main(["demo", "--backend", "tensorrt", "--cache-dir", str(tmp_path),
+                 "--graphs", "unet,vae_decoder"]) == 0
+    assert [p["plugins"] for p in _plans(tmp_path, "unet") + _plans(tmp_path, "vae_decoder")] == [[], []]
+    assert gpu.calls("init_libnvinfer_plugins")
+
+
+def test_tensorrt_11_build_is_refused_in_one_line(bundle, tmp_path, monkeypatch, capsys):
+    FakeGPU(trt_version="11.0.0").install(monkeypatch)
+    assert build(bundle, tmp_path) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "not supported" in err and "<11" in err
+
+
+@pytest.mark.parametrize("damage", ["garbage", "other-gpu", "unwritable"])
+def test_timing_cache_trouble_never_loses_the_plan(bundle, tmp_path, monkeypatch, capsys, damage):
+    """A corrupt or foreign timing cache is replaced, an unwritable one skipped: the
+    plan is built and cached either way, with one warning."""
+    gpu = FakeGPU().install(monkeypatch)
+    timing = tmp_path / "timing.cache"
+    if damage == "garbage":
+        timing.write_bytes(b"\x00not a timing cache")
+    elif damage == "other-gpu":
+        timing.write_bytes(json.dumps({"gpu": "Orin", "entries": ["x"]}).encode())
+    else:
+        blocker = tmp_path / "file"
+        blocker.write_text("")
+        timing = blocker / "timing.cache"  # its folder is a file
+    assert build(bundle, tmp_path, "--graphs", "vae_decoder", "--timing-cache", str(timing)) == 0
+    assert len(_plans(tmp_path, "vae_decoder")) == 1 and len(gpu.builds) == 1
+    assert "warning: timing cache" in capsys.readouterr().err
+    if damage != "unwritable":  # replaced by a valid cache of this GPU
+        assert json.loads(timing.read_bytes()) == {"gpu": "Fake H100",
+                                                   "entries": ["vae_decoder-tactics"]}
+
+
+def test_other_build_options_build_another_plan(bundle, tmp_path, monkeypatch, capsys):
+    """--refit / --opt-level / --workspace-gb after a default build build what was asked
+    (they used to report "cached"); the runtime prefers the plan that is not refittable."""
+    gpu = FakeGPU().install(monkeypatch)
+    assert build(bundle, tmp_path, "--graphs", "unet") == 0
+    for flags in (["--refit"], ["--opt-level", "2"], ["--workspace-gb", "1"]):
+        capsys.readouterr()
+        assert build(bundle, tmp_path, "--graphs", "unet", *flags) == 0
+        assert "done in" in capsys.readouterr().out, flags
+    assert len(gpu.builds) == 4 and gpu.builds[1]["flags"] == ["FP16", "REFIT"]
+    assert build(bundle, tmp_path, "--graphs", "unet", "--refit", "--no-build") == 0
+    manifest = read_manifest(bundle)
+    shapes = {"sample": (2, 4, 16, 16), "timestep": (1,), "encoder_hidden_states": (2, 77, 8)}
+    device = TensorRTDevice(Cuda(gpu.cudart))
+    path = find_plan(manifest.graphs["unet"], shapes, gpu.trt_version, device.info, tmp_path)
+    assert "refit" not in json.loads((path.parent / cache.SIDECAR).read_text())["key"]["options"]
+    device.release()
+
+
+def test_cached_engine_loads_with_only_static_plans_for_other_shapes(bundle, tmp_path, monkeypatch):
+    """load() used to demand a plan covering the manifest's opt shapes; a cache holding
+    only a --static plan for another size now loads, and allocate() uses that plan."""
+    from runtime.backends.tensorrt import CachedTensorRTEngine
+
+    gpu = FakeGPU().install(monkeypatch)
+    assert build(bundle, tmp_path, "--graphs", "unet", "--static", "--opt", "1x64x64") == 0
+    manifest = read_manifest(bundle)
+    device = TensorRTDevice(Cuda(gpu.cudart))
+    with CachedTensorRTEngine(manifest.graphs["unet"], manifest.profile, device, tmp_path) as e:
+        e.load()
+        shapes = {"sample": (2, 4, 8, 8), "timestep": (1,), "encoder_hidden_states": (2, 77, 8)}
+        e.allocate(shapes)
+        e.set_constant("encoder_hidden_states", np.zeros((2, 77, 8), np.float32))
+        x = np.ones(shapes["sample"], np.float32)
+        np.testing.assert_allclose(
+            e.run({"sample": x, "timestep": np.array([2.0], np.float32)})["noise_pred"], 2 * x)
+    device.release()

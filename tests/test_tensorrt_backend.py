@@ -24,16 +24,16 @@ PROFILE = Profile((1, 1, 2), (64, 128, 256), (64, 128, 256)).shapes(SPEC)
 SHAPES = {"sample": (2, 4, 16, 16), "timestep": (1,), "encoder_hidden_states": (2, 77, HIDDEN)}
 
 
-def write_plan(folder, graph="unet", scratch=1 << 20, profile=None):
+def write_plan(folder, graph="unet", scratch=1 << 20, profile=None, plugins=()):
     spec = graph_spec(graph, HIDDEN)
-    plan = {"graph": graph, "hidden": HIDDEN, "scratch": scratch,
+    plan = {"graph": graph, "hidden": HIDDEN, "scratch": scratch, "plugins": list(plugins),
             "profile": profile or Profile((1, 1, 2), (64, 128, 256), (64, 128, 256)).shapes(spec)}
     path = folder / f"{graph}.plan"
     path.write_text(json.dumps(plan))
     return path
 
 
-@pytest.fixture(params=["10.3.0", "8.6.1"])
+@pytest.fixture(params=["10.3.0", "10.0.1", "8.6.1"])
 def gpu(request, monkeypatch):
     return FakeGPU(trt_version=request.param).install(monkeypatch)
 
@@ -78,10 +78,14 @@ def test_context_api_matches_version(gpu, tmp_path):
     e.allocate(SHAPES)
     e.set_constant("encoder_hidden_states", EHS)
     e.run(feeds())
-    if gpu.trt_major >= 10:
+    if gpu.trt >= (10, 1):
         assert gpu.calls("create_execution_context") == [
             ("create_execution_context", "USER_MANAGED")]
-        assert len(gpu.calls("set_device_memory")) == 1
+        assert [c[2] for c in gpu.calls("set_device_memory")] == [1 << 20]  # with its size
+    elif gpu.trt >= (10, 0):  # allocation strategies, but still the v1 memory API
+        assert gpu.calls("create_execution_context") == [
+            ("create_execution_context", "USER_MANAGED")]
+        assert len(gpu.calls("device_memory=")) == 1
     else:
         assert gpu.calls("create_execution_context_without_device_memory")
         assert len(gpu.calls("device_memory=")) == 1
@@ -277,3 +281,66 @@ def test_failed_capture_falls_back_to_plain_runs(gpu, tmp_path):
     np.testing.assert_allclose(e.run(f)["noise_pred"], f["sample"] * 5 + 0.5, rtol=1e-6)
     assert not gpu.calls("cudaGraphLaunch") and len(gpu.calls("cudaStreamBeginCapture")) == 1
     e.release()
+
+
+# --- issue 17: what a review against TensorRT 8.6/10.x found ----------------------------
+
+def test_plugins_registered_before_a_plan_is_deserialized(gpu, tmp_path):
+    """A plan that uses a TensorRT plugin (InstanceNormalization_TRT, from an 8.6 build
+    without the native flag) deserializes only once the plugins are registered."""
+    e = TensorRTEngine(SPEC, write_plan(tmp_path, plugins=["InstanceNormalization_TRT"]),
+                       TensorRTDevice(Cuda(gpu.cudart)))
+    e.load()
+    names = [c[0] for c in gpu.log]
+    assert names.index("init_libnvinfer_plugins") < names.index("deserialize_cuda_engine")
+
+
+@pytest.mark.parametrize("version", ["11.0.0", "8.5.3"])
+def test_unsupported_tensorrt_is_refused_with_one_line(monkeypatch, version):
+    FakeGPU(trt_version=version).install(monkeypatch)
+    why = available()
+    assert why is not None and f"TensorRT {version} is not supported" in why
+    assert "tensorrt-cu12>=10.0,<11" in why and "\n" not in why
+
+
+def test_extras_pin_supported_tensorrt_and_cuda_python():
+    import ast
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
+    extras = ast.literal_eval(re.search(r"^tensorrt = (\[.*\])$", text, re.M).group(1))
+    # the CUDA 12 wheels by name: plain `tensorrt` resolves to the CUDA 13 build from 10.13.2
+    assert sorted(extras) == ["cuda-python>=12,<13", "tensorrt-cu12>=10.0,<11"]
+
+
+def test_zero_scratch_from_the_v2_api_is_used_as_is(monkeypatch, tmp_path):
+    """10.1+: device_memory_size_v2 may be 0 (weight streaming, tiny graphs); the
+    deprecated v1 size is not a fallback for it."""
+    gpu = FakeGPU("10.3.0").install(monkeypatch)
+    e = make_engine(gpu, tmp_path, scratch=0)
+    e.load()
+    assert e.scratch_bytes == 0
+
+
+def test_an_empty_plan_file_is_one_clear_error(gpu, tmp_path):
+    e = make_engine(gpu, tmp_path)
+    e.path.write_bytes(b"")
+    with pytest.raises(EngineError, match="cannot read plan"):
+        e.load()
+
+
+def test_capture_failure_clears_cudas_last_error(gpu, tmp_path):
+    """The failed capture's error must not stay in cudart's last-error slot, where the
+    next enqueue would find it and fail (the fakes' TensorRT checks it, as TensorRT does)."""
+    e = make_engine(gpu, tmp_path, cuda_graph=True)
+    e.load()
+    e.allocate(SHAPES)
+    e.set_constant("encoder_hidden_states", EHS)
+    gpu.fail["cudaGraphInstantiate"] = "cudaErrorStreamCaptureUnsupported"
+    with pytest.warns(RuntimeWarning, match="CUDA graph capture failed"):
+        e.run(feeds(0))
+    gpu.fail.clear()
+    f = feeds(1, t=5.0)
+    np.testing.assert_allclose(e.run(f)["noise_pred"], f["sample"] * 5 + 0.5, rtol=1e-6)
+    assert gpu.calls("cudaGetLastError") and not gpu.refused

@@ -140,6 +140,11 @@ class Cuda:
         except CudaError:
             pass
 
+    def clear_last_error(self) -> None:
+        """Reset cudart's last-error slot (cudaGetLastError), e.g. after a failed capture
+        that we recovered from, so a later check does not report it again."""
+        self.rt.cudaGetLastError()
+
     def instantiate(self, graph: Any) -> Any:
         return self.call("cudaGraphInstantiate", graph, 0)
 

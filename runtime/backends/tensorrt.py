@@ -1,13 +1,16 @@
 """TensorRT backend: FP16 plans run through the name-based tensor API on one CUDA stream.
 
-Works with TensorRT 8.6 (JetPack 6) through 10.x; where the API changed, features are
-detected, not version-parsed:
+Works with TensorRT 8.6 (JetPack 6) through 10.x (11, strongly typed only, is refused
+by `available()`); where the API changed, features are detected, not version-parsed:
   context without its own activation memory:
       10.x  engine.create_execution_context(ExecutionContextAllocationStrategy.USER_MANAGED)
       8.6   engine.create_execution_context_without_device_memory()
   its size / how to hand it over:
-      10.1+ engine.device_memory_size_v2, context.set_device_memory(ptr, size)
-      8.6   engine.device_memory_size,    context.device_memory = ptr
+      10.1+      engine.device_memory_size_v2, context.set_device_memory(ptr, size)
+      8.6, 10.0  engine.device_memory_size,    context.device_memory = ptr
+Plugins are registered before any plan is deserialized (a plan built on 8.6 without
+the native InstanceNormalization flag contains one), and plans are memory-mapped
+rather than read into Python bytes.
 
 Lifecycle (runtime.engine): several engines share one TensorRTDevice (stream, runtime,
 scratch). load() every engine first, so the shared scratch is sized to the largest,
@@ -31,10 +34,12 @@ copies the outputs device -> host and synchronizes the stream once.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import mmap
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -59,12 +64,32 @@ def trt_module() -> Any:
     return tensorrt
 
 
+SUPPORTED = ((8, 6), (11, 0))  # [from, to): the APIs this file is written against
+
+
+def unsupported(version: str) -> str | None:
+    """Why this TensorRT version cannot be used (one line), or None. 11 dropped weakly
+    typed networks (no BuilderFlag.FP16) and device_memory_size: not supported yet."""
+    try:
+        got = tuple(int(x) for x in version.split(".")[:2])
+    except ValueError:
+        return f"TensorRT {version!r}: cannot read its version"
+    if not SUPPORTED[0] <= got < SUPPORTED[1]:
+        return (f"TensorRT {version} is not supported (8.6 to 10.x): install "
+                f"'tensorrt-cu12>=10.0,<11' (pip install '.[tensorrt]'; on Jetson, JetPack 6's "
+                f"own 8.6 or 10.3)")
+    return None
+
+
 def available() -> str | None:
     """None when TensorRT and cuda-python are usable here, else why not (one line)."""
     try:
-        trt_module()
+        trt = trt_module()
     except ImportError:
         return "TensorRT is not installed (pip install tensorrt; JetPack ships it)"
+    why = unsupported(str(getattr(trt, "__version__", "?")))
+    if why:
+        return why
     try:
         from runtime.backends.cuda import runtime_module
 
@@ -78,33 +103,54 @@ def trt_version() -> str:
     return str(getattr(trt_module(), "__version__", "unknown"))
 
 
+@functools.lru_cache(maxsize=1)
+def register_plugins() -> Any:
+    """Register TensorRT's plugins once per process (init_libnvinfer_plugins) with a
+    logger that lives as long as the process: the plugin library keeps a raw pointer to
+    it. Before parsing (builder) and before any deserialize (runtime), as Polygraphy and
+    NVIDIA's demo do."""
+    trt = trt_module()
+    logger = trt.Logger(trt.Logger.WARNING)
+    trt.init_libnvinfer_plugins(logger, "")
+    return logger
+
+
 # --- the cache key of a plan (shared with engines.build) ------------------------------
 
 def plan_key(entry: GraphEntry, profile: cache.ShapeProfile, version: str,
-             device: DeviceInfo) -> cache.CacheKey:
-    """Key of an FP16 plan of one graph for one TensorRT version, GPU and profile."""
+             device: DeviceInfo, options: str = cache.ANY) -> cache.CacheKey:
+    """Key of an FP16 plan of one graph for one TensorRT version, GPU, profile and set of
+    build options (engines.build's `--refit`, `--opt-level`, `--workspace-gb`, so asking
+    for other options builds another plan instead of reporting the old one cached)."""
     return cache.CacheKey(entry.spec.name, cache.graph_sha256(entry), "tensorrt", version,
-                          device.model, device.capability, "fp16", cache.shapes_json(profile))
+                          device.model, device.capability, "fp16", cache.shapes_json(profile),
+                          options)
 
 
-def find_plan(entry: GraphEntry, shapes: Shapes, version: str, device: DeviceInfo,
+def find_plan(entry: GraphEntry, shapes: Shapes | None, version: str, device: DeviceInfo,
               cache_dir: Path | None = None, verify: bool = True) -> Path | None:
     """A cached plan for this graph, TensorRT version and GPU whose profile covers
-    `shapes`: the static plan for exactly these shapes first, else the covering
-    dynamic plan with the smallest max shape. None when there is none."""
-    want = plan_key(entry, cache.static_profile(entry.spec, shapes), version, device)
-    found = cache.lookup(want, cache_dir, verify)
-    if found is not None:
-        return found
+    `shapes`: a static plan for exactly these shapes first, else the covering dynamic
+    plan with the smallest max shape; among equals, one that is not refittable
+    (refittable plans can be slower), then one with default options. Any build options
+    are accepted (engines.build --no-build checks for the exact options asked). `shapes`
+    None: any plan of this graph, the largest profile first. None when there is none."""
+    want = plan_key(entry, {}, version, device)
+    static = cache.shapes_json(cache.static_profile(entry.spec, shapes)) if shapes else None
     fits = []
     for key, _ in cache.entries("tensorrt", entry.spec.name, cache_dir):
         profile = key.profile()
-        if (profile is not None and key.graph_sha256 == want.graph_sha256
-                and key.backend_version == version and key.device == device.model
-                and key.capability == device.capability and cache.covers(profile, shapes)):
-            size = sum(math.prod(row["max"]) for row in profile.values())
-            fits.append((size, key))
-    for _, key in sorted(fits, key=lambda f: f[0]):
+        if (profile is None or key.graph_sha256 != want.graph_sha256
+                or key.backend_version != version or key.device != device.model
+                or key.capability != device.capability
+                or (shapes is not None and not cache.covers(profile, shapes))):
+            continue
+        size = sum(math.prod(row["max"]) for row in profile.values())
+        # `shapes` None (any plan): the largest first, so the shared scratch is sized for
+        # what allocate() may swap to
+        fits.append((key.shapes != static, size if shapes is not None else -size,
+                     "refit" in key.options, key.options != cache.ANY, key.dirname, key))
+    for *_, key in sorted(fits, key=lambda f: f[:5]):
         found = cache.lookup(key, cache_dir, verify)
         if found is not None:
             return found
@@ -125,6 +171,9 @@ class TensorRTDevice:
         self.cuda = cuda or Cuda()
         self.info = self.cuda.device_info()
         self.logger = trt.Logger(getattr(trt.Logger, log_level))
+        # before any deserialize: a plan may use a TensorRT plugin
+        # (InstanceNormalization_TRT in plans built on 8.6 without the native flag)
+        register_plugins()
         self.runtime = trt.Runtime(self.logger)
         self.stream = self.cuda.stream()
         self.scratch_need = 0  # bytes: max over loaded engines
@@ -204,22 +253,36 @@ class TensorRTEngine(Engine):
             if self.device is None:
                 self.device = TensorRTDevice()
             self._check_sidecar(self.device)
-            data = self.path.read_bytes()
-        except OSError as e:
-            raise self.error(f"cannot read plan {self.path}: {e.strerror}") from None
+            engine = self._deserialize(self.device)
+        except (OSError, ValueError) as e:  # ValueError: mmap of an empty file
+            raise self.error(f"cannot read plan {self.path}: {getattr(e, 'strerror', None) or e}"
+                             ) from None
         except (CudaError, ImportError) as e:
             raise self.error(str(e)) from None
-        engine = self.device.runtime.deserialize_cuda_engine(data)
         if engine is None:
-            raise self.error(f"TensorRT could not deserialize {self.path} (built for another "
-                             f"TensorRT version or GPU?); rebuild it with `python -m "
+            raise self.error(f"TensorRT could not deserialize {self.path} (corrupt, or built "
+                             f"for another TensorRT version or GPU); rebuild it with `python -m "
                              f"engines.build BUNDLE --backend tensorrt`")
         self.engine = engine
         self._check_io(engine)
         self.context = self._create_context(engine)
-        self.scratch_bytes = int(getattr(engine, "device_memory_size_v2", None)
-                                 or engine.device_memory_size)
+        # 10.1+: _v2 (includes weight-streaming scratch; 0 is a valid size); 8.6/10.0: v1
+        self.scratch_bytes = int(engine.device_memory_size_v2
+                                 if hasattr(engine, "device_memory_size_v2")
+                                 else engine.device_memory_size)
         self.device.reserve(self.scratch_bytes)
+
+    def _deserialize(self, device: TensorRTDevice) -> trt.ICudaEngine | None:
+        """The plan mapped, not read into Python bytes, so a multi-GB plan is not held
+        twice in host memory while TensorRT deserializes it (Jetson: CPU and GPU share
+        DRAM). Cached plans are replaced atomically, never truncated in place."""
+        with open(self.path, "rb") as f:
+            try:
+                m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            except OSError:  # a filesystem without mmap: read it
+                return device.runtime.deserialize_cuda_engine(f.read())
+            with m:
+                return device.runtime.deserialize_cuda_engine(m)
 
     def _check_sidecar(self, device: TensorRTDevice) -> None:
         """Refuse a cached plan whose sidecar names another TensorRT version or GPU."""
@@ -389,6 +452,7 @@ class TensorRTEngine(Engine):
             if self.graph is None:
                 cuda.abort_capture(device.stream)
             self._drop_graph()
+            cuda.clear_last_error()  # else the next call's error check reports it
             self.cuda_graph = False
             warnings.warn(f"tensorrt engine {self.name!r}: CUDA graph capture failed at shapes "
                           f"{self.shapes} ({e}); running without CUDA graphs",
@@ -443,41 +507,57 @@ class CachedTensorRTEngine(TensorRTEngine):
     to another cached plan when these shapes have a better one (a static plan for
     exactly them) or the loaded plan's profile does not cover them. Plans are found
     with find_plan (this TensorRT version and GPU only); none found is an EngineError
-    that says which `engines.build` command makes one."""
+    that says which `engines.build` command makes one.
+
+    A swapped-out plan stays deserialized (its engine and context, not its buffers), up
+    to `keep_plans` plans per graph, so switching back (guidance on/off between a static
+    and a dynamic UNet plan) does not read and deserialize it again. Each kept plan holds
+    its weights in device memory: `keep_plans=1` on small Jetson modules."""
 
     def __init__(self, entry: GraphEntry, profile: Profile,
                  device: TensorRTDevice | None = None, cache_dir: Path | None = None,
-                 cuda_graph: bool = False, verify: bool = True):
+                 cuda_graph: bool = False, verify: bool = True, keep_plans: int = 2):
         super().__init__(entry.spec, Path(), device, cuda_graph)
         self.entry = entry
         self.profile = profile
         self.cache_dir = cache_dir
         self.verify = verify  # sha256 every plan once per process (size only when False)
         self.found: dict[tuple, Path] = {}  # input shapes -> plan
+        self.keep_plans = max(1, keep_plans)
+        self.parked: dict[Path, tuple[Any, Any, int]] = {}  # plan -> engine, context, scratch
+
+    def _find(self, shapes: Shapes | None) -> Path | None:
+        """find_plan for this graph on this device (created here on first use)."""
+        try:
+            if self.device is None:
+                self.device = TensorRTDevice()
+            version = trt_version()
+        except (CudaError, ImportError) as e:
+            raise self.error(str(e), shapes) from None
+        return find_plan(self.entry, shapes, version, self.device.info, self.cache_dir,
+                         self.verify)
 
     def _plan_for(self, shapes: Shapes) -> Path:
         memo = tuple(sorted((k, tuple(v)) for k, v in shapes.items()))
         if memo not in self.found:
-            try:
-                if self.device is None:
-                    self.device = TensorRTDevice()
-                version = trt_version()
-            except (CudaError, ImportError) as e:
-                raise self.error(str(e), shapes) from None
-            path = find_plan(self.entry, shapes, version, self.device.info, self.cache_dir,
-                             self.verify)
+            path = self._find(shapes)
             if path is None:
+                assert self.device is not None
                 raise self.error(
-                    f"no TensorRT {version} plan for {self.device.info.model} covers these "
-                    f"shapes; build one with `python -m engines.build BUNDLE --backend "
+                    f"no TensorRT {trt_version()} plan for {self.device.info.model} covers "
+                    f"these shapes; build one with `python -m engines.build BUNDLE --backend "
                     f"tensorrt` (--static for one shape, --min/--max for a wider profile)",
                     shapes)
             self.found[memo] = path
         return self.found[memo]
 
     def load(self) -> None:
+        """Load the plan for the profile's opt shapes, or else any plan of this graph for
+        this TensorRT and GPU (e.g. only --static plans for other shapes): allocate() swaps
+        to the right one, and the shared scratch grows then if it needs more."""
         opt = {name: tuple(row["opt"]) for name, row in self.profile.shapes(self.spec).items()}
-        self.path = self._plan_for(opt)
+        path = self._find(opt) or self._find(None)
+        self.path = path if path is not None else self._plan_for(opt)  # the latter raises
         super().load()
 
     def allocate(self, shapes: Shapes) -> None:
@@ -486,19 +566,29 @@ class CachedTensorRTEngine(TensorRTEngine):
             return
         path = self._plan_for(shapes)
         if path != self.path or self.engine is None:
-            self._unload()
-            self.path = path
-            super().load()
+            self._swap(path)
         super().allocate(shapes)
 
+    def _swap(self, path: Path) -> None:
+        """Make `path` the loaded plan: park the current one (its graph and buffers
+        freed), take `path` from the parked ones or deserialize it."""
+        current = (self.engine, self.context, self.scratch_bytes)
+        old = self.path
+        wanted = self.parked.pop(path, None)
+        self._unload()  # graph, buffers; engine/context references dropped here ...
+        if current[0] is not None and self.keep_plans > 1:
+            self.parked[old] = current  # ... but kept alive here
+            while len(self.parked) > self.keep_plans - 1:
+                self.parked.pop(next(iter(self.parked)))  # the oldest
+        self.path = path
+        if wanted is not None:
+            self.engine, self.context, self.scratch_bytes = wanted
+            assert self.device is not None
+            self.device.reserve(self.scratch_bytes)
+        else:
+            super().load()
 
-def open_all(entries: Iterable[tuple[GraphSpec, Path]], cuda_graph: bool = False,
-             device: TensorRTDevice | None = None) -> tuple[TensorRTDevice, list[TensorRTEngine]]:
-    """Create and load engines that share one device, so the shared scratch is sized to
-    the largest before any of them allocates. The caller releases the engines, then the
-    device."""
-    device = device or TensorRTDevice()
-    engines = [TensorRTEngine(spec, path, device, cuda_graph) for spec, path in entries]
-    for e in engines:
-        e.load()
-    return device, engines
+    def release(self) -> None:
+        self.parked = {}  # contexts before engines: each tuple drops both, context last held
+        super().release()
+

@@ -4,11 +4,31 @@ FakeGPU holds one call log shared by both fakes, "device memory" as numpy byte
 arrays keyed by fake pointers, and real page-locked-looking host memory (ctypes
 buffers), so the backend's numpy views over cudaMallocHost pointers work.
 
-Plans are JSON: {"graph", "hidden", "profile": {input: {min,opt,max}}, "scratch"}.
-A fake execution context "runs" a graph with a simple rule per graph (e.g. the UNet
-returns sample * timestep + mean(encoder_hidden_states)), so tests can check that
-the right bytes travel host -> device -> host, and that CUDA graph replays see new
+Plans are JSON: {"graph", "hidden", "profile": {input: {min,opt,max}}, "scratch",
+"plugins"}. A fake execution context "runs" a graph with a simple rule per graph (e.g.
+the UNet returns sample * timestep + mean(encoder_hidden_states)), so tests can check
+that the right bytes travel host -> device -> host, and that CUDA graph replays see new
 inputs.
+
+The fakes are as strict as the real thing where our code could go wrong (each rule has
+a test in tests/test_gpu_fakes.py that breaks it on purpose):
+- CUDA capture: not on the legacy default stream (0); no cudaMalloc/cudaFree/
+  cudaMallocHost/cudaFreeHost/cudaStreamSynchronize while a stream captures (the call
+  fails and the capture is invalidated); a replay runs on the addresses captured, so a
+  graph kept past a re-allocation computes on stale (or freed) buffers.
+- cudart's last-error slot: a failed call leaves its error there until cudaGetLastError;
+  TensorRT's enqueue (execute_async_v3) then fails, as TensorRT does when it finds one.
+- execute_async_v3 fails unless every input shape is set, every I/O tensor has an
+  address, and scratch memory of at least the engine's size is bound.
+- TensorRT versions: 8.6 (context.device_memory, device_memory_size, EXPLICIT_BATCH),
+  10.0 (allocation strategies, still device_memory / device_memory_size), 10.1+
+  (set_device_memory(ptr, size) checked against device_memory_size_v2), 11 (no
+  BuilderFlag.FP16, no device_memory_size: strongly typed only).
+- The ONNX parser knows InstanceNormalization: before 10.0, without the parser flag
+  NATIVE_INSTANCENORM it becomes the InstanceNormalization_TRT plugin, which must be
+  registered (init_libnvinfer_plugins) to parse, and to deserialize a plan that has it.
+- Timing caches: create_timing_cache gives None for bytes that are not a cache; one
+  from another GPU is refused by set_timing_cache and by combine.
 """
 
 from __future__ import annotations
@@ -31,7 +51,9 @@ class _Err(enum.Enum):
     cudaSuccess = 0
     cudaErrorMemoryAllocation = 2
     cudaErrorInvalidValue = 1
+    cudaErrorIllegalAddress = 700
     cudaErrorStreamCaptureUnsupported = 900
+    cudaErrorStreamCaptureInvalidated = 901
 
 
 class _Kind(enum.Enum):
@@ -53,7 +75,9 @@ class _Stream:
 
 @dataclass
 class _Graph:
+    stream: int
     ops: list = field(default_factory=list)
+    invalidated: bool = False
 
 
 @dataclass
@@ -71,6 +95,8 @@ class FakeCudart:
     cudaError_t = _Err
     cudaMemcpyKind = _Kind
     cudaStreamCaptureMode = _Mode
+    UNSAFE_IN_CAPTURE = ("cudaMalloc", "cudaFree", "cudaMallocHost", "cudaFreeHost",
+                         "cudaStreamSynchronize")
 
     def __init__(self, gpu: FakeGPU):
         self.gpu = gpu
@@ -78,12 +104,21 @@ class FakeCudart:
     def _ok(self, fn: str, *values: Any) -> tuple:
         self.gpu.log.append((fn,))
         err = self.gpu.fail.get(fn)
+        if err is None and self.gpu.capturing is not None and fn in self.UNSAFE_IN_CAPTURE:
+            err = "cudaErrorStreamCaptureUnsupported"  # global capture mode forbids it
+            self.gpu.capturing.invalidated = True
         if err:
+            self.gpu.last_error = _Err[err]
             return (_Err[err],) + tuple(None for _ in values)
         return (_Err.cudaSuccess, *values)
 
     def cudaGetErrorName(self, err: _Err) -> tuple:
         return (_Err.cudaSuccess, err.name.encode())
+
+    def cudaGetLastError(self) -> tuple:
+        self.gpu.log.append(("cudaGetLastError",))
+        err, self.gpu.last_error = self.gpu.last_error, None
+        return (err or _Err.cudaSuccess,)
 
     def cudaGetDevice(self) -> tuple:
         return self._ok("cudaGetDevice", 0)
@@ -96,28 +131,43 @@ class FakeCudart:
 
     def cudaMalloc(self, n: int) -> tuple:
         ptr = self.gpu.new_ptr()
-        self.gpu.device_mem[ptr] = np.zeros(n, np.uint8)
-        self.gpu.mallocs += 1
-        return self._ok("cudaMalloc", ptr)
+        r = self._ok("cudaMalloc", ptr)
+        if r[0] is _Err.cudaSuccess:
+            self.gpu.device_mem[ptr] = np.zeros(n, np.uint8)
+            self.gpu.mallocs += 1
+        return r
 
     def cudaFree(self, ptr: int) -> tuple:
-        del self.gpu.device_mem[ptr]
-        return self._ok("cudaFree")
+        r = self._ok("cudaFree")
+        if r[0] is _Err.cudaSuccess:
+            del self.gpu.device_mem[ptr]
+        return r
 
     def cudaMallocHost(self, n: int) -> tuple:
         buf = ctypes.create_string_buffer(n)
-        self.gpu.host_mem[ctypes.addressof(buf)] = buf
-        return self._ok("cudaMallocHost", ctypes.addressof(buf))
+        r = self._ok("cudaMallocHost", ctypes.addressof(buf))
+        if r[0] is _Err.cudaSuccess:
+            self.gpu.host_mem[ctypes.addressof(buf)] = buf
+        return r
 
     def cudaFreeHost(self, ptr: int) -> tuple:
-        del self.gpu.host_mem[ptr]
-        return self._ok("cudaFreeHost")
+        r = self._ok("cudaFreeHost")
+        if r[0] is _Err.cudaSuccess:
+            del self.gpu.host_mem[ptr]
+        return r
 
     def cudaMemcpyAsync(self, dst: int, src: int, n: int, kind: _Kind, stream: Any) -> tuple:
-        if kind is _Kind.cudaMemcpyHostToDevice:
-            self.gpu.device_mem[dst][:n] = np.frombuffer(ctypes.string_at(src, n), np.uint8)
+        def copy() -> None:
+            if kind is _Kind.cudaMemcpyHostToDevice:
+                self.gpu.device_mem[dst][:n] = np.frombuffer(ctypes.string_at(src, n), np.uint8)
+            else:
+                ctypes.memmove(dst, self.gpu.device_mem[src].ctypes.data, n)
+
+        cap = self.gpu.capturing
+        if cap is not None and cap.stream == int(stream):
+            cap.ops.append(copy)  # a captured copy node
         else:
-            ctypes.memmove(dst, self.gpu.device_mem[src].ctypes.data, n)
+            copy()
         r = self._ok("cudaMemcpyAsync")
         self.gpu.log[-1] = ("cudaMemcpyAsync", kind.name[10:], dst if kind.value == 1 else src)
         return r
@@ -132,12 +182,21 @@ class FakeCudart:
         return self._ok("cudaStreamDestroy")
 
     def cudaStreamBeginCapture(self, stream: Any, mode: _Mode) -> tuple:
-        self.gpu.capturing = _Graph()
+        if int(stream) == 0:  # the legacy default stream cannot be captured
+            return self._fail("cudaStreamBeginCapture", "cudaErrorStreamCaptureUnsupported")
+        self.gpu.capturing = _Graph(int(stream))
         return self._ok("cudaStreamBeginCapture")
 
     def cudaStreamEndCapture(self, stream: Any) -> tuple:
         graph, self.gpu.capturing = self.gpu.capturing, None
+        if graph is None or graph.invalidated:
+            return self._fail("cudaStreamEndCapture", "cudaErrorStreamCaptureInvalidated", None)
         return self._ok("cudaStreamEndCapture", graph)
+
+    def _fail(self, fn: str, err: str, *values: Any) -> tuple:
+        self.gpu.log.append((fn,))
+        self.gpu.last_error = _Err[err]
+        return (_Err[err], *values)
 
     def cudaGraphInstantiate(self, graph: _Graph, flags: int) -> tuple:
         return self._ok("cudaGraphInstantiate", ("exec", graph))
@@ -145,6 +204,8 @@ class FakeCudart:
     def cudaGraphLaunch(self, graph_exec: tuple, stream: Any) -> tuple:
         for op in graph_exec[1].ops:
             op()
+        if self.gpu.sticky is not None:  # a replay touched freed memory
+            return self._fail("cudaGraphLaunch", self.gpu.sticky.name)
         return self._ok("cudaGraphLaunch")
 
     def cudaGraphExecDestroy(self, graph_exec: Any) -> tuple:
@@ -183,11 +244,14 @@ def _compute(graph: str, ins: dict[str, np.ndarray], outs: dict[str, np.ndarray]
 
 
 class FakeContext:
+    """TensorRT 10.1+: set_device_memory(ptr, size)."""
+
     def __init__(self, engine: FakeEngine):
         self.engine, self.gpu = engine, engine.gpu
         self.input_shapes: dict[str, tuple] = {}
         self.addresses: dict[str, int] = {}
         self.device_memory_ptr: int | None = None
+        self.device_memory_size: int | None = None  # as told by set_device_memory
 
     def _log(self, *entry: Any) -> None:
         self.gpu.log.append(entry)
@@ -216,36 +280,66 @@ class FakeContext:
 
     def set_device_memory(self, ptr: int, size: int) -> None:  # TensorRT 10.1+
         self._log("set_device_memory", ptr, size)
-        self.device_memory_ptr = ptr
+        self.device_memory_ptr, self.device_memory_size = ptr, size
+
+    def _ready(self) -> str | None:
+        """What TensorRT would refuse to enqueue for, or None."""
+        spec, need = self.engine.spec, self.engine.scratch
+        unset = [t.name for t in spec.inputs if t.name not in self.input_shapes]
+        unbound = [n for n in self.engine.names if n not in self.addresses]
+        if unset or unbound:
+            return f"input shapes {unset} / tensor addresses {unbound} not set"
+        ptr = self.device_memory_ptr
+        if need and (ptr is None or ptr not in self.gpu.device_mem):
+            return "no scratch memory bound"
+        told = self.device_memory_size
+        have = self.gpu.device_mem[ptr].size if need else 0
+        if need and (have < need or (told is not None and told < need)):
+            return f"scratch of {told if told is not None else have} bytes, {need} needed"
+        if self.gpu.last_error is not None:  # TensorRT checks cudart's error after launch
+            return f"CUDA error pending from an earlier call: {self.gpu.last_error.name}"
+        return None
 
     def execute_async_v3(self, stream: int) -> bool:
         self._log("execute_async_v3", int(stream))
         assert isinstance(stream, int), "execute_async_v3 takes an int stream handle"
-        if self.gpu.fail_execute:
+        if self.gpu.fail_execute or self._ready() is not None:
+            self.gpu.refused.append(self._ready() or "fail_execute")
             return False
-        assert self.device_memory_ptr is not None, "no scratch memory bound"
-        op = self._run
-        if self.gpu.capturing is not None:
-            self.gpu.capturing.ops.append(op)  # recorded, not run (as CUDA capture)
+        cap = self.gpu.capturing
+        spec = self.engine.spec
+        shapes = {t.name: self.get_tensor_shape(t.name) for t in (*spec.inputs, *spec.outputs)}
+        op = self._op(dict(self.addresses), self.device_memory_ptr, shapes)
+        if cap is not None and int(stream) == cap.stream:
+            cap.ops.append(op)  # recorded, not run; a replay uses what is bound NOW
+        elif cap is not None and int(stream) == 0:  # legacy stream while capturing: illegal
+            cap.invalidated = True
+            self.gpu.last_error = _Err.cudaErrorStreamCaptureInvalidated
+            self.gpu.refused.append("enqueue on the legacy stream during a capture")
+            return False
         else:
-            op()
+            op()  # another stream runs now, and the graph being captured stays empty
         return True
 
-    def _run(self) -> None:
-        spec, mem = self.engine.spec, self.gpu.device_mem
+    def _op(self, addresses: dict[str, int], scratch: int | None, shapes: dict[str, tuple]):
+        def run() -> None:
+            mem = self.gpu.device_mem
+            if any(p not in mem for p in (*addresses.values(), scratch) if p is not None):
+                self.gpu.sticky = _Err.cudaErrorIllegalAddress  # a stale graph's freed buffer
+                return
+            spec = self.engine.spec
 
-        def view(t, shape):
-            return mem[self.addresses[t.name]].view(np.dtype(t.dtype)).reshape(shape)
+            def view(t):
+                return mem[addresses[t.name]].view(np.dtype(t.dtype)).reshape(shapes[t.name])
 
-        shapes = {t.name: self.get_tensor_shape(t.name) for t in (*spec.inputs, *spec.outputs)}
-        ins = {t.name: view(t, shapes[t.name]) for t in spec.inputs}
-        outs = {t.name: view(t, shapes[t.name]) for t in spec.outputs}
-        self.gpu.executed.append(spec.name)
-        _compute(spec.name, ins, outs)
+            self.gpu.executed.append(spec.name)
+            _compute(spec.name, {t.name: view(t) for t in spec.inputs},
+                     {t.name: view(t) for t in spec.outputs})
+        return run
 
 
-class FakeContext86(FakeContext):
-    """TensorRT 8.6: `context.device_memory = ptr`, no set_device_memory."""
+class FakeContextV1(FakeContext):
+    """TensorRT 8.6 and 10.0: `context.device_memory = ptr` (no size), no set_device_memory."""
 
     def __getattribute__(self, name: str) -> Any:
         if name == "set_device_memory":
@@ -269,16 +363,20 @@ class FakeEngine:
         self.profile = plan["profile"]
         self.scratch = plan["scratch"]
         self.names = [t.name for t in (*self.spec.inputs, *self.spec.outputs)]
-        if gpu.trt_major >= 10:
-            self.device_memory_size_v2 = self.scratch
+
+    def __getattr__(self, name: str) -> Any:
+        v = self.gpu.trt
+        if name == "device_memory_size_v2" and v >= (10, 1):
+            return self.scratch
+        if name == "device_memory_size" and v < (11, 0):
+            if v >= (10, 1) and self.scratch == 0:
+                return 1 << 30  # deprecated in 10.1+: not what the v2 API reports
+            return self.scratch
+        raise AttributeError(name)
 
     @property
     def num_io_tensors(self) -> int:
         return len(self.names)
-
-    @property
-    def device_memory_size(self) -> int:
-        return self.scratch
 
     def get_tensor_name(self, i: int) -> str:
         return self.names[i]
@@ -296,43 +394,63 @@ class FakeEngine:
 
     def create_execution_context(self, strategy: Any = None) -> FakeContext:
         self.gpu.log.append(("create_execution_context", getattr(strategy, "name", None)))
-        return FakeContext(self)
+        assert self.gpu.trt >= (10, 0), "TensorRT 8.6 has no allocation strategies"
+        return FakeContext(self) if self.gpu.trt >= (10, 1) else FakeContextV1(self)
 
     def create_execution_context_without_device_memory(self) -> FakeContext:
         self.gpu.log.append(("create_execution_context_without_device_memory",))
-        return FakeContext86(self)
+        return FakeContextV1(self)
 
 
 class FakeRuntime:
     def __init__(self, gpu: FakeGPU, logger: Any):
         self.gpu = gpu
 
-    def deserialize_cuda_engine(self, data: bytes) -> FakeEngine | None:
+    def deserialize_cuda_engine(self, data: Any) -> FakeEngine | None:
         self.gpu.log.append(("deserialize_cuda_engine",))
+        self.gpu.deserialized.append(data)  # what was passed: bytes, or a mapped file
         try:
-            return FakeEngine(self.gpu, json.loads(data))
+            plan = json.loads(bytes(data))
+            engine = FakeEngine(self.gpu, plan)
         except (ValueError, KeyError):
             return None  # as TensorRT does for a foreign or corrupt plan
+        if plan.get("plugins") and not self.gpu.plugins_registered:
+            return None  # "getPluginCreator could not find plugin InstanceNormalization_TRT"
+        return engine
 
 
 # --- builder side ------------------------------------------------------------------------
 
 class FakeTimingCache:
-    def __init__(self, data: bytes):
-        self.entries = set(json.loads(data)) if data else set()
+    def __init__(self, gpu_name: str, entries: set[str] | None = None):
+        self.gpu_name = gpu_name
+        self.entries = set(entries or ())
+
+    @staticmethod
+    def parse(data: bytes, gpu_name: str) -> FakeTimingCache | None:
+        if not data:
+            return FakeTimingCache(gpu_name)
+        try:
+            d = json.loads(data)
+            return FakeTimingCache(d["gpu"], set(d["entries"]))
+        except (ValueError, KeyError, TypeError):
+            return None  # not a timing cache
 
     def combine(self, other: FakeTimingCache, ignore_mismatch: bool) -> bool:
+        if other.gpu_name != self.gpu_name and not ignore_mismatch:
+            return False
         self.entries |= other.entries
         return True
 
     def serialize(self) -> bytes:
-        return json.dumps(sorted(self.entries)).encode()
+        return json.dumps({"gpu": self.gpu_name, "entries": sorted(self.entries)}).encode()
 
 
 class FakeNetwork:
     def __init__(self):
         self.inputs: list[types.SimpleNamespace] = []
         self.name = ""
+        self.plugins: set[str] = set()
 
     @property
     def num_inputs(self) -> int:
@@ -345,11 +463,26 @@ class FakeNetwork:
 class FakeParser:
     def __init__(self, gpu: FakeGPU, network: FakeNetwork, logger: Any):
         self.gpu, self.network = gpu, network
-        self.num_errors = 0
+        self.flags: set = set()
+        self.errors: list[str] = []
+
+    @property
+    def num_errors(self) -> int:
+        return len(self.errors)
+
+    def set_flag(self, flag: Any) -> None:
+        self.flags.add(flag)
 
     def parse_from_file(self, path: str) -> bool:
         self.gpu.log.append(("parse_from_file", path))
         model = onnx.load(path)  # loads external data from beside the file, as TensorRT
+        native = self.gpu.trt >= (10, 0) or _ParserFlag.NATIVE_INSTANCENORM in self.flags
+        if not native and any(n.op_type == "InstanceNormalization" for n in model.graph.node):
+            if not self.gpu.plugins_registered:
+                self.errors.append("getPluginCreator could not find plugin "
+                                   "InstanceNormalization_TRT version 1")
+                return False
+            self.network.plugins.add("InstanceNormalization_TRT")
         self.network.name = model.graph.name
         self.network.inputs = [
             types.SimpleNamespace(name=i.name, shape=tuple(
@@ -359,7 +492,7 @@ class FakeParser:
         return True
 
     def get_error(self, i: int) -> str:
-        return "fake parse error"
+        return self.errors[i]
 
 
 class FakeConfig:
@@ -381,10 +514,12 @@ class FakeConfig:
         self.profiles.append(profile)
         return len(self.profiles) - 1
 
-    def create_timing_cache(self, data: bytes) -> FakeTimingCache:
-        return FakeTimingCache(bytes(data))
+    def create_timing_cache(self, data: Any) -> FakeTimingCache | None:
+        return FakeTimingCache.parse(bytes(data), self.gpu.device[0])
 
     def set_timing_cache(self, cache: FakeTimingCache, ignore_mismatch: bool) -> bool:
+        if cache.gpu_name != self.gpu.device[0] and not ignore_mismatch:
+            return False
         self.timing_cache = cache
         return True
 
@@ -420,8 +555,12 @@ class FakeBuilder:
         assert config.timing_cache is not None
         config.timing_cache.entries.add(f"{network.name}-tactics")
         plan = {"graph": network.name, "hidden": 8, "profile": config.profiles[0],
-                "scratch": 1 << 20}
+                "scratch": 1 << 20, "plugins": sorted(network.plugins)}
         return json.dumps(plan).encode()
+
+
+class _ParserFlag(enum.Enum):
+    NATIVE_INSTANCENORM = 0
 
 
 class FakeGPU:
@@ -429,7 +568,8 @@ class FakeGPU:
 
     def __init__(self, trt_version: str = "10.3.0", device: tuple[str, str] = ("Fake H100", "9.0")):
         self.trt_version = trt_version
-        self.trt_major = int(trt_version.split(".")[0])
+        self.trt = tuple(int(x) for x in trt_version.split(".")[:2])
+        self.trt_major = self.trt[0]
         self.device = device
         self.log: list[tuple] = []
         self.device_mem: dict[int, np.ndarray] = {}
@@ -437,7 +577,12 @@ class FakeGPU:
         self.fail: dict[str, str] = {}  # cudart function -> error name to return
         self.fail_execute = False
         self.capturing: _Graph | None = None
+        self.last_error: _Err | None = None  # cudart's last-error slot
+        self.sticky: _Err | None = None  # an error no call clears (illegal address)
+        self.plugins_registered = False
         self.executed: list[str] = []
+        self.deserialized: list[Any] = []
+        self.refused: list[str] = []  # why execute_async_v3 returned False
         self.builds: list[dict] = []
         self.mallocs = 0
         self._next = 0x1000
@@ -454,6 +599,10 @@ class FakeGPU:
             monkeypatch.setitem(sys.modules, name, mod)
         # modules that `import tensorrt` at top level must bind this fake, not the last one
         monkeypatch.delitem(sys.modules, "engines.tensorrt_build", raising=False)
+        # plugins are registered once per process; each fake GPU is a new "process"
+        from runtime.backends.tensorrt import register_plugins
+
+        register_plugins.cache_clear()
         return self
 
     def new_ptr(self) -> int:
@@ -462,6 +611,11 @@ class FakeGPU:
 
     def calls(self, *names: str) -> list[tuple]:
         return [c for c in self.log if c[0] in names]
+
+    def _register_plugins(self, logger: Any, namespace: str) -> bool:
+        self.log.append(("init_libnvinfer_plugins", namespace))
+        self.plugins_registered = True
+        return True
 
     def _module(self) -> types.ModuleType:
         gpu = self
@@ -472,11 +626,15 @@ class FakeGPU:
         m.Runtime = lambda logger: FakeRuntime(gpu, logger)
         m.Builder = lambda logger: FakeBuilder(gpu, logger)
         m.OnnxParser = lambda network, logger: FakeParser(gpu, network, logger)
+        m.OnnxParserFlag = _ParserFlag
+        m.init_libnvinfer_plugins = self._register_plugins
         m.TensorIOMode = _IOMode
         m.DataType = _DataType
         m.nptype = _nptype
         m.Dims = lambda shape: tuple(shape)
-        m.BuilderFlag = types.SimpleNamespace(FP16="FP16", REFIT="REFIT")
+        # 11 builds strongly typed networks only: no FP16 flag
+        flags = {"REFIT": "REFIT", **({"FP16": "FP16"} if self.trt_major < 11 else {})}
+        m.BuilderFlag = types.SimpleNamespace(**flags)
         m.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")
         flags = {"EXPLICIT_BATCH": 0} if self.trt_major < 11 else {}
         m.NetworkDefinitionCreationFlag = types.SimpleNamespace(**flags)
