@@ -38,7 +38,8 @@ def build(s: Settings, bundle: Path, log: Callable[[str], None]) -> dict:
         lines.append(msg)
         log(msg)
 
-    pipe = Pipeline(bundle, s.backend, safety=s.safety, cuda_graph=s.cuda_graph, log=keep)
+    pipe = Pipeline(bundle, s.backend, safety=s.safety, cuda_graph=s.cuda_graph,
+                    precision=s.precision, log=keep)
     out["load_seconds"] = pipe.load_seconds
     pipe.close()
     per_graph = {}

@@ -9,8 +9,8 @@ import re
 import shutil
 import subprocess
 
-PACKAGES = ("numpy", "onnxruntime", "onnxruntime-gpu", "tokenizers", "onnx", "torch", "diffusers",
-            "transformers", "tensorrt", "cuda-python", "pillow")
+PACKAGES = ("numpy", "onnxruntime", "onnxruntime-gpu", "openvino", "tokenizers", "onnx", "torch",
+            "diffusers", "transformers", "tensorrt", "cuda-python", "pillow")
 
 
 def _cpu_model() -> str:

@@ -21,6 +21,7 @@ HOST_OVERHEAD_TARGET = 0.2e-3  # seconds per step at 64x64 latents (issue 6)
 E2E_TARGET = 1.3  # ORT CPU end to end vs diffusers eager on the same CPU
 GPU_E2E_TARGET = 1.5  # on a GPU, vs diffusers fp16 (SDPA) on the same GPU (issue 11)
 GPU_SECONDS_TARGET = 0.35  # 512x512, 50 steps, CFG, batch 1 on an H100/H200 (issue 11)
+CPU_UNET_TARGETS = (2.5, 1.25)  # UNet per call vs diffusers fp32, bf16 on the same CPU (issue 10)
 H100_FLOOR = 0.10  # s per 512x512 / 50 steps / CFG image (DESIGN.md physical reference)
 
 
@@ -76,7 +77,8 @@ def markdown(r: dict) -> str:
     s, m, ours, base = r["settings"], r["machine"], r.get("ours") or {}, r.get("diffusers") or {}
     calls = ours.get("unet_calls_per_image") or base.get("unet_calls_per_image")
     lines = [
-        f"# {model_label(r)}: {s['backend']} vs diffusers ({r['baseline']}), {m['name']}",
+        f"# {model_label(r)}: {s['backend']} {ours_precision(r)}vs diffusers ({r['baseline']}), "
+        f"{m['name']}",
         "",
         f"- Machine: {m['cpu']}, {m['cpu_cores']} cores, {fmt_bytes(m.get('memory_bytes'))} RAM"
         + (f"; GPU {m['gpus'][0]['name']}" if m["gpus"] else "; no GPU"),
@@ -110,11 +112,16 @@ def markdown(r: dict) -> str:
         lines.append(f"| *Estimated end to end at 50 steps ({calls_50} calls)* | {fmt_s(a)} | | | "
                      f"{fmt_s(b)} | | | {ratio(b, a)} |")
     one = [
-        ("Load (ours: warm engine cache; diffusers: building the modules)", ours.get("load_seconds"),
+        ("Load (ours: engines from the cache or compiled; diffusers: building the modules)",
+         ours.get("load_seconds"),
          base.get("load_seconds"), fmt_s),
         ("Cold start: process start to first image", ours.get("cold_start_seconds"),
          base.get("cold_start_seconds"), fmt_s),
         (f"Peak RSS, batch {s['batch_size']}", ours.get("peak_rss"), base.get("peak_rss"), fmt_bytes),
+        ("RSS after the timed runs: allocated (RssAnon)", (ours.get("rss_after_runs") or {}).get("anon"),
+         (base.get("rss_after_runs") or {}).get("anon"), fmt_bytes),
+        ("RSS after the timed runs: mapped files (RssFile)", (ours.get("rss_after_runs") or {}).get("file"),
+         (base.get("rss_after_runs") or {}).get("file"), fmt_bytes),
         ("Peak device memory", ours.get("peak_device_memory"), base.get("peak_device_memory"), fmt_bytes),
     ]
     build = r.get("build") or {}
@@ -133,6 +140,7 @@ def markdown(r: dict) -> str:
         fb = f"{b['images_per_s']:.3g} img/s" if "images_per_s" in b else b.get("skipped", "-")
         lines.append(f"| Throughput, batch {batch} | {fa} | {fb} | "
                      f"{ratio(a.get('images_per_s'), b.get('images_per_s'))} |")
+    lines += more_baselines(r)
     lines += ["", "Cold start is a fresh process (interpreter, imports, load, first image; the "
               "baseline's weight-hash check taken out); throughput is images per call time."]
     lines += ["", "Times are wall clock on the host" + (
@@ -141,6 +149,31 @@ def markdown(r: dict) -> str:
     lines += ["", "## Against the targets (reported, not asserted)", ""]
     lines += [f"- {t}" for t in targets(r)]
     return "\n".join(lines) + "\n"
+
+
+def ours_precision(r: dict) -> str:
+    """"bf16 " etc.: what our side ran (results before precisions existed: "")."""
+    p = ((r.get("ours") or {}).get("weights") or {}).get("precision")
+    return f"{p} " if p else ""
+
+
+def more_baselines(r: dict) -> list[str]:
+    """The same run's other diffusers baselines (--baseline-dtype a,b): the rows a
+    reader compares first."""
+    ours, out = r.get("ours") or {}, []
+    for dtype, base in (r.get("more_baselines") or {}).items():
+        out += ["", f"Against diffusers {dtype} (same run, its own process):", "",
+                f"| | ours | diffusers {dtype} | ours better by |", "|---|---|---|---|"]
+        for key, label in (("unet_step", "UNet, one call"), ("total", "End to end, one call")):
+            a, b = _stage(ours, key).get("p50"), _stage(base, key).get("p50")
+            out.append(f"| {label} (p50) | {fmt_s(a)} | {fmt_s(b)} | {ratio(b, a)} |")
+        a, b = ours.get("peak_rss"), base.get("peak_rss")
+        out.append(f"| Peak RSS | {fmt_bytes(a)} | {fmt_bytes(b)} | {ratio(b, a)} |")
+        c = base.get("closeness")
+        if c and "max_abs" in c:
+            out.append(f"| Image difference to ours (max / mean, /255) | | {c['max_abs']} / "
+                       f"{c['mean_abs']:.3f} | |")
+    return out
 
 
 def targets(r: dict) -> list[str]:
@@ -159,11 +192,23 @@ def targets(r: dict) -> list[str]:
                    f"{alloc['bytes_per_step_max']} max, numpy/Python (tracemalloc; ORT's arena not "
                    f"seen) (target zero: {verdict})")
     a, b = _stage(ours, "total").get("p50"), _stage(base, "total").get("p50")
-    gpu = s.get("backend", "ort-cpu") != "ort-cpu"  # GPU targets for GPU backends only
+    gpu = s.get("backend") in ("ort-cuda", "tensorrt")  # GPU targets for GPU backends only
     if a and b:
         want = GPU_E2E_TARGET if gpu else E2E_TARGET
         verdict = "met" if b / a >= want else "missed"
         out.append(f"End to end vs diffusers: {b / a:.2f}x (target >= {want}x: {verdict})")
+    if s.get("backend") in ("openvino", "ort-cpu"):  # issue 10's CPU targets
+        baselines = {s.get("baseline_dtype", "float32"): base, **(r.get("more_baselines") or {})}
+        for dtype, want in zip(("float32", "bfloat16"), CPU_UNET_TARGETS, strict=True):
+            u_a = _stage(ours, "unet_step").get("p50")
+            u_b = _stage(baselines.get(dtype) or {}, "unet_step").get("p50")
+            if u_a and u_b:
+                out.append(f"UNet per call vs diffusers {dtype}: {u_b / u_a:.2f}x (target >= "
+                           f"{want}x: {'met' if u_b / u_a >= want else 'missed'})")
+        pa, pb = ours.get("peak_rss"), base.get("peak_rss")
+        if pa and pb:
+            out.append(f"Peak RSS vs diffusers: {fmt_bytes(pa)} vs {fmt_bytes(pb)} (target <=: "
+                       f"{'met' if pa <= pb else 'missed'})")
     if gpu and a and (s["height"], s["width"], s["steps"], s["batch_size"]) == (512, 512, 50, 1):
         verdict = "met" if a <= GPU_SECONDS_TARGET else "missed"
         out.append(f"End to end: {fmt_s(a)} (target <= {GPU_SECONDS_TARGET} s on an H100/H200: "

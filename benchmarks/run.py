@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,8 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:
     d = Settings()
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
     p.add_argument("--model", default=d.model, help="demo | sd14-random | bundle folder")
-    p.add_argument("--backend", default=d.backend, choices=("ort-cpu", "ort-cuda", "tensorrt"),
+    p.add_argument("--backend", default=d.backend,
+                   choices=("ort-cpu", "openvino", "ort-cuda", "tensorrt"),
                    help="ours (ort-cuda / tensorrt: written, untested on a GPU yet)")
     p.add_argument("--prompt", default=d.prompt)
     p.add_argument("--negative-prompt", default=d.negative_prompt)
@@ -54,32 +56,39 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:
     p.add_argument("--no-alloc-probe", action="store_true", help="skip the tracemalloc run")
     p.add_argument("--no-cuda-graph", action="store_true",
                    help="ours: run the UNet kernel by kernel instead of replaying a CUDA graph")
+    p.add_argument("--precision", default=d.precision, choices=("auto", "fp32", "bf16", "fp16"),
+                   help="ours (see python -m runtime.generate --help)")
     p.add_argument("--no-build", action="store_true",
                    help="skip the engine build; use the default engine cache as it is")
     p.add_argument("--no-baseline", action="store_true", help="ours only")
     p.add_argument("--baseline-device", default=d.baseline_device, choices=("cpu", "cuda"))
-    p.add_argument("--baseline-dtype", default=d.baseline_dtype, choices=("float32", "float16"),
-                   help="float16 needs --baseline-device cuda (untested here)")
+    p.add_argument("--baseline-dtype", default=d.baseline_dtype,
+                   help="float32, bfloat16 or float16 (cuda), or several comma-separated: "
+                        "each runs in its own process, the first is the main comparison")
     p.add_argument("--compile", action="store_true", help="torch.compile the baseline UNet (untested)")
     p.add_argument("--out", type=Path, default=RESULTS, help=f"results folder (default {RESULTS})")
     p.add_argument("--name", help="file stem (default: model-backend-size-steps-machine)")
     a = p.parse_args(argv)
     batches = tuple(int(x) for x in a.throughput_batches.split(",") if x.strip())
+    a.baseline_dtypes = [x.strip() for x in a.baseline_dtype.split(",") if x.strip()]
+    bad = [x for x in a.baseline_dtypes if x not in ("float32", "bfloat16", "float16")]
+    if bad or not a.baseline_dtypes:
+        p.error(f"--baseline-dtype: {', '.join(bad) or 'none'} is not float32, bfloat16 or float16")
     s = Settings(a.model, a.backend, a.prompt, a.negative_prompt, a.steps, a.scheduler,
                  a.guidance_scale, a.height, a.width, a.batch_size, a.seed, a.warmup, a.runs,
                  batches, a.throughput_warmup, a.throughput_runs, not a.no_safety,
-                 not a.no_alloc_probe, not a.no_cuda_graph, a.baseline_device, a.baseline_dtype,
-                 a.compile)
+                 not a.no_alloc_probe, not a.no_cuda_graph, a.precision, a.baseline_device,
+                 a.baseline_dtypes[0], a.compile)
     if s.runs < 1 or s.warmup < 0 or s.warmup + s.runs < 1:
         p.error("--runs must be >= 1 and --warmup >= 0")
-    if s.baseline_dtype == "float16" and s.baseline_device == "cpu":
+    if "float16" in a.baseline_dtypes and s.baseline_device == "cpu":
         p.error("--baseline-dtype float16 needs --baseline-device cuda")
     return s, a
 
 
-def spawn(which: str, s: Settings, work: Path, env: dict[str, str]) -> dict:
+def spawn(which: str, s: Settings, work: Path, env: dict[str, str], tag: str = "") -> dict:
     """Run one worker process to completion; its figures (partial if it died)."""
-    out = work / f"{which}.json"
+    out = work / f"{which}{tag}.json"
     print(f"--- {which}: starting a fresh process", file=sys.stderr, flush=True)
     cmd = [sys.executable, "-m", "benchmarks.worker", which, s.to_json(), str(out), repr(time.time())]
     rc = subprocess.run(cmd, env=env).returncode
@@ -90,8 +99,8 @@ def spawn(which: str, s: Settings, work: Path, env: dict[str, str]) -> dict:
     return result
 
 
-def closeness(work: Path, result: dict) -> dict | None:
-    a, b = work / "ours.images.npy", work / "diffusers.images.npy"
+def closeness(work: Path, result: dict, tag: str = "") -> dict | None:
+    a, b = work / "ours.images.npy", work / f"diffusers{tag}.images.npy"
     if not (a.is_file() and b.is_file()):
         return None
     x, y = np.load(a).astype(np.int16), np.load(b).astype(np.int16)  # [B, H, W, 3]
@@ -131,6 +140,12 @@ def main(argv: list[str] | None = None) -> int:
         if not a.no_baseline:
             result["diffusers"] = spawn("diffusers", s, work, env)
             result["closeness"] = closeness(work, result)
+            result["more_baselines"] = {}  # the other --baseline-dtype values, same run
+            for dtype in a.baseline_dtypes[1:]:
+                other = spawn("diffusers", replace(s, baseline_dtype=dtype), work, env, f"-{dtype}")
+                other["closeness"] = closeness(work, {"ours": result["ours"], "diffusers": other},
+                                               f"-{dtype}")
+                result["more_baselines"][dtype] = other
     finally:
         shutil.rmtree(work, ignore_errors=True)
     result["load_average_at_end"] = machine.load_average()
@@ -141,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     for p in paths.values():
         print(f"wrote {p}", file=sys.stderr)
     failed = [k for k in ("build", "ours", "diffusers") if result.get(k, {}).get("returncode", 0)]
+    failed += [f"diffusers {k}" for k, v in result.get("more_baselines", {}).items() if v.get("returncode")]
     return 1 if failed else 0
 
 

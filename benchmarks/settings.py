@@ -29,6 +29,7 @@ class Settings:
     safety: bool = True
     alloc_probe: bool = True
     cuda_graph: bool = True  # ours: the UNet replayed as a CUDA graph (tensorrt, ort-cuda)
+    precision: str = "auto"  # ours: auto | fp32 | bf16 | fp16 (runtime.backends.resolve_precision)
     # the diffusers baseline
     baseline_device: str = "cpu"
     baseline_dtype: str = "float32"

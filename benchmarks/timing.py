@@ -42,6 +42,13 @@ def rss_bytes() -> int | None:
     return None if kb is None else kb * 1024
 
 
+def rss_split() -> dict[str, int | None]:
+    """Resident memory now, split: allocated (RssAnon) and mapped files (RssFile, e.g.
+    weights mapped from the bundle: clean page cache the kernel can drop)."""
+    return {k: (None if (kb := _status_kb(f)) is None else kb * 1024)
+            for k, f in (("anon", "RssAnon"), ("file", "RssFile"))}
+
+
 def peak_rss_bytes() -> int:
     """Peak resident set size of this process so far (VmHWM, else getrusage)."""
     kb = _status_kb("VmHWM")

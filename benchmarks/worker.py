@@ -26,6 +26,7 @@ from benchmarks.timing import (
     fits_in_memory,
     peak_rss_bytes,
     rss_bytes,
+    rss_split,
     stats,
     steady_host_overhead,
 )
@@ -61,12 +62,13 @@ class Ours:
 
         self.s = s
         self.pipe = Pipeline(bundle, s.backend, safety=s.safety, cuda_graph=s.cuda_graph,
-                             log=lambda m: say("ours", m))
+                             precision=s.precision, log=lambda m: say("ours", m))
         self.load_seconds = self.pipe.load_seconds
         self.unet = TimedEngine(self.pipe.engines["unet"])
         self.vae = TimedEngine(self.pipe.engines["vae_decoder"], keep="image")
         self.pipe.engines["unet"], self.pipe.engines["vae_decoder"] = self.unet, self.vae
-        self.where = {"bundle": str(bundle)}
+        self.where = {"bundle": str(bundle), "backend": self.pipe.backend,
+                      "precision": self.pipe.precision}
         self.not_cold = 0.0
 
     def generate(self, batch: int, clock: StepClock) -> dict:
@@ -179,7 +181,8 @@ def main(argv: list[str]) -> int:
         say(which, f"{label}: " + ", ".join(f"{k} {v:.3f} s" for k, v in r["timings"].items()))
         if i >= s.warmup:
             runs.append({k: r[k] for k in ("timings", "unet_calls", "step_ends")})
-    result.update(stages=summarize(runs), runs=runs, peak_rss=peak_rss_bytes())
+    result.update(stages=summarize(runs), runs=runs, peak_rss=peak_rss_bytes(),
+                  rss_after_runs=rss_split())
     save()
     if which == "ours" and s.alloc_probe:
         say(which, "allocation probe (tracemalloc, untimed)")

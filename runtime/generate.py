@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.backends import BACKENDS
+from runtime.backends import BACKENDS, PRECISIONS
 from runtime.bundle import BundleError
 from runtime.engine import EngineError
 from runtime.images import png_bytes, write_new_file
@@ -33,6 +33,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("prompt", help="what to draw")
     p.add_argument("--model", default="demo", help="bundle folder, or `demo` (built in)")
     p.add_argument("--backend", default="auto", choices=BACKENDS)
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="auto: bf16 on OpenVINO where the CPU has bf16 units, fp32 on other "
+                        "CPUs, fp16 on GPUs")
     p.add_argument("--negative-prompt", default="", help="what to steer away from")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--scheduler", default="pndm", help=f"one of {', '.join(SCHEDULERS)}")
@@ -87,7 +90,8 @@ def slug(text: str, n: int = 40) -> str:
     return s or "image"
 
 
-def metadata(result: Result, args: argparse.Namespace, backend: str, index: int) -> dict[str, str]:
+def metadata(result: Result, args: argparse.Namespace, backend: str, precision: str,
+             index: int) -> dict[str, str]:
     r = result.request
     meta = {
         "prompt": r.prompts[index // r.images_per_prompt],
@@ -95,6 +99,7 @@ def metadata(result: Result, args: argparse.Namespace, backend: str, index: int)
         "seed": str(r.seed), "batch_index": str(index), "steps": str(r.steps),
         "scheduler": r.scheduler, "guidance_scale": f"{r.guidance_scale:g}",
         "size": f"{r.width}x{r.height}", "model": str(args.model), "backend": backend,
+        "precision": precision,
         "safety_checker": "on" if result.safety_checked else "off",
     }
     if r.latents is not None:
@@ -102,13 +107,14 @@ def metadata(result: Result, args: argparse.Namespace, backend: str, index: int)
     return meta
 
 
-def write_images(result: Result, args: argparse.Namespace, backend: str) -> list[Path]:
+def write_images(result: Result, args: argparse.Namespace, backend: str,
+                 precision: str) -> list[Path]:
     r = result.request
     paths = []
     for i, image in enumerate(result.images):
         stem = f"{slug(r.prompts[0])}-{r.seed}" + (f"-{i}" if r.batch > 1 else "")
         paths.append(write_new_file(args.output_dir, stem, ".png",
-                                    png_bytes(image, metadata(result, args, backend, i))))
+                                    png_bytes(image, metadata(result, args, backend, precision, i))))
     return paths
 
 
@@ -135,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
                               args.seed)  # before loading a model: typos fail fast
         check_output_dir(args.output_dir)
         latents = load_latents(args.latents) if args.latents else None
-        with Pipeline(args.model, args.backend, safety=not args.no_safety, log=say) as pipe:
+        with Pipeline(args.model, args.backend, safety=not args.no_safety,
+                      precision=args.precision, log=say) as pipe:
             req = pipe.request(args.prompt, args.negative_prompt, steps=args.steps,
                                scheduler=args.scheduler, guidance_scale=args.guidance_scale,
                                height=args.height, width=args.width, batch_size=args.batch_size,
@@ -151,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                 result = pipe.run(req, update)
             finally:
                 close()
-            paths = write_images(result, args, pipe.backend)
+            paths = write_images(result, args, pipe.backend, pipe.precision)
     except (UsageError, BundleError) as e:
         say(f"error: {e}")
         return 2
@@ -168,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
             say(f"warning: the {what} is longer than 77 tokens; its last {dropped[0]} "
                 f"tokens were dropped")
     say(f"{r.batch} image(s) {r.width}x{r.height}, {r.scheduler} {r.steps} steps, guidance "
-        f"{r.guidance_scale:g}, seed {r.seed}, backend {pipe.backend}")
+        f"{r.guidance_scale:g}, seed {r.seed}, backend {pipe.backend} {pipe.precision}")
     timings = {"load": pipe.load_seconds, **result.timings}
     say("time: " + ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()))
     for i, flagged in enumerate(result.nsfw):

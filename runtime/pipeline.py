@@ -123,15 +123,23 @@ class Pipeline:
 
     def __init__(self, model: str | Path = "demo", backend: str = "auto", *,
                  safety: bool = True, use_cache: bool = True, cuda_graph: bool = True,
-                 log: Callable[[str], None] | None = None):
+                 precision: str = "auto", log: Callable[[str], None] | None = None):
         """`cuda_graph`: replay the UNet's run as a CUDA graph captured per shape (tensorrt,
-        ort-cuda); off runs it kernel by kernel, for comparison."""
+        ort-cuda); off runs it kernel by kernel, for comparison. `precision`: auto, fp32,
+        bf16 (openvino; UNet and VAE, the text encoder and safety checker stay fp32) or
+        fp16 (GPUs); auto is bf16 on OpenVINO where the CPU runs it natively."""
         self.log = log or (lambda msg: None)
         t0 = time.perf_counter()
         self.bundle = resolve_model(model)
         self.manifest = read_manifest(self.bundle)
         try:
             tries, why = backends.candidates(backend)
+            if precision != "auto":  # only the backends that run it
+                runs = [b for b in tries if precision in backends.BACKEND_PRECISIONS[b]]
+                if runs and len(runs) < len(tries):
+                    why += f"; not {', '.join(b for b in tries if b not in runs)}: no {precision} there"
+                tries = runs or tries
+            backends.resolve_precision(tries[0], precision)  # refuse before loading anything
         except ValueError as e:
             raise UsageError(str(e)) from None
         try:
@@ -153,14 +161,22 @@ class Pipeline:
             graph = getattr(engine, "cuda_graph_status", None) or (
                 "on" if getattr(engine, "cuda_graph", False) else "off")
             notes = ([f"engine cache: {status}"] if status else []) + (
-                [f"CUDA graph: {graph}"] if name == "unet" and engine.backend != "ort-cpu" else [])
+                [f"CUDA graph: {graph}"] if name == "unet" and engine.backend in ("tensorrt", "ort-cuda")
+                else [])
             self.log(f"{name}: loaded in {seconds:.2f} s" + (f" ({'; '.join(notes)})" if notes else ""))
 
         for i, b in enumerate(tries):
-            self.log(f"backend: {b} ({why})")
+            try:
+                self.precision, chose = backends.resolve_precision(b, precision)
+            except ValueError as e:
+                raise UsageError(str(e)) from None
+            bf16 = b == "openvino" and self.precision == "bf16"
+            self.log(f"backend: {b} ({why}); precision {self.precision} ({chose})"
+                     + ("; the text encoder and safety checker run fp32" if bf16 else ""))
             try:
                 self.engine_set = backends.EngineSet(b, self.manifest, self.bundle, names,
-                                                     use_cache, loaded, cuda_graph)
+                                                     use_cache, loaded, cuda_graph,
+                                                     self.precision)
                 break
             except EngineError as e:
                 if isinstance(e, SpecMismatch):

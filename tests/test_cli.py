@@ -1,6 +1,7 @@
 """`python -m runtime.generate`: output files, metadata, and every bad input -> one line, exit 2."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -30,9 +31,13 @@ def test_generates_png_with_metadata(tmp_path):
         assert im.size == (256, 256)
     assert meta["prompt"] == PROMPT and meta["seed"] == "7" and meta["steps"] == "3"
     assert meta["scheduler"] == "pndm" and meta["guidance_scale"] == "7.5"
-    assert meta["size"] == "256x256" and meta["backend"] == "ort-cpu" and meta["model"] == "demo"
+    # auto: openvino where it is installed, else ort-cpu; the PNG says which, and the precision
+    chosen = re.search(r"^backend: (\S+) .*; precision (\w+)", out.stderr, re.M)
+    assert chosen and chosen.group(1) in ("openvino", "ort-cpu"), out.stderr
+    assert meta["size"] == "256x256" and meta["model"] == "demo"
+    assert (meta["backend"], meta["precision"]) == chosen.groups()
     assert meta["batch_index"] == "1" and meta["negative_prompt"] == ""
-    assert "backend: ort-cpu" in out.stderr and "time:" in out.stderr
+    assert "time:" in out.stderr
     # Same command again: new names, old files untouched.
     before = {p: open(p, "rb").read() for p in paths}
     again = generate(PROMPT, "--steps", "3", "--seed", "7", "--batch-size", "2",

@@ -1,6 +1,7 @@
-"""Backends behind runtime.engine.Engine: tensorrt, ort-cuda, ort-cpu.
+"""Backends behind runtime.engine.Engine: tensorrt, ort-cuda, openvino, ort-cpu.
 
 `candidates(requested)` lists the backends to try, best first, and says why;
+`resolve_precision` turns `auto` into what a backend runs (and refuses what it cannot);
 `EngineSet` opens (and loads) the engines of one bundle on one backend, with the
 state they share (TensorRT's device: stream + scratch), released in one place.
 """
@@ -10,12 +11,20 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from runtime.bundle import Manifest
+from runtime.bundle import GraphEntry, Manifest
 from runtime.engine import Engine, EngineError
 
-BACKENDS = ("auto", "tensorrt", "ort-cuda", "ort-cpu")
+BACKENDS = ("auto", "tensorrt", "ort-cuda", "openvino", "ort-cpu")
 HINTS = {"tensorrt": "install TensorRT and cuda-python (pip install '.[tensorrt]')",
-         "ort-cuda": "install onnxruntime-gpu (pip install '.[ort-gpu]') on a CUDA machine"}
+         "ort-cuda": "install onnxruntime-gpu (pip install '.[ort-gpu]') on a CUDA machine",
+         "openvino": "install OpenVINO (pip install '.[openvino]')"}
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# what each backend runs; the first is its `auto` unless resolve_precision says otherwise
+BACKEND_PRECISIONS = {"tensorrt": ("fp16",), "ort-cuda": ("fp16",), "ort-cpu": ("fp32",),
+                      "openvino": ("fp32", "bf16")}
+# graphs that run in the reduced CPU precision; the text encoder and safety checker stay
+# fp32 (a few % of the work, and the safety decision should not move)
+BF16_GRAPHS = ("unet", "vae_decoder")
 
 
 def unavailable(backend: str) -> str | None:
@@ -29,7 +38,39 @@ def unavailable(backend: str) -> str | None:
 
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             return "onnxruntime has no CUDAExecutionProvider here"
+    if backend == "openvino":
+        from runtime.backends.openvino import version
+
+        if version() is None:
+            return "OpenVINO is not installed"
     return None
+
+
+def resolve_precision(backend: str, precision: str) -> tuple[str, str]:
+    """(precision the backend runs, why). ValueError with one line when it cannot run
+    the one asked for. `auto`: bf16 on OpenVINO where the CPU has bf16 matrix units,
+    fp32 on other CPUs, fp16 on GPUs."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    have = BACKEND_PRECISIONS[backend]
+    if precision == "auto":
+        if backend == "openvino":
+            from runtime import cpu
+
+            if cpu.has_bf16():
+                return "bf16", "auto: the CPU has " + "/".join(sorted(cpu.flags() & set(cpu.BF16_FLAGS)))
+            return "fp32", "auto: the CPU has no bf16 matrix units"
+        return have[0], "auto"
+    if precision not in have:
+        raise ValueError(f"backend {backend} runs {'/'.join(have)}, not {precision}"
+                         + ("; bf16 runs on --backend openvino" if precision == "bf16" else ""))
+    if precision == "bf16":
+        from runtime import cpu
+
+        if not cpu.has_bf16():  # OpenVINO would run fp32 (AVX2) or emulate bf16 slowly
+            raise ValueError("this CPU has no bf16 units (avx512_bf16 / amx_bf16 in "
+                             "/proc/cpuinfo); use --precision fp32 (or auto)")
+    return precision, "requested"
 
 
 def candidates(requested: str) -> tuple[list[str], str]:
@@ -42,8 +83,9 @@ def candidates(requested: str) -> tuple[list[str], str]:
             raise ValueError(f"backend {requested} is not available here ({why}): "
                              f"{HINTS[requested]}")
         return [requested], "requested"
-    have = [b for b in ("tensorrt", "ort-cuda") if unavailable(b) is None]
-    missing = [b for b in ("tensorrt", "ort-cuda") if b not in have]
+    better = ("tensorrt", "ort-cuda", "openvino")
+    have = [b for b in better if unavailable(b) is None]
+    missing = [b for b in better if b not in have]
     return [*have, "ort-cpu"], "auto" + (f"; not available: {', '.join(missing)}" if missing else "")
 
 
@@ -52,11 +94,13 @@ class EngineSet:
 
     def __init__(self, backend: str, manifest: Manifest, bundle: Path, names: Iterable[str],
                  use_cache: bool = True, on_load: Callable[[str, Engine, float], None] | None = None,
-                 cuda_graph: bool = True):
+                 cuda_graph: bool = True, precision: str = "fp32"):
         import time
 
         self.backend = backend
         self.cuda_graph = cuda_graph  # for the UNet, on backends that have them
+        self.precision = precision  # resolved (resolve_precision); CPU: BF16_GRAPHS only
+        self.manifest = manifest
         self.device = None  # TensorRT: one stream + scratch shared by all engines
         self.engines: dict[str, Engine] = {}
         try:
@@ -86,6 +130,8 @@ class EngineSet:
             return CachedTensorRTEngine(entry, manifest.profile, self.device,
                                         cuda_graph=self.cuda_graph and name == "unet")
         from runtime import cache
+        if self.backend == "openvino":
+            return self._openvino(entry, path)
         from runtime.backends.ort import OrtEngine, ort_cpu_key
 
         key = None
@@ -93,6 +139,21 @@ class EngineSet:
             key = ort_cpu_key(entry, path) if self.backend == "ort-cpu" else cache.ort_cuda_key(entry)
         return OrtEngine(entry.spec, path, self.backend, cache_key=key,
                          cuda_graph=self.cuda_graph and name == "unet")
+
+    def graph_precision(self, name: str) -> str:
+        return self.precision if self.precision != "bf16" or name in BF16_GRAPHS else "fp32"
+
+    def _openvino(self, entry: GraphEntry, path: Path) -> Engine:
+        """An OpenVINO engine compiled at load for the manifest's default shapes (one
+        CFG image), so a graph OpenVINO cannot compile fails here, where `auto` can
+        still fall back, and the first image does not wait for the compiler."""
+        from runtime.backends.openvino import OpenVinoEngine
+
+        name = entry.spec.name
+        warm = {k: tuple(row["opt"]) for k, row in self.manifest.profile.shapes(entry.spec).items()}
+        if name == "text_encoder":  # prompt and negative prompt in one call
+            warm["input_ids"] = (2, *warm["input_ids"][1:])
+        return OpenVinoEngine(entry.spec, path, self.graph_precision(name), warm_shapes=warm)
 
     def release(self) -> None:
         """Engines first, then what they share."""

@@ -12,14 +12,13 @@ per set of shapes and replayed.
 
 from __future__ import annotations
 
-import platform
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from runtime import cache
+from runtime import cache, cpu
 from runtime.backends.ort_cuda import MAX_GRAPHS, DeviceBinding, DeviceBindings, provider_options
 from runtime.bundle import GraphEntry, GraphSpec
 from runtime.engine import Engine, Shapes, SpecMismatch
@@ -43,25 +42,6 @@ def session_options(optimized_out: Path | None = None, optimize: bool = True) ->
     return so
 
 
-# CPU features that change which kernels ORT's optimizer and layout transforms pick.
-_ISA_FLAGS = ("avx512_bf16", "avx512_vnni", "avx512f", "amx_tile", "avx2", "fma", "avx",
-              "sse4_2", "asimd", "sve", "bf16", "i8mm")
-
-
-def cpu_isa() -> str:
-    """e.g. 'x86_64:avx,avx2,avx512f,fma,sse4_2': part of the optimized graph's cache key."""
-    flags: set[str] = set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
-    except OSError:
-        pass
-    return f"{platform.machine()}:{','.join(sorted(flags.intersection(_ISA_FLAGS)))}"
-
-
 def ort_cpu_key(entry: GraphEntry, path: Path) -> cache.CacheKey:
     """Key of ORT's saved optimized fp32 graph: hardware specific, so the ISA is in it.
 
@@ -72,7 +52,7 @@ def ort_cpu_key(entry: GraphEntry, path: Path) -> cache.CacheKey:
     st = path.stat()
     graph = f"{cache.graph_sha256(entry)}@{st.st_size}:{st.st_mtime_ns}"
     return cache.CacheKey(entry.spec.name, graph, "ort-cpu", ort.__version__, cache.ANY,
-                          cpu_isa(), "fp32", cache.ANY)
+                          cpu.isa(), "fp32", cache.ANY)
 
 
 class OrtEngine(Engine):

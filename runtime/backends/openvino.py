@@ -1,0 +1,167 @@
+"""OpenVINO backend (CPU): the bundle's ONNX graphs compiled per static input shape.
+
+OpenVINO reads ONNX directly, so it runs the bundle as exported. Static shapes are what
+make it fast on CPUs (its kernels and memory plan are fixed at compile time), so, as
+TensorRT's plans, each set of input shapes gets its own compiled model (the graph
+reshaped, then compiled), kept for the engine's life with its infer request and its
+I/O tensors. Those tensors share memory with numpy arrays allocated once per shape:
+inputs are copied into them, OpenVINO writes the outputs into them, nothing else is
+copied or allocated per run.
+
+Precision is OpenVINO's INFERENCE_PRECISION_HINT: "bf16" (matrix units of CPUs with
+AVX-512 BF16 or AMX) or "fp32".
+
+No compiled-model cache, by measurement (full-size v1-4 UNet, 512x512, bf16, 2-core
+EPYC): compiling from the ONNX graph, whose weights OpenVINO maps from unet.onnx.data,
+takes about 2 s. OpenVINO's blob cache (CACHE_DIR) saved 1.9 s of a 5.2 s pipeline load
+but raised resident memory from 6.8 to 10.6 GiB; the exported blob is 3.4 GB, and
+importing it (core.import_model from bytes) took 10.7 s and 5.4 GiB of allocated memory.
+Of the 6.8 GiB, 3.3 GiB are the mapped weights (clean page cache, RssFile).
+
+Compiled models are kept per set of shapes, the least recently used dropped past
+MAX_COMPILED (each bf16 UNet shape holds about 2 GiB).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from runtime.bundle import GraphSpec
+from runtime.engine import Engine, Shapes, SpecMismatch
+
+PRECISIONS = {"fp32": "f32", "bf16": "bf16"}  # ours -> INFERENCE_PRECISION_HINT
+MAX_COMPILED = 3  # shape sets kept compiled per graph (e.g. CFG on/off, one other size)
+
+
+def version() -> str | None:
+    """OpenVINO's version, or None when it is not installed."""
+    try:
+        import openvino
+    except ImportError:
+        return None
+    return str(openvino.__version__).split("-")[0]
+
+
+class _Compiled:
+    """One set of input shapes: its compiled model, request and shared I/O arrays."""
+
+    def __init__(self, core: Any, model: Any, spec: GraphSpec, shapes: Mapping[str, tuple],
+                 config: Mapping[str, str]):
+        import openvino as ov
+
+        model = model.clone()
+        model.reshape({name: list(shape) for name, shape in shapes.items()})
+        self.compiled = core.compile_model(model, "CPU", dict(config))
+        self.request = self.compiled.create_infer_request()
+        self.inputs: dict[str, np.ndarray] = {}
+        self.outputs: dict[str, np.ndarray] = {}
+        for t in spec.inputs:
+            self.inputs[t.name] = np.zeros(shapes[t.name], np.dtype(t.dtype))
+            self.request.set_tensor(t.name, ov.Tensor(self.inputs[t.name], shared_memory=True))
+        for name, shape in spec.output_shapes(shapes).items():
+            dtype = np.dtype(next(t.dtype for t in spec.outputs if t.name == name))
+            self.outputs[name] = np.zeros(shape, dtype)
+            self.request.set_tensor(name, ov.Tensor(self.outputs[name], shared_memory=True))
+
+
+class OpenVinoEngine(Engine):
+    """One bundle graph on OpenVINO's CPU plugin; compiled models kept per shape set."""
+
+    backend = "openvino"
+
+    def __init__(self, spec: GraphSpec, path: Path, precision: str = "fp32",
+                 warm_shapes: Shapes | None = None, max_compiled: int = MAX_COMPILED):
+        """`warm_shapes`: compiled in load() (the shapes the first call will most likely
+        use), so a graph that does not compile fails at load."""
+        super().__init__(spec, path)
+        self.warm_shapes = warm_shapes
+        self.max_compiled = max(1, max_compiled)
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}")
+        self.precision = precision
+        self.cache_status = "none, compiled at load"
+        self.core: Any = None
+        self.model: Any = None
+        self.compiled: dict[tuple, _Compiled] = {}
+        self.current: _Compiled | None = None
+        self.compile_seconds = 0.0  # compiling, all shapes so far
+
+    def load(self) -> None:
+        try:
+            import openvino as ov
+
+            self.core = ov.Core()
+            self.model = self.core.read_model(str(self.path))  # weights mapped, not copied
+        except Exception as e:  # OpenVINO raises RuntimeError subclasses of its own
+            raise self.error(f"cannot load {self.path}: {str(e).splitlines()[0]}") from None
+        for kind, got, specs in (("inputs", self.model.inputs, self.spec.inputs),
+                                 ("outputs", self.model.outputs, self.spec.outputs)):
+            names = {t.get_any_name() for t in got}
+            want = {t.name for t in specs}
+            if names != want:
+                raise self.error(f"graph {kind} {sorted(names)} do not match the manifest's "
+                                 f"{sorted(want)}", kind=SpecMismatch)
+        if self.warm_shapes is not None:
+            self.allocate(self.warm_shapes)
+
+    def allocate(self, shapes: Shapes) -> None:
+        shapes = {k: tuple(int(d) for d in v) for k, v in shapes.items()}
+        if shapes == self.shapes:
+            return
+        if self.model is None:
+            raise self.error("allocate() before load()", shapes)
+        memo = tuple(sorted(shapes.items()))
+        found = self.compiled.pop(memo, None)
+        if found is None:
+            self.current = None
+            while len(self.compiled) >= self.max_compiled:  # the least recently used goes
+                self.compiled.pop(next(iter(self.compiled)))
+            config = {"INFERENCE_PRECISION_HINT": PRECISIONS[self.precision],
+                      "PERFORMANCE_HINT": "LATENCY"}  # one request, all cores on it
+            t = time.perf_counter()
+            try:
+                found = _Compiled(self.core, self.model, self.spec, shapes, config)
+            except Exception as e:
+                raise self.error(f"cannot compile: {str(e).splitlines()[0]}", shapes) from None
+            self.compile_seconds += time.perf_counter() - t
+            # OpenVINO ignores a precision the CPU cannot run (bf16 on AVX2): never report
+            # a precision that did not run
+            got = str(found.compiled.get_property("INFERENCE_PRECISION_HINT"))
+            want = {"fp32": "'float32'", "bf16": "'bfloat16'"}[self.precision]
+            if want not in got:  # got reads like "<Type: 'bfloat16'>"
+                raise self.error(f"asked OpenVINO for {self.precision}, it compiled {got}",
+                                 shapes)
+        self.compiled[memo] = found  # most recently used last
+        self.current = found
+        self.shapes = shapes
+
+    def set_constant(self, name: str, array: np.ndarray) -> None:
+        self.check_feeds({name: array})
+        assert self.current is not None
+        np.copyto(self.current.inputs[name], array)
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.check_feeds(feeds)
+        current = self.current
+        assert current is not None
+        unknown = set(feeds) - set(current.inputs)
+        if unknown:
+            raise self.error(f"unknown inputs {sorted(unknown)}")
+        for name, array in feeds.items():
+            np.copyto(current.inputs[name], array)
+        try:
+            # start + wait: infer() would also return a dict of output copies per run
+            current.request.start_async()
+            current.request.wait()
+        except Exception as e:
+            raise self.error(f"run failed: {str(e).splitlines()[0]}") from None
+        return current.outputs
+
+    def release(self) -> None:
+        self.current, self.compiled, self.model, self.core = None, {}, None, None
+        self.shapes = None
