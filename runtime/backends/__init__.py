@@ -100,7 +100,6 @@ class EngineSet:
         self.backend = backend
         self.cuda_graph = cuda_graph  # for the UNet, on backends that have them
         self.precision = precision  # resolved (resolve_precision); CPU: BF16_GRAPHS only
-        self.manifest = manifest
         self.device = None  # TensorRT: one stream + scratch shared by all engines
         self.engines: dict[str, Engine] = {}
         try:
@@ -129,9 +128,9 @@ class EngineSet:
             # CUDA graphs pay off for the UNet: 51 identical launches per image.
             return CachedTensorRTEngine(entry, manifest.profile, self.device,
                                         cuda_graph=self.cuda_graph and name == "unet")
-        from runtime import cache
         if self.backend == "openvino":
-            return self._openvino(entry, path)
+            return self._openvino(entry, path, manifest)
+        from runtime import cache
         from runtime.backends.ort import OrtEngine, ort_cpu_key
 
         key = None
@@ -143,14 +142,14 @@ class EngineSet:
     def graph_precision(self, name: str) -> str:
         return self.precision if self.precision != "bf16" or name in BF16_GRAPHS else "fp32"
 
-    def _openvino(self, entry: GraphEntry, path: Path) -> Engine:
+    def _openvino(self, entry: GraphEntry, path: Path, manifest: Manifest) -> Engine:
         """An OpenVINO engine compiled at load for the manifest's default shapes (one
         CFG image), so a graph OpenVINO cannot compile fails here, where `auto` can
         still fall back, and the first image does not wait for the compiler."""
         from runtime.backends.openvino import OpenVinoEngine
 
         name = entry.spec.name
-        warm = {k: tuple(row["opt"]) for k, row in self.manifest.profile.shapes(entry.spec).items()}
+        warm = {k: tuple(row["opt"]) for k, row in manifest.profile.shapes(entry.spec).items()}
         if name == "text_encoder":  # prompt and negative prompt in one call
             warm["input_ids"] = (2, *warm["input_ids"][1:])
         return OpenVinoEngine(entry.spec, path, self.graph_precision(name), warm_shapes=warm)
