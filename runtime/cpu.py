@@ -31,5 +31,10 @@ def isa() -> str:
     return f"{platform.machine()}:{','.join(sorted(flags().intersection(ISA_FLAGS)))}"
 
 
+def bf16_flags() -> frozenset[str]:
+    """Which of BF16_FLAGS this CPU has (empty: no native bf16)."""
+    return flags().intersection(BF16_FLAGS)
+
+
 def has_bf16() -> bool:
-    return bool(flags().intersection(BF16_FLAGS))
+    return bool(bf16_flags())

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from runtime import cpu
 from runtime.bundle import GraphEntry, Manifest
 from runtime.engine import Engine, EngineError
 
@@ -55,18 +56,14 @@ def resolve_precision(backend: str, precision: str) -> tuple[str, str]:
     have = BACKEND_PRECISIONS[backend]
     if precision == "auto":
         if backend == "openvino":
-            from runtime import cpu
-
             if cpu.has_bf16():
-                return "bf16", "auto: the CPU has " + "/".join(sorted(cpu.flags() & set(cpu.BF16_FLAGS)))
+                return "bf16", "auto: the CPU has " + "/".join(sorted(cpu.bf16_flags()))
             return "fp32", "auto: the CPU has no bf16 matrix units"
         return have[0], "auto"
     if precision not in have:
         raise ValueError(f"backend {backend} runs {'/'.join(have)}, not {precision}"
                          + ("; bf16 runs on --backend openvino" if precision == "bf16" else ""))
     if precision == "bf16":
-        from runtime import cpu
-
         if not cpu.has_bf16():  # OpenVINO would run fp32 (AVX2) or emulate bf16 slowly
             raise ValueError("this CPU has no bf16 units (avx512_bf16 / amx_bf16 in "
                              "/proc/cpuinfo); use --precision fp32 (or auto)")

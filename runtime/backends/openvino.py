@@ -34,7 +34,8 @@ import numpy as np
 from runtime.bundle import GraphSpec
 from runtime.engine import Engine, Shapes, SpecMismatch
 
-PRECISIONS = {"fp32": "f32", "bf16": "bf16"}  # ours -> INFERENCE_PRECISION_HINT
+# ours -> (INFERENCE_PRECISION_HINT to ask, the element type it reads back as)
+PRECISIONS = {"fp32": ("f32", "'float32'"), "bf16": ("bf16", "'bfloat16'")}
 MAX_COMPILED = 3  # shape sets kept compiled per graph (e.g. CFG on/off, one other size)
 
 
@@ -121,7 +122,8 @@ class OpenVinoEngine(Engine):
             self.current = None
             while len(self.compiled) >= self.max_compiled:  # the least recently used goes
                 self.compiled.pop(next(iter(self.compiled)))
-            config = {"INFERENCE_PRECISION_HINT": PRECISIONS[self.precision],
+            hint, runs_as = PRECISIONS[self.precision]
+            config = {"INFERENCE_PRECISION_HINT": hint,
                       "PERFORMANCE_HINT": "LATENCY"}  # one request, all cores on it
             t = time.perf_counter()
             try:
@@ -132,8 +134,7 @@ class OpenVinoEngine(Engine):
             # OpenVINO ignores a precision the CPU cannot run (bf16 on AVX2): never report
             # a precision that did not run
             got = str(found.compiled.get_property("INFERENCE_PRECISION_HINT"))
-            want = {"fp32": "'float32'", "bf16": "'bfloat16'"}[self.precision]
-            if want not in got:  # got reads like "<Type: 'bfloat16'>"
+            if runs_as not in got:  # got reads like "<Type: 'bfloat16'>"
                 raise self.error(f"asked OpenVINO for {self.precision}, it compiled {got}",
                                  shapes)
         self.compiled[memo] = found  # most recently used last

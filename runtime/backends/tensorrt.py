@@ -537,27 +537,38 @@ class CachedTensorRTEngine(TensorRTEngine):
         return find_plan(self.entry, shapes, version, self.device.info, self.cache_dir,
                          self.verify)
 
-    def _plan_for(self, shapes: Shapes) -> Path:
+    def _lookup(self, shapes: Shapes) -> Path | None:
+        """The plan for these shapes, found (and sha256-checked) once per process."""
         memo = tuple(sorted((k, tuple(v)) for k, v in shapes.items()))
         if memo not in self.found:
             path = self._find(shapes)
             if path is None:
-                assert self.device is not None
-                raise self.error(
-                    f"no TensorRT {trt_version()} plan for {self.device.info.model} covers "
-                    f"these shapes; build one with `python -m engines.build BUNDLE --backend "
-                    f"tensorrt` (--static for one shape, --min/--max for a wider profile)",
-                    shapes)
+                return None
             self.found[memo] = path
         return self.found[memo]
+
+    def _no_plan(self, shapes: Shapes) -> Exception:
+        assert self.device is not None  # _find made it
+        return self.error(
+            f"no TensorRT {trt_version()} plan for {self.device.info.model} covers these "
+            f"shapes; build one with `python -m engines.build BUNDLE --backend tensorrt` "
+            f"(--static for one shape, --min/--max for a wider profile)", shapes)
+
+    def _plan_for(self, shapes: Shapes) -> Path:
+        path = self._lookup(shapes)
+        if path is None:
+            raise self._no_plan(shapes)
+        return path
 
     def load(self) -> None:
         """Load the plan for the profile's opt shapes, or else any plan of this graph for
         this TensorRT and GPU (e.g. only --static plans for other shapes): allocate() swaps
         to the right one, and the shared scratch grows then if it needs more."""
         opt = {name: tuple(row["opt"]) for name, row in self.profile.shapes(self.spec).items()}
-        path = self._find(opt) or self._find(None)
-        self.path = path if path is not None else self._plan_for(opt)  # the latter raises
+        path = self._lookup(opt) or self._find(None)
+        if path is None:
+            raise self._no_plan(opt)
+        self.path = path
         super().load()
 
     def allocate(self, shapes: Shapes) -> None:
