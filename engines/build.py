@@ -36,12 +36,11 @@ from runtime import cache
 from runtime.bundle import (
     GRAPH_ORDER,
     BundleError,
-    GraphEntry,
     Manifest,
     Profile,
     read_manifest,
     resolve_model,
-    sha256_file,
+    verify_hashes,
 )
 
 BACKENDS = ("tensorrt", "ort-cuda")
@@ -134,27 +133,19 @@ def parse_args(argv: list[str] | None) -> tuple[BuildOptions, bool]:
     return opts, a.verbose
 
 
-def _check_source(bundle: Path, entry: GraphEntry) -> None:
-    """The key trusts the manifest's hashes: make sure the files still match them."""
-    for f, want in ((entry.file, entry.sha256), (entry.external_data, entry.external_sha256)):
-        if f and want and sha256_file(bundle / f) != want:
-            raise UsageError(f"{bundle / f} does not match its sha256 in the manifest; "
-                             f"re-export the bundle")
-
-
 # --- backends: each returns [(graph, key, build(folder) -> main file)] ----------------
 
 Job = tuple[str, cache.CacheKey, Callable[[Path], Path]]
 
 
 def tensorrt_jobs(opts: BuildOptions, manifest: Manifest, verbose: bool) -> list[Job]:
-    from runtime.backends.tensorrt import available, plan_key, trt_version
+    from runtime.cuda import Cuda, CudaError
+    from runtime.tensorrt_env import available, trt_version
 
     why = available()
     if why:
         raise UsageError(f"cannot build TensorRT engines here: {why}")
     from engines.tensorrt_build import build_plan  # imports tensorrt
-    from runtime.backends.cuda import Cuda, CudaError
 
     try:
         device = Cuda().device_info()
@@ -180,7 +171,8 @@ def tensorrt_jobs(opts: BuildOptions, manifest: Manifest, verbose: bool) -> list
             build_plan(onnx_path, out, shapes, opts.tensorrt, timing, verbose)
             return out
 
-        jobs.append((name, plan_key(entry, shapes, version, device, opts.tensorrt.key()), build))
+        jobs.append((name, cache.tensorrt_key(entry, shapes, version, device, opts.tensorrt.key()),
+                     build))
     return jobs
 
 
@@ -240,7 +232,10 @@ def run(opts: BuildOptions, verbose: bool = False) -> int:
                   f"{key.device}, {key.precision})")
             missing.append(name)
             continue
-        _check_source(opts.bundle, manifest.graphs[name])
+        try:  # the key trusts the manifest's hashes: the files must still match them
+            verify_hashes(opts.bundle, manifest, only=name)
+        except BundleError as e:
+            raise UsageError(str(e)) from None
         print(f"{tag}: building {key.backend} {key.precision} ...", flush=True)
         start = time.perf_counter()
         meta = {"built_by": "engines.build", "options": {

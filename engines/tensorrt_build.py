@@ -1,7 +1,7 @@
 """ONNX -> FP16 TensorRT plan through the TensorRT Python API (8.6 through 10.x).
 
 Imports tensorrt at module level: import this only after checking
-runtime.backends.tensorrt.available() (engines.build does).
+runtime.tensorrt_env.available() (engines.build does).
 
 Order, as TensorRT's own samples: plugins registered -> builder -> network (explicit
 batch) -> OnnxParser with native InstanceNormalization -> .parse_from_file (so the
@@ -29,7 +29,7 @@ import tensorrt as trt
 
 from engines.options import TensorRTOptions
 from runtime import cache
-from runtime.backends.tensorrt import register_plugins
+from runtime.tensorrt_env import register_plugins
 
 
 class BuildError(RuntimeError):

@@ -1,8 +1,10 @@
-"""The engine cache: backend artifacts (TensorRT plans, ORT fp16 graphs) keyed by
-everything that makes them valid, written atomically under a lock.
+"""The engine cache: backend artifacts (TensorRT plans, ORT fp16 graphs, ORT's
+optimized CPU graphs) keyed by everything that makes them valid, written atomically
+under a lock. Every backend's key is made here (`tensorrt_key`, `ort_cuda_key`,
+`ort_cpu_key`), and TensorRT's plan search (`find_plan`), so `engines` (which builds)
+and `runtime` (which looks up) name an artifact the same way.
 
-Shared by `engines` (which builds) and `runtime` (which looks up), so it imports
-neither torch nor any backend. POSIX only (fcntl), which covers Linux and Jetson.
+Imports neither torch nor any backend. POSIX only (fcntl), which covers Linux and Jetson.
 
 Layout, one directory per artifact:
 
@@ -22,6 +24,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -29,7 +32,9 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Protocol
 
+from runtime import cpu
 from runtime.bundle import GraphEntry, GraphSpec, sha256_file
 
 SIDECAR = "sidecar.json"
@@ -39,6 +44,16 @@ ANY = "any"  # device/capability/shapes of artifacts that do not depend on them
 
 # per input: {"min": [...], "opt": [...], "max": [...]}, as runtime.bundle.Profile.shapes
 ShapeProfile = Mapping[str, Mapping[str, list[int]]]
+
+
+class Gpu(Protocol):
+    """What a TensorRT plan is specific to (runtime.cuda.DeviceInfo has these)."""
+
+    @property
+    def model(self) -> str: ...  # name and SM count: "NVIDIA H100 80GB HBM3, 132 SMs"
+
+    @property
+    def capability(self) -> str: ...  # "9.0"
 
 
 class CacheWarning(UserWarning):
@@ -271,3 +286,58 @@ def ort_cuda_key(entry: GraphEntry, ort_version: str | None = None) -> CacheKey:
     major_minor = ".".join(ort_version.split(".")[:2])
     return CacheKey(entry.spec.name, graph_sha256(entry), "ort-cuda", major_minor,
                     ANY, ANY, "fp16", ANY)
+
+
+def ort_cpu_key(entry: GraphEntry, path: Path, ort_version: str | None = None) -> CacheKey:
+    """Key of ORT's saved optimized fp32 graph: hardware specific, so the ISA is in it.
+
+    Besides the manifest's sha256, the bundle file's size and mtime are in the key
+    (hashing a multi-GB graph at every start would cost what the cache saves): a graph
+    edited or damaged after export misses the cache instead of being served stale.
+    """
+    if ort_version is None:
+        import onnxruntime
+
+        ort_version = onnxruntime.__version__
+    st = path.stat()
+    graph = f"{graph_sha256(entry)}@{st.st_size}:{st.st_mtime_ns}"
+    return CacheKey(entry.spec.name, graph, "ort-cpu", ort_version, ANY, cpu.isa(), "fp32", ANY)
+
+
+def tensorrt_key(entry: GraphEntry, profile: ShapeProfile, version: str, gpu: Gpu,
+                 options: str = ANY) -> CacheKey:
+    """Key of an FP16 plan of one graph for one TensorRT version, GPU, profile and set of
+    build options (engines.build's `--refit`, `--opt-level`, `--workspace-gb`, so asking
+    for other options builds another plan instead of reporting the old one cached)."""
+    return CacheKey(entry.spec.name, graph_sha256(entry), "tensorrt", version,
+                    gpu.model, gpu.capability, "fp16", shapes_json(profile), options)
+
+
+def find_plan(entry: GraphEntry, shapes: Mapping[str, tuple[int, ...]] | None, version: str,
+              gpu: Gpu, cache_dir: Path | None = None, verify: bool = True) -> Path | None:
+    """A cached plan for this graph, TensorRT version and GPU whose profile covers
+    `shapes`: a static plan for exactly these shapes first, else the covering dynamic
+    plan with the smallest max shape; among equals, one that is not refittable
+    (refittable plans can be slower), then one with default options. Any build options
+    are accepted (engines.build --no-build checks for the exact options asked). `shapes`
+    None: any plan of this graph, the largest profile first. None when there is none."""
+    want = tensorrt_key(entry, {}, version, gpu)
+    static = shapes_json(static_profile(entry.spec, shapes)) if shapes else None
+    fits = []
+    for key, _ in entries("tensorrt", entry.spec.name, cache_dir):
+        profile = key.profile()
+        if (profile is None or key.graph_sha256 != want.graph_sha256
+                or key.backend_version != version or key.device != gpu.model
+                or key.capability != gpu.capability
+                or (shapes is not None and not covers(profile, shapes))):
+            continue
+        size = sum(math.prod(row["max"]) for row in profile.values())
+        # `shapes` None (any plan): the largest first, so the shared scratch is sized for
+        # what allocate() may swap to
+        fits.append((key.shapes != static, size if shapes is not None else -size,
+                     "refit" in key.options, key.options != ANY, key.dirname, key))
+    for *_, key in sorted(fits, key=lambda f: f[:5]):
+        found = lookup(key, cache_dir, verify)
+        if found is not None:
+            return found
+    return None

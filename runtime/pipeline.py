@@ -181,8 +181,12 @@ class Pipeline:
             except EngineError as e:
                 if isinstance(e, SpecMismatch):
                     raise BundleError(f"corrupt bundle {self.bundle}: {e}; re-export it") from None
+                # a bundle graph that fails to load because its file is damaged is reported,
+                # never fallen back from: another backend would fail on it too, or run it
+                # wrongly (TensorRT reads cached plans, not the bundle: nothing to check)
+                if e.graph and e.source and e.source.resolve().parent == self.bundle.resolve():
+                    verify_hashes(self.bundle, self.manifest, only=e.graph)  # BundleError
                 if i + 1 == len(tries):
-                    verify_hashes(self.bundle, self.manifest)  # a corrupt file: BundleError
                     raise
                 self.log(f"{e}; falling back to {tries[i + 1]}")  # auto only
         self.backend = b

@@ -25,15 +25,15 @@ MUTATIONS = [  # (what breaks, file, exact source, replacement)
  ("no clear_last_error", "runtime/backends/tensorrt.py", "            cuda.clear_last_error()  # else the next call's error check reports it\n", ""),
  ("plan written after the timing cache", "engines/tensorrt_build.py", "    with open(out, \"wb\") as f:\n        f.write(plan)  # IHostMemory is a buffer\n    del plan\n    _save_timing_cache(config, timing_cache, warn, known_bad=bad_timing)\n", "    _save_timing_cache(config, timing_cache, lambda m: (_ for _ in ()).throw(OSError(m)))\n    with open(out, \"wb\") as f:\n        f.write(plan)\n"),
  ("corrupt timing cache not handled", "engines/tensorrt_build.py", "    if tcache is not None and config.set_timing_cache(tcache, False):", "    if config.set_timing_cache(tcache, False):"),
- ("build options not in the key", "engines/build.py", "plan_key(entry, shapes, version, device, opts.tensorrt.key())", "plan_key(entry, shapes, version, device)"),
+ ("build options not in the key", "engines/build.py", "cache.tensorrt_key(entry, shapes, version, device, opts.tensorrt.key())", "cache.tensorrt_key(entry, shapes, version, device)"),
  ("v2 size with `or` fallback", "runtime/backends/tensorrt.py", "        self.scratch_bytes = int(engine.device_memory_size_v2\n                                 if hasattr(engine, \"device_memory_size_v2\")\n                                 else engine.device_memory_size)", "        self.scratch_bytes = int(getattr(engine, \"device_memory_size_v2\", None) or engine.device_memory_size)"),
- ("load demands opt-shape plan", "runtime/backends/tensorrt.py", "        path = self._lookup(opt) or self._find(None)", "        path = self._lookup(opt)"),
- ("graph kept after re-allocation", "runtime/backends/tensorrt.py", "        self._drop_graph()\n        self._free_buffers()\n        self.shapes = None", "        self._free_buffers()\n        self.shapes = None"),
+ ("load demands opt-shape plan", "runtime/backends/tensorrt_cached.py", "        path = self._lookup(opt) or self._find(None)", "        path = self._lookup(opt)"),
+ ("graph kept after re-allocation", "runtime/backends/tensorrt.py", "        self._drop_graph()\n        self._free_buffers()\n        context, cuda", "        self._free_buffers()\n        context, cuda"),
  ("sync inside capture", "runtime/backends/tensorrt.py", "            self.graph = cuda.end_capture(device.stream)", "            cuda.sync(device.stream)\n            self.graph = cuda.end_capture(device.stream)"),
  ("enqueue on stream 0 while capturing", "runtime/backends/tensorrt.py", "            if not context.execute_async_v3(stream):\n                raise CudaError(", "            if not context.execute_async_v3(0):\n                raise CudaError("),
- ("no plan kept deserialized on a swap", "runtime/backends/tensorrt.py", "        if current[0] is not None and self.keep_plans > 1:", "        if False:"),
+ ("no plan kept deserialized on a swap", "runtime/backends/tensorrt_cached.py", "        if current[0] is not None and self.keep_plans > 1:", "        if False:"),
  ("plan read into bytes", "runtime/backends/tensorrt.py", "                return device.runtime.deserialize_cuda_engine(m)", "                return device.runtime.deserialize_cuda_engine(bytes(m))"),
- ("11 not refused", "runtime/backends/tensorrt.py", "    why = unsupported(str(getattr(trt, \"__version__\", \"?\")))\n    if why:\n        return why", "    pass"),
+ ("11 not refused", "runtime/tensorrt_env.py", "    why = unsupported(str(getattr(trt, \"__version__\", \"?\")))\n    if why:\n        return why", "    pass"),
 ]
 tests = ["tests/test_tensorrt_backend.py", "tests/test_engines_build.py"]
 bad = 0

@@ -35,6 +35,23 @@ def test_auto_falls_back_when_a_backend_cannot_load(monkeypatch):
     assert any("no plan" in x and "falling back to ort-cpu" in x for x in lines)
 
 
+def test_auto_reports_a_corrupt_bundle_graph_instead_of_falling_back(tmp_path):
+    """A damaged bundle graph fails on the first backend; auto checks that graph's hash
+    and reports the bundle (BundleError) rather than trying the next backend on it."""
+    import shutil
+
+    from runtime.bundle import BundleError, demo_bundle
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(demo_bundle(), bundle)
+    graph = bundle / "vae_decoder.onnx"
+    graph.write_bytes(b"\x07garbage" + graph.read_bytes()[8:])  # same size, broken header
+    lines = []
+    with pytest.raises(BundleError, match=r"vae_decoder.onnx does not match its sha256"):
+        Pipeline(bundle, "auto", log=lines.append)
+    assert not any("falling back" in x for x in lines), lines
+
+
 def test_explicit_backend_does_not_fall_back():
     with pytest.raises(UsageError, match="not available"):
         Pipeline("demo", "ort-cuda")

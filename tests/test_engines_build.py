@@ -14,9 +14,10 @@ from fakes.tiny_bundle import make_bundle
 
 from engines.build import main
 from runtime import cache
-from runtime.backends.cuda import Cuda
-from runtime.backends.tensorrt import TensorRTDevice, TensorRTEngine, find_plan
+from runtime.backends.tensorrt import TensorRTDevice, TensorRTEngine
 from runtime.bundle import read_manifest
+from runtime.cache import find_plan
+from runtime.cuda import Cuda
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +169,7 @@ def test_static_keeps_text_encoder_dynamic(bundle, tmp_path, monkeypatch):
 def test_cached_engine_picks_and_swaps_plans(bundle, tmp_path, monkeypatch):
     """CachedTensorRTEngine: the static plan for its exact shapes, the dynamic one
     otherwise, and a clear error when no plan covers the shapes."""
-    from runtime.backends.tensorrt import CachedTensorRTEngine
+    from runtime.backends.tensorrt_cached import CachedTensorRTEngine
     from runtime.engine import EngineError
 
     gpu = FakeGPU().install(monkeypatch)
@@ -275,7 +276,7 @@ def test_other_build_options_build_another_plan(bundle, tmp_path, monkeypatch, c
 def test_cached_engine_loads_with_only_static_plans_for_other_shapes(bundle, tmp_path, monkeypatch):
     """load() used to demand a plan covering the manifest's opt shapes; a cache holding
     only a --static plan for another size now loads, and allocate() uses that plan."""
-    from runtime.backends.tensorrt import CachedTensorRTEngine
+    from runtime.backends.tensorrt_cached import CachedTensorRTEngine
 
     gpu = FakeGPU().install(monkeypatch)
     assert build(bundle, tmp_path, "--graphs", "unet", "--static", "--opt", "1x64x64") == 0

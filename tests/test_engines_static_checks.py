@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-TRT_FILES = ["runtime/backends/tensorrt.py", "runtime/backends/cuda.py", "runtime/cache.py",
-             "engines"]
+TRT_FILES = ["runtime/backends/tensorrt.py", "runtime/backends/tensorrt_cached.py",
+             "runtime/cuda.py", "runtime/tensorrt_env.py", "runtime/cache.py", "engines"]
 MYPY_INI = """\
 [mypy]
 python_version = 3.10
@@ -120,7 +120,7 @@ def _cuda_python_dir() -> Path | None:
 CUDA_CHECK = r"""
 import re, sys
 from pathlib import Path
-from runtime.backends import cuda
+from runtime import cuda
 rt = cuda.runtime_module()
 src = Path(cuda.__file__).read_text()
 calls = set(re.findall(r'self\.call\("(\w+)"', src))

@@ -22,8 +22,7 @@ SCRIPT = textwrap.dedent("""
     import importlib, pkgutil
     import runtime
     for m in pkgutil.walk_packages(runtime.__path__, "runtime."):
-        if m.name != "runtime.backends.tensorrt":  # needs tensorrt itself
-            importlib.import_module(m.name)
+        importlib.import_module(m.name)  # the tensorrt backend imports tensorrt lazily
     from runtime import Pipeline
     with Pipeline("demo", "ort-cpu") as pipe:
         r = pipe("a photo of an astronaut riding a horse on mars", steps=3, seed=0)
@@ -37,3 +36,23 @@ def test_runtime_imports_and_generates_without_torch():
     out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.startswith("ok")
+
+
+def test_engines_stage_imports_no_runtime_backend():
+    """engines/ shares only the torch-free modules with the runtime (DESIGN.md): the
+    bundle, the cache (keys, plan search), the CUDA wrapper and TensorRT's checks."""
+    import ast
+    from pathlib import Path
+
+    shared = {"runtime.bundle", "runtime.cache", "runtime.cuda", "runtime.tensorrt_env"}
+    used = set()
+    for f in (Path(__file__).parent.parent / "engines").glob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "runtime":  # from runtime import cache
+                used.update(f"runtime.{a.name}" for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                used.add(node.module)
+            elif isinstance(node, ast.Import):
+                used.update(a.name for a in node.names)
+    runtime_modules = {m for m in used if m.split(".")[0] == "runtime"}
+    assert runtime_modules <= shared, runtime_modules - shared

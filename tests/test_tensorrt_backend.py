@@ -13,10 +13,13 @@ import pytest
 from fakes.gpu import FakeGPU
 
 from runtime import cache
-from runtime.backends.cuda import Cuda
-from runtime.backends.tensorrt import TensorRTDevice, TensorRTEngine, available, find_plan, plan_key
+from runtime.backends.tensorrt import TensorRTDevice, TensorRTEngine
 from runtime.bundle import GraphEntry, Profile, graph_spec
-from runtime.engine import EngineError
+from runtime.cache import find_plan
+from runtime.cache import tensorrt_key as plan_key
+from runtime.cuda import Cuda
+from runtime.engine import EngineError, SpecMismatch
+from runtime.tensorrt_env import available
 
 HIDDEN = 8
 SPEC = graph_spec("unet", HIDDEN)
@@ -230,6 +233,15 @@ def test_corrupt_plan_is_refused(gpu, tmp_path):
     path.write_bytes(b"\x00garbage")
     e = TensorRTEngine(SPEC, path, TensorRTDevice(Cuda(gpu.cudart)))
     with pytest.raises(EngineError, match="could not deserialize.*engines.build"):
+        e.load()
+
+
+def test_plan_of_another_graph_is_a_spec_mismatch(gpu, tmp_path):
+    """Other I/O names than the spec's: SpecMismatch (a corrupt bundle under `auto`, which
+    is reported, not fallen back from), as on ort and openvino."""
+    path = write_plan(tmp_path, graph="vae_decoder")
+    e = TensorRTEngine(SPEC, path, TensorRTDevice(Cuda(gpu.cudart)))
+    with pytest.raises(SpecMismatch, match=r"plan inputs \['latent'\] do not match"):
         e.load()
 
 

@@ -9,7 +9,7 @@ import onnxruntime as ort
 import pytest
 from fakes.tiny_bundle import make_bundle
 
-from runtime.backends.tensorrt import available
+from runtime.tensorrt_env import available
 
 pytestmark = pytest.mark.gpu
 WHY = available()
@@ -37,8 +37,10 @@ def reference(bundle, name, feeds):
 
 @pytest.mark.parametrize("cuda_graph", [False, True])
 def test_unet_static_and_dynamic(built, cuda_graph):
-    from runtime.backends.tensorrt import TensorRTDevice, TensorRTEngine, find_plan, trt_version
+    from runtime.backends.tensorrt import TensorRTDevice, TensorRTEngine
     from runtime.bundle import read_manifest
+    from runtime.cache import find_plan
+    from runtime.tensorrt_env import trt_version
 
     bundle, cache_dir = built
     entry = read_manifest(bundle).graphs["unet"]
@@ -64,8 +66,10 @@ def test_unet_static_and_dynamic(built, cuda_graph):
 
 
 def test_text_encoder_and_safety_checker(built):
-    from runtime.backends.tensorrt import TensorRTDevice, TensorRTEngine, find_plan, trt_version
+    from runtime.backends.tensorrt import TensorRTDevice, TensorRTEngine
     from runtime.bundle import read_manifest
+    from runtime.cache import find_plan
+    from runtime.tensorrt_env import trt_version
 
     bundle, cache_dir = built
     manifest = read_manifest(bundle)

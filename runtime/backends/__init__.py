@@ -31,7 +31,7 @@ BF16_GRAPHS = ("unet", "vae_decoder")
 def unavailable(backend: str) -> str | None:
     """None when `backend` can run here, else why not (one line)."""
     if backend == "tensorrt":
-        from runtime.backends.tensorrt import available
+        from runtime.tensorrt_env import available
 
         return available()  # the real module, not type stubs; cuda-python importable
     if backend == "ort-cuda":
@@ -115,7 +115,8 @@ class EngineSet:
         entry = manifest.graphs[name]
         path = bundle / entry.file
         if self.backend == "tensorrt":
-            from runtime.backends.tensorrt import CachedTensorRTEngine, TensorRTDevice
+            from runtime.backends.tensorrt import TensorRTDevice
+            from runtime.backends.tensorrt_cached import CachedTensorRTEngine
 
             if self.device is None:
                 try:
@@ -128,11 +129,12 @@ class EngineSet:
         if self.backend == "openvino":
             return self._openvino(entry, path, manifest)
         from runtime import cache
-        from runtime.backends.ort import OrtEngine, ort_cpu_key
+        from runtime.backends.ort import OrtEngine
 
         key = None
         if use_cache:
-            key = ort_cpu_key(entry, path) if self.backend == "ort-cpu" else cache.ort_cuda_key(entry)
+            key = (cache.ort_cpu_key(entry, path) if self.backend == "ort-cpu"
+                   else cache.ort_cuda_key(entry))
         return OrtEngine(entry.spec, path, self.backend, cache_key=key,
                          cuda_graph=self.cuda_graph and name == "unet")
 

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from runtime.bundle import GraphSpec
-from runtime.engine import Engine, Shapes, SpecMismatch
+from runtime.engine import Engine, Shapes
 
 # ours -> (INFERENCE_PRECISION_HINT to ask, the element type it reads back as)
 PRECISIONS = {"fp32": ("f32", "'float32'"), "bf16": ("bf16", "'bfloat16'")}
@@ -93,6 +93,11 @@ class OpenVinoEngine(Engine):
         self.compile_seconds = 0.0  # compiling, all shapes so far
 
     def load(self) -> None:
+        super().load()
+        if self.warm_shapes is not None:
+            self.allocate(self.warm_shapes)
+
+    def _load(self) -> None:
         try:
             import openvino as ov
 
@@ -100,22 +105,10 @@ class OpenVinoEngine(Engine):
             self.model = self.core.read_model(str(self.path))  # weights mapped, not copied
         except Exception as e:  # OpenVINO raises RuntimeError subclasses of its own
             raise self.error(f"cannot load {self.path}: {str(e).splitlines()[0]}") from None
-        for kind, got, specs in (("inputs", self.model.inputs, self.spec.inputs),
-                                 ("outputs", self.model.outputs, self.spec.outputs)):
-            names = {t.get_any_name() for t in got}
-            want = {t.name for t in specs}
-            if names != want:
-                raise self.error(f"graph {kind} {sorted(names)} do not match the manifest's "
-                                 f"{sorted(want)}", kind=SpecMismatch)
-        if self.warm_shapes is not None:
-            self.allocate(self.warm_shapes)
+        self.check_io([t.get_any_name() for t in self.model.inputs],
+                      [t.get_any_name() for t in self.model.outputs])
 
-    def allocate(self, shapes: Shapes) -> None:
-        shapes = {k: tuple(int(d) for d in v) for k, v in shapes.items()}
-        if shapes == self.shapes:
-            return
-        if self.model is None:
-            raise self.error("allocate() before load()", shapes)
+    def _allocate(self, shapes: dict[str, tuple[int, ...]]) -> None:
         memo = tuple(sorted(shapes.items()))
         found = self.compiled.pop(memo, None)
         if found is None:
@@ -139,22 +132,14 @@ class OpenVinoEngine(Engine):
                                  shapes)
         self.compiled[memo] = found  # most recently used last
         self.current = found
-        self.shapes = shapes
 
-    def set_constant(self, name: str, array: np.ndarray) -> None:
-        self.check_feeds({name: array})
+    def _copy_in(self, name: str, array: np.ndarray) -> None:
         assert self.current is not None
         np.copyto(self.current.inputs[name], array)
 
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        self.check_feeds(feeds)
+    def _run(self) -> dict[str, np.ndarray]:
         current = self.current
         assert current is not None
-        unknown = set(feeds) - set(current.inputs)
-        if unknown:
-            raise self.error(f"unknown inputs {sorted(unknown)}")
-        for name, array in feeds.items():
-            np.copyto(current.inputs[name], array)
         try:
             # start + wait: infer() would also return a dict of output copies per run
             current.request.start_async()
@@ -163,6 +148,5 @@ class OpenVinoEngine(Engine):
             raise self.error(f"run failed: {str(e).splitlines()[0]}") from None
         return current.outputs
 
-    def release(self) -> None:
+    def _release(self) -> None:
         self.current, self.compiled, self.model, self.core = None, {}, None, None
-        self.shapes = None

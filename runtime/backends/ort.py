@@ -12,16 +12,15 @@ per set of shapes and replayed.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from runtime import cache, cpu
+from runtime import cache
 from runtime.backends.ort_cuda import MAX_GRAPHS, DeviceBinding, DeviceBindings, provider_options
-from runtime.bundle import GraphEntry, GraphSpec
-from runtime.engine import Engine, Shapes, SpecMismatch
+from runtime.bundle import GraphSpec
+from runtime.engine import Engine
 
 PROVIDERS = {"ort-cpu": "CPUExecutionProvider", "ort-cuda": "CUDAExecutionProvider"}
 
@@ -42,19 +41,6 @@ def session_options(optimized_out: Path | None = None, optimize: bool = True) ->
     return so
 
 
-def ort_cpu_key(entry: GraphEntry, path: Path) -> cache.CacheKey:
-    """Key of ORT's saved optimized fp32 graph: hardware specific, so the ISA is in it.
-
-    Besides the manifest's sha256, the bundle file's size and mtime are in the key
-    (hashing a multi-GB graph at every start would cost what the cache saves): a graph
-    edited or damaged after export misses the cache instead of being served stale.
-    """
-    st = path.stat()
-    graph = f"{cache.graph_sha256(entry)}@{st.st_size}:{st.st_mtime_ns}"
-    return cache.CacheKey(entry.spec.name, graph, "ort-cpu", ort.__version__, cache.ANY,
-                          cpu.isa(), "fp32", cache.ANY)
-
-
 class OrtEngine(Engine):
     """One ONNX Runtime session for one graph; `backend` is ort-cpu or ort-cuda.
 
@@ -69,15 +55,13 @@ class OrtEngine(Engine):
     """
 
     def __init__(self, spec: GraphSpec, path: Path, backend: str = "ort-cpu",
-                 options: ort.SessionOptions | None = None,
-                 cache_key: cache.CacheKey | None = None, cache_dir: Path | None = None,
+                 cache_key: cache.CacheKey | None = None,
                  cuda_graph: bool = False, max_graphs: int = MAX_GRAPHS):
         super().__init__(spec, path)
         if backend not in PROVIDERS:
             raise ValueError(f"unknown ONNX Runtime backend {backend!r}")
         self.backend = backend
-        self.options = options
-        self.cache_key, self.cache_dir = cache_key, cache_dir
+        self.cache_key = cache_key
         self.cache_status = "off"
         self.cuda_graph = cuda_graph and backend == "ort-cuda"
         self.cuda_graph_status = "on" if self.cuda_graph else "off"
@@ -106,13 +90,12 @@ class OrtEngine(Engine):
             return None
         try:
             # sizes only: hashing a multi-GB graph would cost the time the cache saves
-            found = None if rebuild else cache.lookup(self.cache_key, self.cache_dir, verify=False)
+            found = None if rebuild else cache.lookup(self.cache_key, verify=False)
             if self.cache_key.backend != "ort-cpu":  # ort-cuda graphs come from engines.build
                 self.cache_status = "hit" if found else "miss (fp32 bundle graph)"
                 return found
             self.cache_status = "hit" if found else ("rebuilt" if rebuild else "built")
-            return found or cache.store(self.cache_key, self._optimize_into, self.cache_dir,
-                                        force=rebuild)
+            return found or cache.store(self.cache_key, self._optimize_into, force=rebuild)
         except OSError as e:  # read-only or full cache folder: run without the cache
             self.cache_status = f"off ({e.strerror or e})"
             return None
@@ -121,7 +104,7 @@ class OrtEngine(Engine):
         # ort-cpu's cached graph is already optimized for this CPU; ort-cuda's fp16
         # graph still gets ORT's own (fast) session-time optimizations.
         optimize = not (optimized and self.backend == "ort-cpu")
-        options = self.options or session_options(optimize=optimize)
+        options = session_options(optimize=optimize)
         if not self.on_device:
             return ort.InferenceSession(str(path), options, providers=[PROVIDERS[self.backend]])
         if self.cuda_graph:
@@ -134,14 +117,14 @@ class OrtEngine(Engine):
         return ort.InferenceSession(str(path), options, providers=[
             (PROVIDERS[self.backend], provider_options(cuda_graph=False))])
 
-    def load(self) -> None:
+    def _load(self) -> None:
         provider = PROVIDERS[self.backend]
         try:
             cached = self._cached_graph()  # building it fails on a damaged bundle graph too
             try:
                 self.session = self._session(cached or self.path, cached is not None)
             except Exception:
-                if cached is None or self.cache_key.backend != "ort-cpu":
+                if cached is None or self.backend != "ort-cpu":
                     raise
                 # a damaged cache entry of the right size: rebuild it once from the bundle
                 cached = self._cached_graph(rebuild=True)
@@ -150,29 +133,20 @@ class OrtEngine(Engine):
             raise self.error(f"cannot load {self.path}: {str(e).splitlines()[0]}") from None
         if provider not in self.session.get_providers():  # ORT falls back silently
             raise self.error(f"{provider} is not active (got {self.session.get_providers()})")
-        for kind, got, specs in (("inputs", self.session.get_inputs(), self.spec.inputs),
-                                 ("outputs", self.session.get_outputs(), self.spec.outputs)):
-            names, want = {t.name for t in got}, {t.name for t in specs}
-            if names != want:
-                raise self.error(f"graph {kind} {sorted(names)} do not match the manifest's "
-                                 f"{sorted(want)}", kind=SpecMismatch)
+        self.check_io([t.name for t in self.session.get_inputs()],
+                      [t.name for t in self.session.get_outputs()])
         if self.on_device:
             self.device = DeviceBindings(self.session, self.spec, self.cuda_graph,
                                          max_graphs=self.max_graphs)
 
-    def allocate(self, shapes: Shapes) -> None:
-        shapes = {k: tuple(v) for k, v in shapes.items()}
-        if shapes == self.shapes:
-            return
-        if self.session is None:
-            raise self.error("allocate() before load()", shapes)
+    def _allocate(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        assert self.session is not None
         if self.device is not None:
             self.current = None  # the old plain binding can be freed before the new one
             try:
                 self.current = self.device.get(shapes)
             except Exception as e:  # out of device memory, most likely
                 raise self.error(f"cannot allocate: {str(e).splitlines()[0]}", shapes) from None
-            self.shapes = shapes
             return
         binding = self.session.io_binding()
         self.inputs, self.outputs = {}, {}
@@ -181,12 +155,12 @@ class OrtEngine(Engine):
             buf = np.zeros(shape, dtype)
             binding.bind_input(t.name, "cpu", 0, dtype, shape, buf.ctypes.data)
             self.inputs[t.name] = buf
-        for t in self.spec.outputs:
-            shape = self.spec.output_shapes(shapes)[t.name]
-            out = np.zeros(shape, np.dtype(t.dtype))
-            binding.bind_output(t.name, "cpu", 0, out.dtype, shape, out.ctypes.data)
-            self.outputs[t.name] = out
-        self.binding, self.shapes = binding, shapes
+        for name, shape in self.spec.output_shapes(shapes).items():
+            dtype = np.dtype(next(t.dtype for t in self.spec.outputs if t.name == name))
+            out = np.zeros(shape, dtype)
+            binding.bind_output(name, "cpu", 0, dtype, shape, out.ctypes.data)
+            self.outputs[name] = out
+        self.binding = binding
 
     def _copy_in(self, name: str, array: np.ndarray) -> None:
         if self.current is not None:
@@ -194,14 +168,7 @@ class OrtEngine(Engine):
         else:
             np.copyto(self.inputs[name], array)
 
-    def set_constant(self, name: str, array: np.ndarray) -> None:
-        self.check_feeds({name: array})
-        self._copy_in(name, array)
-
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        self.check_feeds(feeds)
-        for name, array in feeds.items():
-            self._copy_in(name, array)
+    def _run(self) -> dict[str, np.ndarray]:
         try:
             if self.current is not None:
                 return self.current.run(self.session)
@@ -210,7 +177,7 @@ class OrtEngine(Engine):
             raise self.error(f"run failed: {str(e).splitlines()[0]}") from None
         return self.outputs
 
-    def release(self) -> None:
-        self.binding, self.session, self.shapes = None, None, None
+    def _release(self) -> None:
+        self.binding, self.session = None, None
         self.device, self.current = None, None
         self.inputs, self.outputs = {}, {}

@@ -1,7 +1,7 @@
 """TensorRT backend: FP16 plans run through the name-based tensor API on one CUDA stream.
 
-Works with TensorRT 8.6 (JetPack 6) through 10.x (11, strongly typed only, is refused
-by `available()`); where the API changed, features are detected, not version-parsed:
+Works with TensorRT 8.6 (JetPack 6) through 10.x (runtime/tensorrt_env.py refuses the
+rest); where the API changed, features are detected, not version-parsed:
   context without its own activation memory:
       10.x  engine.create_execution_context(ExecutionContextAllocationStrategy.USER_MANAGED)
       8.6   engine.create_execution_context_without_device_memory()
@@ -18,7 +18,7 @@ then allocate(shapes) -> set_constant / run -> release(); the device last.
 
     device = TensorRTDevice()                              # one per pipeline
     unet = CachedTensorRTEngine(manifest.graphs["unet"], manifest.profile, device,
-                                cuda_graph=True)           # plan found in the engine cache
+                                cuda_graph=True)           # tensorrt_cached.py
     unet.load(); unet.allocate({"sample": (2, 4, 64, 64), ...})
     unet.set_constant("encoder_hidden_states", ehs)       # [2B, 77, 768] f32, once
     out = unet.run({"sample": x, "timestep": t})         # aliases pinned host buffers
@@ -34,12 +34,10 @@ copies the outputs device -> host and synchronizes the stream once.
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import mmap
 import warnings
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,114 +45,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from runtime import cache
-from runtime.backends.cuda import Cuda, CudaError, DeviceInfo, stream_handle
-from runtime.bundle import GraphEntry, GraphSpec, Profile
-from runtime.engine import Engine, Shapes
+from runtime.bundle import GraphSpec
+from runtime.cuda import Cuda, CudaError, stream_handle
+from runtime.engine import Engine
+from runtime.tensorrt_env import register_plugins, trt_module, trt_version
 
 if TYPE_CHECKING:
     import tensorrt as trt
-
-
-def trt_module() -> Any:
-    """The real tensorrt module, or ImportError (type stubs alone are not TensorRT)."""
-    import tensorrt
-
-    if not hasattr(tensorrt, "Runtime"):  # e.g. only `tensorrt-stubs` installed
-        raise ImportError("tensorrt is installed as type stubs only")
-    return tensorrt
-
-
-SUPPORTED = ((8, 6), (11, 0))  # [from, to): the APIs this file is written against
-
-
-def unsupported(version: str) -> str | None:
-    """Why this TensorRT version cannot be used (one line), or None. 11 dropped weakly
-    typed networks (no BuilderFlag.FP16) and device_memory_size: not supported yet."""
-    try:
-        got = tuple(int(x) for x in version.split(".")[:2])
-    except ValueError:
-        return f"TensorRT {version!r}: cannot read its version"
-    if not SUPPORTED[0] <= got < SUPPORTED[1]:
-        return (f"TensorRT {version} is not supported (8.6 to 10.x): install "
-                f"'tensorrt-cu12>=10.0,<11' (pip install '.[tensorrt]'; on Jetson, JetPack 6's "
-                f"own 8.6 or 10.3)")
-    return None
-
-
-def available() -> str | None:
-    """None when TensorRT and cuda-python are usable here, else why not (one line)."""
-    try:
-        trt = trt_module()
-    except ImportError:
-        return "TensorRT is not installed (pip install tensorrt; JetPack ships it)"
-    why = unsupported(str(getattr(trt, "__version__", "?")))
-    if why:
-        return why
-    try:
-        from runtime.backends.cuda import runtime_module
-
-        runtime_module()
-    except ImportError:
-        return "cuda-python is not installed (pip install cuda-python)"
-    return None
-
-
-def trt_version() -> str:
-    return str(getattr(trt_module(), "__version__", "unknown"))
-
-
-@functools.lru_cache(maxsize=1)
-def register_plugins() -> Any:
-    """Register TensorRT's plugins once per process (init_libnvinfer_plugins) with a
-    logger that lives as long as the process: the plugin library keeps a raw pointer to
-    it. Before parsing (builder) and before any deserialize (runtime), as Polygraphy and
-    NVIDIA's demo do."""
-    trt = trt_module()
-    logger = trt.Logger(trt.Logger.WARNING)
-    trt.init_libnvinfer_plugins(logger, "")
-    return logger
-
-
-# --- the cache key of a plan (shared with engines.build) ------------------------------
-
-def plan_key(entry: GraphEntry, profile: cache.ShapeProfile, version: str,
-             device: DeviceInfo, options: str = cache.ANY) -> cache.CacheKey:
-    """Key of an FP16 plan of one graph for one TensorRT version, GPU, profile and set of
-    build options (engines.build's `--refit`, `--opt-level`, `--workspace-gb`, so asking
-    for other options builds another plan instead of reporting the old one cached)."""
-    return cache.CacheKey(entry.spec.name, cache.graph_sha256(entry), "tensorrt", version,
-                          device.model, device.capability, "fp16", cache.shapes_json(profile),
-                          options)
-
-
-def find_plan(entry: GraphEntry, shapes: Shapes | None, version: str, device: DeviceInfo,
-              cache_dir: Path | None = None, verify: bool = True) -> Path | None:
-    """A cached plan for this graph, TensorRT version and GPU whose profile covers
-    `shapes`: a static plan for exactly these shapes first, else the covering dynamic
-    plan with the smallest max shape; among equals, one that is not refittable
-    (refittable plans can be slower), then one with default options. Any build options
-    are accepted (engines.build --no-build checks for the exact options asked). `shapes`
-    None: any plan of this graph, the largest profile first. None when there is none."""
-    want = plan_key(entry, {}, version, device)
-    static = cache.shapes_json(cache.static_profile(entry.spec, shapes)) if shapes else None
-    fits = []
-    for key, _ in cache.entries("tensorrt", entry.spec.name, cache_dir):
-        profile = key.profile()
-        if (profile is None or key.graph_sha256 != want.graph_sha256
-                or key.backend_version != version or key.device != device.model
-                or key.capability != device.capability
-                or (shapes is not None and not cache.covers(profile, shapes))):
-            continue
-        size = sum(math.prod(row["max"]) for row in profile.values())
-        # `shapes` None (any plan): the largest first, so the shared scratch is sized for
-        # what allocate() may swap to
-        fits.append((key.shapes != static, size if shapes is not None else -size,
-                     "refit" in key.options, key.options != cache.ANY, key.dirname, key))
-    for *_, key in sorted(fits, key=lambda f: f[:5]):
-        found = cache.lookup(key, cache_dir, verify)
-        if found is not None:
-            return found
-    return None
 
 
 # --- one stream, one runtime, one scratch allocation for all engines ------------------
@@ -242,13 +139,12 @@ class TensorRTEngine(Engine):
         self.bound_generation = -1  # scratch generation bound to the context
         self.buffers: dict[str, _Buffer] = {}
         self.outputs: dict[str, np.ndarray] = {}
-        self.given: set[str] = set()  # inputs copied to the device at least once
         self.graph: Any = None  # cudaGraph_t / cudaGraphExec_t for self.shapes
         self.graph_exec: Any = None
 
     # --- load --------------------------------------------------------------------------
 
-    def load(self) -> None:
+    def _load(self) -> None:
         try:
             if self.device is None:
                 self.device = TensorRTDevice()
@@ -304,13 +200,10 @@ class TensorRTEngine(Engine):
     def _check_io(self, engine: trt.ICudaEngine) -> None:
         import tensorrt as trt
 
-        names = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}
-        want = {t.name for t in (*self.spec.inputs, *self.spec.outputs)}
-        if names != want:
-            raise self.error(f"plan tensors {sorted(names)} do not match the spec {sorted(want)}")
-        for t in self.spec.inputs:
-            if engine.get_tensor_mode(t.name) != trt.TensorIOMode.INPUT:
-                raise self.error(f"plan tensor {t.name} is not an input")
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        is_input = {n: engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in names}
+        self.check_io([n for n in names if is_input[n]], [n for n in names if not is_input[n]],
+                      what="plan")
         for t in (*self.spec.inputs, *self.spec.outputs):
             got = np.dtype(trt.nptype(engine.get_tensor_dtype(t.name)))
             if got != np.dtype(t.dtype):
@@ -330,18 +223,11 @@ class TensorRTEngine(Engine):
 
     # --- allocate ------------------------------------------------------------------------
 
-    def allocate(self, shapes: Shapes) -> None:
-        shapes = {k: tuple(int(v) for v in s) for k, s in shapes.items()}
-        if shapes == self.shapes:
-            return
+    def _allocate(self, shapes: dict[str, tuple[int, ...]]) -> None:
         if self.engine is None or self.context is None or self.device is None:
-            raise self.error("allocate() before load()", shapes)
-        missing = [t.name for t in self.spec.inputs if t.name not in shapes]
-        if missing:
-            raise self.error(f"allocate() without shapes for {missing}", shapes)
+            raise self.error("allocate() after release()", shapes)
         self._drop_graph()
         self._free_buffers()
-        self.shapes = None
         context, cuda = self.context, self.device.cuda
         try:
             for t in self.spec.inputs:  # every input shape first: outputs depend on them
@@ -363,8 +249,6 @@ class TensorRTEngine(Engine):
             self._free_buffers()
             raise self.error(str(e), shapes) from None
         self.outputs = {t.name: self.buffers[t.name].host for t in self.spec.outputs}
-        self.given = set()
-        self.shapes = shapes
 
     def _profile_hint(self, name: str, shape: tuple[int, ...]) -> str:
         assert self.engine is not None
@@ -380,34 +264,27 @@ class TensorRTEngine(Engine):
     # --- run ------------------------------------------------------------------------------
 
     def set_constant(self, name: str, array: np.ndarray) -> None:
-        self.check_feeds({name: array})
+        super().set_constant(name, array)
         assert self.device is not None
         try:
-            self._copy_in(name, array)
             self.device.cuda.sync(self.device.stream)  # the pinned copy may be reused now
         except CudaError as e:
             raise self.error(str(e)) from None
 
     def _copy_in(self, name: str, array: np.ndarray) -> None:
+        """Into the pinned mirror, then host -> device on the stream."""
         assert self.device is not None
         buf = self.buffers[name]
         np.copyto(buf.host, array)
-        self.device.cuda.h2d(buf.device, buf.host_ptr, buf.nbytes, self.device.stream)
-        self.given.add(name)
+        try:
+            self.device.cuda.h2d(buf.device, buf.host_ptr, buf.nbytes, self.device.stream)
+        except CudaError as e:
+            raise self.error(str(e)) from None
 
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        self.check_feeds(feeds)
+    def _run(self) -> dict[str, np.ndarray]:
         device, context = self.device, self.context
         assert device is not None and context is not None
-        unknown = set(feeds) - {t.name for t in self.spec.inputs}
-        if unknown:
-            raise self.error(f"unknown inputs {sorted(unknown)}")
         try:
-            for name, array in feeds.items():  # host -> device, on the stream
-                self._copy_in(name, array)
-            never = [t.name for t in self.spec.inputs if t.name not in self.given]
-            if never:
-                raise self.error(f"inputs {never} were never given (run or set_constant)")
             self._bind_scratch(device, context)
             stream = stream_handle(device.stream)
             if self.graph_exec is not None:
@@ -471,7 +348,7 @@ class TensorRTEngine(Engine):
             for buf in self.buffers.values():
                 self.device.cuda.free(buf.device)
                 self.device.cuda.free_pinned(buf.host_ptr)
-        self.buffers, self.outputs, self.given = {}, {}, set()
+        self.buffers, self.outputs = {}, {}
 
     def _unload(self) -> None:
         """Free the CUDA graph, buffers, context and engine (in that order); keep the device."""
@@ -488,7 +365,7 @@ class TensorRTEngine(Engine):
             self.shapes = None
             self.bound_generation = -1
 
-    def release(self) -> None:
+    def _release(self) -> None:
         """Free everything this engine owns, in reverse order of creation. Arrays returned
         by run() point into freed pinned memory afterwards: copy them before."""
         self._unload()
@@ -498,108 +375,3 @@ class TensorRTEngine(Engine):
             except CudaError as e:
                 raise self.error(f"release failed: {e}") from None
             self.device = None
-
-
-class CachedTensorRTEngine(TensorRTEngine):
-    """A bundle graph's TensorRT engine whose plan comes from the engine cache.
-
-    load() deserializes the plan for the profile's opt shapes; allocate(shapes) swaps
-    to another cached plan when these shapes have a better one (a static plan for
-    exactly them) or the loaded plan's profile does not cover them. Plans are found
-    with find_plan (this TensorRT version and GPU only); none found is an EngineError
-    that says which `engines.build` command makes one.
-
-    A swapped-out plan stays deserialized (its engine and context, not its buffers), up
-    to `keep_plans` plans per graph, so switching back (guidance on/off between a static
-    and a dynamic UNet plan) does not read and deserialize it again. Each kept plan holds
-    its weights in device memory: `keep_plans=1` on small Jetson modules."""
-
-    def __init__(self, entry: GraphEntry, profile: Profile,
-                 device: TensorRTDevice | None = None, cache_dir: Path | None = None,
-                 cuda_graph: bool = False, verify: bool = True, keep_plans: int = 2):
-        super().__init__(entry.spec, Path(), device, cuda_graph)
-        self.entry = entry
-        self.profile = profile
-        self.cache_dir = cache_dir
-        self.verify = verify  # sha256 every plan once per process (size only when False)
-        self.found: dict[tuple, Path] = {}  # input shapes -> plan
-        self.keep_plans = max(1, keep_plans)
-        self.parked: dict[Path, tuple[Any, Any, int]] = {}  # plan -> engine, context, scratch
-
-    def _find(self, shapes: Shapes | None) -> Path | None:
-        """find_plan for this graph on this device (created here on first use)."""
-        try:
-            if self.device is None:
-                self.device = TensorRTDevice()
-            version = trt_version()
-        except (CudaError, ImportError) as e:
-            raise self.error(str(e), shapes) from None
-        return find_plan(self.entry, shapes, version, self.device.info, self.cache_dir,
-                         self.verify)
-
-    def _lookup(self, shapes: Shapes) -> Path | None:
-        """The plan for these shapes, found (and sha256-checked) once per process."""
-        memo = tuple(sorted((k, tuple(v)) for k, v in shapes.items()))
-        if memo not in self.found:
-            path = self._find(shapes)
-            if path is None:
-                return None
-            self.found[memo] = path
-        return self.found[memo]
-
-    def _no_plan(self, shapes: Shapes) -> Exception:
-        assert self.device is not None  # _find made it
-        return self.error(
-            f"no TensorRT {trt_version()} plan for {self.device.info.model} covers these "
-            f"shapes; build one with `python -m engines.build BUNDLE --backend tensorrt` "
-            f"(--static for one shape, --min/--max for a wider profile)", shapes)
-
-    def _plan_for(self, shapes: Shapes) -> Path:
-        path = self._lookup(shapes)
-        if path is None:
-            raise self._no_plan(shapes)
-        return path
-
-    def load(self) -> None:
-        """Load the plan for the profile's opt shapes, or else any plan of this graph for
-        this TensorRT and GPU (e.g. only --static plans for other shapes): allocate() swaps
-        to the right one, and the shared scratch grows then if it needs more."""
-        opt = {name: tuple(row["opt"]) for name, row in self.profile.shapes(self.spec).items()}
-        path = self._lookup(opt) or self._find(None)
-        if path is None:
-            raise self._no_plan(opt)
-        self.path = path
-        super().load()
-
-    def allocate(self, shapes: Shapes) -> None:
-        shapes = {k: tuple(int(v) for v in s) for k, s in shapes.items()}
-        if shapes == self.shapes:
-            return
-        path = self._plan_for(shapes)
-        if path != self.path or self.engine is None:
-            self._swap(path)
-        super().allocate(shapes)
-
-    def _swap(self, path: Path) -> None:
-        """Make `path` the loaded plan: park the current one (its graph and buffers
-        freed), take `path` from the parked ones or deserialize it."""
-        current = (self.engine, self.context, self.scratch_bytes)
-        old = self.path
-        wanted = self.parked.pop(path, None)
-        self._unload()  # graph, buffers; engine/context references dropped here ...
-        if current[0] is not None and self.keep_plans > 1:
-            self.parked[old] = current  # ... but kept alive here
-            while len(self.parked) > self.keep_plans - 1:
-                self.parked.pop(next(iter(self.parked)))  # the oldest
-        self.path = path
-        if wanted is not None:
-            self.engine, self.context, self.scratch_bytes = wanted
-            assert self.device is not None
-            self.device.reserve(self.scratch_bytes)
-        else:
-            super().load()
-
-    def release(self) -> None:
-        self.parked = {}  # contexts before engines: each tuple drops both, context last held
-        super().release()
-

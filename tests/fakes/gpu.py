@@ -600,7 +600,7 @@ class FakeGPU:
         # modules that `import tensorrt` at top level must bind this fake, not the last one
         monkeypatch.delitem(sys.modules, "engines.tensorrt_build", raising=False)
         # plugins are registered once per process; each fake GPU is a new "process"
-        from runtime.backends.tensorrt import register_plugins
+        from runtime.tensorrt_env import register_plugins
 
         register_plugins.cache_clear()
         return self

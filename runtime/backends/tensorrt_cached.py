@@ -1,0 +1,121 @@
+"""A TensorRT engine whose plans come from the engine cache (runtime/cache.py), several
+per graph (static and dynamic profiles), swapped as the input shapes change.
+
+    unet = CachedTensorRTEngine(manifest.graphs["unet"], manifest.profile, device)
+    unet.load()                                   # the plan for the profile's opt shapes
+    unet.allocate({"sample": (2, 4, 64, 64), ...})  # may swap to a static 512x512 plan
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from runtime import cache
+from runtime.backends.tensorrt import TensorRTDevice, TensorRTEngine
+from runtime.bundle import GraphEntry, Profile
+from runtime.cuda import CudaError
+from runtime.engine import Shapes
+from runtime.tensorrt_env import trt_version
+
+
+class CachedTensorRTEngine(TensorRTEngine):
+    """A bundle graph's TensorRT engine whose plan comes from the engine cache.
+
+    load() deserializes the plan for the profile's opt shapes; allocate(shapes) swaps
+    to another cached plan when these shapes have a better one (a static plan for
+    exactly them) or the loaded plan's profile does not cover them. Plans are found
+    with find_plan (this TensorRT version and GPU only); none found is an EngineError
+    that says which `engines.build` command makes one.
+
+    A swapped-out plan stays deserialized (its engine and context, not its buffers), up
+    to `keep_plans` plans per graph, so switching back (guidance on/off between a static
+    and a dynamic UNet plan) does not read and deserialize it again. Each kept plan holds
+    its weights in device memory: `keep_plans=1` on small Jetson modules."""
+
+    def __init__(self, entry: GraphEntry, profile: Profile,
+                 device: TensorRTDevice | None = None, cache_dir: Path | None = None,
+                 cuda_graph: bool = False, verify: bool = True, keep_plans: int = 2):
+        super().__init__(entry.spec, Path(), device, cuda_graph)
+        self.entry = entry
+        self.profile = profile
+        self.cache_dir = cache_dir
+        self.verify = verify  # sha256 every plan once per process (size only when False)
+        self.found: dict[tuple, Path] = {}  # input shapes -> plan
+        self.keep_plans = max(1, keep_plans)
+        self.parked: dict[Path, tuple[Any, Any, int]] = {}  # plan -> engine, context, scratch
+
+    def _find(self, shapes: Shapes | None) -> Path | None:
+        """find_plan for this graph on this device (created here on first use)."""
+        try:
+            if self.device is None:
+                self.device = TensorRTDevice()
+            version = trt_version()
+        except (CudaError, ImportError) as e:
+            raise self.error(str(e), shapes) from None
+        return cache.find_plan(self.entry, shapes, version, self.device.info, self.cache_dir,
+                               self.verify)
+
+    def _lookup(self, shapes: Shapes) -> Path | None:
+        """The plan for these shapes, found (and sha256-checked) once per process."""
+        memo = tuple(sorted((k, tuple(v)) for k, v in shapes.items()))
+        if memo not in self.found:
+            path = self._find(shapes)
+            if path is None:
+                return None
+            self.found[memo] = path
+        return self.found[memo]
+
+    def _no_plan(self, shapes: Shapes) -> Exception:
+        assert self.device is not None  # _find made it
+        return self.error(
+            f"no TensorRT {trt_version()} plan for {self.device.info.model} covers these "
+            f"shapes; build one with `python -m engines.build BUNDLE --backend tensorrt` "
+            f"(--static for one shape, --min/--max for a wider profile)", shapes)
+
+    def _plan_for(self, shapes: Shapes) -> Path:
+        path = self._lookup(shapes)
+        if path is None:
+            raise self._no_plan(shapes)
+        return path
+
+    def _load(self) -> None:
+        """Load the plan for the profile's opt shapes, or else any plan of this graph for
+        this TensorRT and GPU (e.g. only --static plans for other shapes): allocate() swaps
+        to the right one, and the shared scratch grows then if it needs more."""
+        opt = {name: tuple(row["opt"]) for name, row in self.profile.shapes(self.spec).items()}
+        path = self._lookup(opt) or self._find(None)
+        if path is None:
+            raise self._no_plan(opt)
+        self.path = path
+        super()._load()
+
+    def _allocate(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        path = self._plan_for(shapes)
+        if path != self.path or self.engine is None:
+            self._swap(path)
+        super()._allocate(shapes)
+
+    def _swap(self, path: Path) -> None:
+        """Make `path` the loaded plan: park the current one (its graph and buffers
+        freed), take `path` from the parked ones or deserialize it."""
+        current = (self.engine, self.context, self.scratch_bytes)
+        old = self.path
+        wanted = self.parked.pop(path, None)
+        self._unload()  # graph, buffers; engine/context references dropped here ...
+        if current[0] is not None and self.keep_plans > 1:
+            self.parked[old] = current  # ... but kept alive here
+            while len(self.parked) > self.keep_plans - 1:
+                self.parked.pop(next(iter(self.parked)))  # the oldest
+        self.path = path
+        if wanted is not None:
+            self.engine, self.context, self.scratch_bytes = wanted
+            assert self.device is not None
+            self.device.reserve(self.scratch_bytes)
+        else:
+            super()._load()
+
+    def _release(self) -> None:
+        self.parked = {}  # contexts before engines: each tuple drops both, context last held
+        super()._release()
+
