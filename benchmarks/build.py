@@ -9,7 +9,6 @@ warm-cache restart a deployment sees.
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 import time
@@ -40,12 +39,9 @@ def build(s: Settings, bundle: Path, log: Callable[[str], None]) -> dict:
 
     pipe = Pipeline(bundle, s.backend, safety=s.safety, cuda_graph=s.cuda_graph,
                     precision=s.precision, log=keep)
-    out["load_seconds"] = pipe.load_seconds
+    report = pipe.load_report
     pipe.close()
-    per_graph = {}
-    for line in lines:  # "unet: loaded in 12.34 s (engine cache: built)"
-        m = re.match(r"(\w+): loaded in ([\d.]+) s \(engine cache: ([^;)]+)", line)
-        if m:
-            per_graph[m.group(1)] = {"seconds": float(m.group(2)), "cache": m.group(3)}
-    out.update(graphs=per_graph, log=lines, peak_rss=peak_rss_bytes())
+    out.update(load_seconds=report.seconds, log=lines, peak_rss=peak_rss_bytes(),
+               graphs={name: {"seconds": g.seconds, "cache": g.cache}
+                       for name, g in report.graphs.items()})
     return out

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 
@@ -34,8 +34,6 @@ class Settings:
     baseline_device: str = "cpu"
     baseline_dtype: str = "float32"
     compile: bool = False  # torch.compile the baseline's UNet (GPU option; untested here)
-    cache_dir: str | None = None  # engine cache for our side; None: the default one
-    extra: dict = field(default_factory=dict)
 
     def call_kwargs(self, batch: int | None = None) -> dict:
         """The generation parameters both sides get."""

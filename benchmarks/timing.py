@@ -1,16 +1,15 @@
 """Statistics, memory probes and the instruments the workers put around a pipeline.
 
-Nothing here changes what a pipeline computes: `TimedEngine` wraps one of our engines
-(delegating everything) to time each run() and keep a copy of an output; `StepClock`
-is the progress callback that timestamps the end of every denoising step.
+Nothing here changes what a pipeline computes. Our pipeline reports its own per-call
+and per-step times (runtime.pipeline.Result); `StepClock` is the progress callback that
+timestamps the end of every denoising step of the diffusers baseline and shows progress.
 """
 
 from __future__ import annotations
 
-import os
 import resource
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -104,62 +103,3 @@ def steady_host_overhead(step_ends: Sequence[float], unet_calls: Sequence[float]
     for i in range(1, min(len(step_ends), len(unet_calls))):
         out.append(step_ends[i] - step_ends[i - 1] - unet_calls[i])
     return out
-
-
-class TimedEngine:
-    """Wraps a runtime Engine: times each run() (host clock, or CUDA events on the
-    engine's stream where it exposes one) and optionally keeps a copy of one output."""
-
-    def __init__(self, engine: Any, keep: str | None = None):
-        self._engine = engine
-        self._keep = keep
-        self.calls: list[float] = []
-        self.kept: np.ndarray | None = None
-        self._events = CudaEventTimer.for_engine(engine)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._engine, name)
-
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self._events is not None:
-            self._events.start()
-        t = time.perf_counter()
-        out = self._engine.run(feeds)
-        host = time.perf_counter() - t
-        self.calls.append(self._events.stop() if self._events is not None else host)
-        if self._keep is not None:
-            self.kept = np.array(out[self._keep], copy=True)
-        return out
-
-
-class CudaEventTimer:
-    """CUDA events recorded on a TensorRT engine's stream around one run.
-
-    UNTESTED here (no GPU in the session that wrote it). Our engines synchronize their
-    stream at the end of run(), so stop() can read the elapsed time at once. ORT CUDA
-    owns its stream, so ort-cuda is timed on the host around its synchronous run.
-    """
-
-    def __init__(self, cuda: Any, stream: Any):
-        self.cuda, self.stream = cuda, stream
-        self.begin = cuda.call("cudaEventCreate")
-        self.end = cuda.call("cudaEventCreate")
-
-    @staticmethod
-    def for_engine(engine: Any) -> CudaEventTimer | None:
-        device = getattr(engine, "device", None)
-        cuda, stream = getattr(device, "cuda", None), getattr(device, "stream", None)
-        if cuda is None or stream is None or os.environ.get("SDRT_BENCH_HOST_CLOCK"):
-            return None
-        try:
-            return CudaEventTimer(cuda, stream)
-        except Exception:  # an old cuda-python without events: fall back to the host clock
-            return None
-
-    def start(self) -> None:
-        self.cuda.call("cudaEventRecord", self.begin, self.stream)
-
-    def stop(self) -> float:
-        self.cuda.call("cudaEventRecord", self.end, self.stream)
-        self.cuda.call("cudaEventSynchronize", self.end)
-        return float(self.cuda.call("cudaEventElapsedTime", self.begin, self.end)) / 1e3

@@ -22,7 +22,6 @@ artifact is missing. Bad input and missing backends: one line on stderr, exit 2.
 
 from __future__ import annotations
 
-import argparse
 import re
 import sys
 import time
@@ -33,6 +32,7 @@ from pathlib import Path
 from engines.options import BuildOptions, TensorRTOptions
 from engines.shapes import describe, graph_profile
 from runtime import cache
+from runtime.args import OneLineParser, usage_error
 from runtime.bundle import (
     GRAPH_ORDER,
     BundleError,
@@ -88,7 +88,7 @@ def choose_profiles(manifest: Manifest, static: bool, lo: str | None, opt: str |
 
 
 def parse_args(argv: list[str] | None) -> tuple[BuildOptions, bool]:
-    ap = argparse.ArgumentParser(prog="python -m engines.build", description=DESCRIPTION)
+    ap = OneLineParser(prog="python -m engines.build", description=DESCRIPTION)
     ap.add_argument("bundle", help="bundle folder, or `demo`")
     ap.add_argument("--backend", required=True, choices=BACKENDS)
     mode = ap.add_mutually_exclusive_group()
@@ -257,8 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         opts, verbose = parse_args(argv)
         return run(opts, verbose)
     except UsageError as e:
-        print(f"engines.build: {e}", file=sys.stderr)
-        return 2
+        return usage_error(str(e))
     except Exception as e:  # a build failure: one line, never a traceback
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"engines.build: {first}", file=sys.stderr)

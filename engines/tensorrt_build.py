@@ -19,16 +19,14 @@ plugin when the flag is honoured.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import tensorrt as trt
 
 from engines.options import TensorRTOptions
-from runtime import cache
+from runtime import files
 from runtime.tensorrt_env import register_plugins
 
 
@@ -76,24 +74,13 @@ def _profile(builder: trt.Builder, network: trt.INetworkDefinition,
     return profile
 
 
-@contextlib.contextmanager
-def _timing_cache_lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "a+") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-
-
 def _load_timing_cache(config: trt.IBuilderConfig, path: Path,
                        warn: Callable[[str], None]) -> bool:
     """Set the timing cache at `path` on `config`, or an empty one if the file is
     missing, unreadable, corrupt (create_timing_cache gives None) or from another
     GPU/TensorRT. True when the file was there but not usable (already warned)."""
     try:
-        with _timing_cache_lock(path):
+        with files.locked(path.with_name(path.name + ".lock")):
             seed = path.read_bytes() if path.is_file() else b""
     except OSError as e:
         warn(f"timing cache {path} not read ({e.strerror or e}); timing from scratch")
@@ -114,13 +101,13 @@ def _save_timing_cache(config: trt.IBuilderConfig, path: Path, warn: Callable[[s
     Runs after the plan is written: a problem here costs the next build time, never
     this build."""
     try:
-        with _timing_cache_lock(path):
+        with files.locked(path.with_name(path.name + ".lock")):
             merged = config.get_timing_cache()
             if path.is_file():
                 other = config.create_timing_cache(path.read_bytes())
                 if (other is None or not merged.combine(other, False)) and not known_bad:
                     warn(f"timing cache {path} was corrupt or foreign; replaced by this build's")
-            cache.write_atomic(path, bytes(merged.serialize()))
+            files.write_atomic(path, bytes(merged.serialize()))
     except OSError as e:
         warn(f"timing cache {path} not saved ({e.strerror or e}); the plan is fine")
 

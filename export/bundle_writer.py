@@ -158,6 +158,7 @@ def export_bundle(components: Components, out_dir: str | os.PathLike, *, opset: 
             source={"model": components.model_id, "hash": weights_sha256(components)},
             hidden=components.hidden, graphs=graphs, profile=profile,
             default_height=size, default_width=size, opset=opset, packages=package_versions(),
+            vae_scaling_factor=float(components.vae.config.scaling_factor),
         ).write(tmp)
         tmp.chmod(0o755)  # mkdtemp made it 0700
         _replace(tmp, out)

@@ -13,6 +13,7 @@ from urllib.parse import urlparse
 from export.errors import ExportError
 from export.tokenizer_files import has_tokenizer
 from runtime.bundle import MANIFEST
+from runtime.files import why_not_creatable
 
 BUILT_IN = ("demo", "sd14-random")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -25,13 +26,9 @@ def check_out(out: str | os.PathLike, force: bool) -> None:
     """Raise unless `out` may be written: free, or an old bundle (or empty folder) with force."""
     out = Path(out)
     if not out.exists():
-        parent = out.absolute().parent
-        while not parent.exists():
-            parent = parent.parent
-        if not parent.is_dir():
-            raise ExportError(f"cannot create {out}: {parent} is not a folder")
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise ExportError(f"cannot create {out}: {parent} is not writable")
+        why = why_not_creatable(out)
+        if why:
+            raise ExportError(f"cannot create {out}: {why}")
         return
     if not out.is_dir():
         raise ExportError(f"{out} exists and is not a folder; choose another --out")

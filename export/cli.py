@@ -9,15 +9,11 @@ import warnings
 
 from export.checks import check_opset, check_out, check_seed, model_kind
 from export.errors import ExportError
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line instead of usage + error
-        raise ExportError(f"{message} (see python -m export --help)")
+from runtime.args import OneLineParser
 
 
 def parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m export", description=(
+    p = OneLineParser(prog="python -m export", description=(
         "Export a Stable Diffusion v1.x model to an ONNX bundle (text_encoder, unet, vae_decoder, "
         "safety_checker, tokenizer/, scheduler_config.json, manifest.json)."))
     p.add_argument("--model", required=True, help=(

@@ -9,7 +9,7 @@ CompVis/stable-diffusion-v1-4 (= openai/clip-vit-large-patch14):
                then <|startoftext|> 49406 and <|endoftext|> 49407
   merges.txt   "#version: 0.2" header line, then the 48894 merges in rank order
 
-Stdlib only, so the export stage and tests can call it without torch.
+Stdlib (and runtime.bundle) only, so the export stage and tests can call it without torch.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import gzip
 import json
 from pathlib import Path
 
+from runtime.bundle import BOS, EOS
+
 BPE_VOCAB_GZ = Path(__file__).resolve().parent / "assets" / "bpe_simple_vocab_16e6.txt.gz"
 VOCAB_SIZE = 49408
-BOS = "<|startoftext|>"  # id 49406
-EOS = "<|endoftext|>"  # id 49407; also CLIP's pad and unk token in v1-4's tokenizer
 N_MERGES = 49152 - 256 - 2  # 48894: the vocabulary size CLIP was trained with, minus bytes/specials
 
 

@@ -16,10 +16,15 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
-from runtime.bundle import LATENT_CHANNELS, MAX_TOKENS, SAFETY_SIZE, Profile
+from runtime.bundle import (
+    LATENT_CHANNELS,
+    MAX_TOKENS,
+    SAFETY_SIZE,
+    VAE_SCALING_FACTOR,
+    Profile,
+)
 
 VOCAB = 49408  # CLIP BPE vocabulary
-CONCEPTS = 17  # StableDiffusionSafetyChecker: 17 concept + 3 special-care embeddings
 SPECIAL_CONCEPTS = 3
 
 
@@ -67,7 +72,7 @@ SD14 = ModelConfig(
         "sample_size": 512, "in_channels": 3, "out_channels": 3, "latent_channels": LATENT_CHANNELS,
         "layers_per_block": 2, "block_out_channels": (128, 256, 512, 512),
         "down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4,
-        "act_fn": "silu", "norm_num_groups": 32, "scaling_factor": 0.18215,
+        "act_fn": "silu", "norm_num_groups": 32, "scaling_factor": VAE_SCALING_FACTOR,
     },
     safety_vision={  # CLIP ViT-L/14 vision tower: 24 layers x 1024, 16 heads
         "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,

@@ -20,7 +20,14 @@ import torch
 from diffusers.pipelines.stable_diffusion.safety_checker import cosine_distance
 
 from export.components import Components
-from runtime.bundle import LATENT_CHANNELS, MAX_TOKENS, SAFETY_SIZE, GraphSpec, graph_spec
+from runtime.bundle import (
+    LATENT_CHANNELS,
+    MAX_TOKENS,
+    SAFETY_CONCEPTS,
+    SAFETY_SIZE,
+    GraphSpec,
+    graph_spec,
+)
 
 CHECK_LATENT = 32  # latent side of the sample inputs at most (256 px), so full-size checks stay quick
 
@@ -108,7 +115,8 @@ def sample_inputs(name: str, c: Components, batch: int = 1, latent: tuple[int, i
                 torch.randn(n, MAX_TOKENS, c.hidden, generator=g))  # [N, 77, C]
     if name == "vae_decoder":
         h, w = latent or (side, side)
-        return (torch.randn(batch, LATENT_CHANNELS, h, w, generator=g) / 0.18215,)  # [B, 4, h, w]
+        return (torch.randn(batch, LATENT_CHANNELS, h, w, generator=g)
+                / float(c.vae.config.scaling_factor),)  # [B, 4, h, w], as the host scales it
     if name == "safety_checker":
         return (torch.rand(batch, 3, SAFETY_SIZE, SAFETY_SIZE, generator=g) * 4 - 2,)  # [B, 3, 224, 224]
     raise KeyError(name)
@@ -116,7 +124,7 @@ def sample_inputs(name: str, c: Components, batch: int = 1, latent: tuple[int, i
 
 def graph_jobs(c: Components, safety: bool = True) -> list[GraphJob]:
     """The graphs of a bundle in runtime.bundle.GRAPH_ORDER."""
-    concepts = c.safety_checker.concept_embeds.shape[0] if c.safety_checker is not None else 17
+    concepts = c.safety_checker.concept_embeds.shape[0] if c.safety_checker is not None else SAFETY_CONCEPTS
     wrappers = {"text_encoder": lambda: TextEncoder(c.text_encoder), "unet": lambda: UNet(c.unet),
                 "vae_decoder": lambda: VaeDecoder(c.vae)}
     if safety and c.safety_checker is not None:

@@ -17,6 +17,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from runtime.files import write_atomic
+
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 SCHEDULER_CONFIG = "scheduler_config.json"
@@ -27,6 +29,9 @@ LATENT_CHANNELS = 4
 VAE_FACTOR = 8  # pixels per latent cell
 SAFETY_SIZE = 224  # CLIP ViT-L/14 image size
 VAE_SCALING_FACTOR = 0.18215  # v1.x; the host divides latents by it before the decoder
+SAFETY_CONCEPTS = 17  # StableDiffusionSafetyChecker: 17 concept (+ 3 special-care) embeddings
+BOS = "<|startoftext|>"  # CLIP tokenizer's begin token, id 49406
+EOS = "<|endoftext|>"  # its end token, id 49407; also the pad and unknown token of v1.x
 
 
 class BundleError(Exception):
@@ -116,7 +121,7 @@ GRAPH_ORDER = ("text_encoder", "unet", "vae_decoder", "safety_checker")
 REQUIRED_GRAPHS = ("text_encoder", "unet", "vae_decoder")
 
 
-def graph_spec(name: str, hidden: int, concepts: int = 17) -> GraphSpec:
+def graph_spec(name: str, hidden: int, concepts: int = SAFETY_CONCEPTS) -> GraphSpec:
     """GRAPHS[name] with the model's hidden width C and concept count K filled in."""
     g = GRAPHS[name]
     fill = {"C": hidden, "K": concepts}
@@ -227,9 +232,7 @@ class Manifest:
 
     def write(self, bundle: Path) -> None:
         path = Path(bundle) / MANIFEST
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=2) + "\n")
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps(self.to_json(), indent=2) + "\n")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

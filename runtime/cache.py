@@ -21,7 +21,6 @@ sidecar warns (CacheWarning) and reports a miss, so the caller rebuilds.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import math
@@ -34,7 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
 
-from runtime import cpu
+from runtime import cpu, files
 from runtime.bundle import GraphEntry, GraphSpec, sha256_file
 
 SIDECAR = "sidecar.json"
@@ -197,17 +196,9 @@ def entries(backend: str, graph: str,
                 yield CacheKey(**side["key"]), folder
 
 
-@contextlib.contextmanager
-def locked(key: CacheKey, cache_dir: Path | None = None) -> Iterator[None]:
+def locked(key: CacheKey, cache_dir: Path | None = None) -> contextlib.AbstractContextManager:
     """Hold an exclusive flock on the artifact's lock file (blocks until free)."""
-    lock = artifact_dir(key, cache_dir).with_suffix(".lock")
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "a+") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    return files.locked(artifact_dir(key, cache_dir).with_suffix(".lock"))
 
 
 def _fsync(path: Path) -> None:
@@ -255,22 +246,6 @@ def store(key: CacheKey, build: Callable[[Path], Path], cache_dir: Path | None =
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return final / main.name
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` atomically (temp file in the same folder + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def ort_cuda_key(entry: GraphEntry, ort_version: str | None = None) -> CacheKey:

@@ -7,7 +7,6 @@ stage exits 1 with one line. PNGs never overwrite existing files.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
 import tempfile
@@ -15,21 +14,18 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime.args import OneLineParser
 from runtime.backends import BACKENDS, PRECISIONS
 from runtime.bundle import BundleError
 from runtime.engine import EngineError
-from runtime.images import png_bytes, write_new_file
+from runtime.files import why_not_creatable, write_new_file
+from runtime.images import png_bytes
 from runtime.pipeline import Pipeline, Result, StageError, UsageError, check_settings
 from runtime.schedulers import SCHEDULERS
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage too)
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = _Parser(prog="python -m runtime.generate", description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="python -m runtime.generate", description=__doc__.splitlines()[0])
     p.add_argument("prompt", help="what to draw")
     p.add_argument("--model", default="demo", help="bundle folder, or `demo` (built in)")
     p.add_argument("--backend", default="auto", choices=BACKENDS)
@@ -55,16 +51,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def check_output_dir(folder: Path) -> None:
     """Refuse early (before loading a model) an output folder that cannot exist."""
-    try:
-        probe = folder.resolve()
-        while not probe.exists() and not probe.is_symlink():
-            probe = probe.parent
-    except (OSError, RuntimeError) as e:  # symlink loops, unreadable parents
-        raise UsageError(f"output folder {folder} is not usable: {e}") from None
-    if not probe.is_dir():
-        raise UsageError(f"output folder {folder} is not usable: {probe} is not a folder")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise UsageError(f"output folder {folder} is not writable")
+    why = why_not_creatable(folder)
+    if why:
+        raise UsageError(f"output folder {folder} is not usable: {why}")
 
 
 def prepare_output_dir(folder: Path) -> None:

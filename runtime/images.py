@@ -11,9 +11,6 @@ pixels and our NSFW flags equal its own:
 from __future__ import annotations
 
 import io
-import os
-import tempfile
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, PngImagePlugin
@@ -59,29 +56,3 @@ def png_bytes(image: np.ndarray, metadata: dict[str, str]) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="PNG", pnginfo=info)
     return buf.getvalue()
-
-
-def write_new_file(folder: Path, stem: str, suffix: str, data: bytes) -> Path:
-    """Write `data` to folder/stem[-k]suffix, never overwriting and never half-written.
-
-    The bytes go to a temp file first; os.link then publishes it under the first
-    free name atomically (it fails instead of replacing an existing file).
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=suffix)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; a PNG is an ordinary file
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        for k in range(100_000):
-            path = folder / (f"{stem}{'' if k == 0 else f'-{k}'}{suffix}")
-            try:
-                os.link(tmp, path)
-                return path
-            except FileExistsError:
-                continue
-        raise FileExistsError(f"no free file name for {folder / stem}{suffix}")
-    finally:
-        os.unlink(tmp)

@@ -7,6 +7,7 @@ so a bundle exported from a diffusers model gives diffusers' pictures.
     pipe = Pipeline("demo")            # load once ...
     result = pipe("a red apple", seed=1)   # ... call many times
     result.images                      # [B, H, W, 3] uint8
+    pipe.load_report, result.timings   # what loading and each stage took, as data
 """
 
 from __future__ import annotations
@@ -87,11 +88,47 @@ class Result:
     dropped_tokens: list[int] = field(default_factory=list)  # per prompt, truncation at 77
     dropped_negative_tokens: list[int] = field(default_factory=list)  # per negative prompt (CFG)
     safety_checked: bool = False
+    # per UNet call: its seconds (engine.run: copies in, run, copies out), and when the
+    # step it belongs to ended (time.perf_counter); [calls] float64 each
+    unet_calls: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    step_ends: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    decoded: np.ndarray | None = None  # [B, H, W, 3] uint8 before the safety checker (keep_decoded)
+
+
+@dataclass(frozen=True)
+class GraphLoad:
+    """How one graph's engine was loaded."""
+
+    seconds: float
+    cache: str | None  # engine cache: "hit", "built", "rebuilt", "off (...)"; None: no cache
+    cuda_graph: str | None  # the UNet on GPU backends: "on", "off", "off (why)"
+
+    def describe(self) -> str:
+        notes = ([f"engine cache: {self.cache}"] if self.cache else []) + (
+            [f"CUDA graph: {self.cuda_graph}"] if self.cuda_graph else [])
+        return f"loaded in {self.seconds:.2f} s" + (f" ({'; '.join(notes)})" if notes else "")
+
+
+@dataclass
+class LoadReport:
+    """What loading a bundle chose and cost (the CLI prints it, benchmarks read it)."""
+
+    backend: str = ""
+    precision: str = ""
+    why: str = ""  # why this backend and precision
+    graphs: dict[str, GraphLoad] = field(default_factory=dict)
+    fallbacks: list[str] = field(default_factory=list)  # auto: the errors fallen back from
+    seconds: float = 0.0  # the whole load, manifest to last engine
+
+
+def _finite(x: np.ndarray) -> bool:
+    """No NaN or inf in x, without allocating: NaN and inf survive a sum. The float32 sum
+    (no cast, so no ufunc buffer) can overflow on huge finite values: confirm then."""
+    return bool(np.isfinite(x.sum())) or bool(np.isfinite(x).all())
 
 
 def _check_finite(stage: str, x: np.ndarray) -> None:
-    # One reduction instead of np.isfinite(x).all(): NaN and inf both survive a sum.
-    if not np.isfinite(x.sum(dtype=np.float64)):
+    if not _finite(x):
         raise StageError(f"{stage} produced NaN or inf values; the model or its engine is "
                          f"broken for these inputs")
 
@@ -156,14 +193,15 @@ class Pipeline:
         names = [n for n in GRAPH_ORDER if n in self.manifest.graphs
                  and (safety or n != "safety_checker")]
 
+        report = LoadReport()
+
         def loaded(name: str, engine: Engine, seconds: float) -> None:
-            status = getattr(engine, "cache_status", None)
-            graph = getattr(engine, "cuda_graph_status", None) or (
-                "on" if getattr(engine, "cuda_graph", False) else "off")
-            notes = ([f"engine cache: {status}"] if status else []) + (
-                [f"CUDA graph: {graph}"] if name == "unet" and engine.backend in ("tensorrt", "ort-cuda")
-                else [])
-            self.log(f"{name}: loaded in {seconds:.2f} s" + (f" ({'; '.join(notes)})" if notes else ""))
+            graph = None
+            if name == "unet" and engine.backend in ("tensorrt", "ort-cuda"):
+                graph = getattr(engine, "cuda_graph_status", None) or (
+                    "on" if getattr(engine, "cuda_graph", False) else "off")
+            report.graphs[name] = GraphLoad(seconds, engine.cache_status, graph)
+            self.log(f"{name}: {report.graphs[name].describe()}")
 
         for i, b in enumerate(tries):
             try:
@@ -171,8 +209,10 @@ class Pipeline:
             except ValueError as e:
                 raise UsageError(str(e)) from None
             bf16 = b == "openvino" and self.precision == "bf16"
-            self.log(f"backend: {b} ({why}); precision {self.precision} ({chose})"
-                     + ("; the text encoder and safety checker run fp32" if bf16 else ""))
+            report.why = f"{why}; precision {self.precision} ({chose})" + (
+                "; the text encoder and safety checker run fp32" if bf16 else "")
+            self.log(f"backend: {b} ({report.why})")
+            report.graphs = {}
             try:
                 self.engine_set = backends.EngineSet(b, self.manifest, self.bundle, names,
                                                      use_cache, loaded, cuda_graph,
@@ -188,9 +228,12 @@ class Pipeline:
                     verify_hashes(self.bundle, self.manifest, only=e.graph)  # BundleError
                 if i + 1 == len(tries):
                     raise
+                report.fallbacks.append(str(e))
                 self.log(f"{e}; falling back to {tries[i + 1]}")  # auto only
         self.backend = b
-        self.load_seconds = time.perf_counter() - t0
+        report.backend, report.precision = b, self.precision
+        report.seconds = self.load_seconds = time.perf_counter() - t0
+        self.load_report = report
 
     @property
     def engines(self) -> dict[str, Engine]:
@@ -273,11 +316,15 @@ class Pipeline:
     # -- generation -------------------------------------------------------------------
 
     def __call__(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None,
-                 *, progress: Callable[[int, int], None] | None = None, **kwargs) -> Result:
-        """Generate images; kwargs as in `request()`. `progress(i, calls)` after each UNet call."""
-        return self.run(self.request(prompt, negative_prompt, **kwargs), progress)
+                 *, progress: Callable[[int, int], None] | None = None,
+                 keep_decoded: bool = False, **kwargs) -> Result:
+        """Generate images; kwargs as in `request()`. `progress(i, calls)` after each UNet
+        call (a step-end hook: the loop's timings are in the Result, not its business).
+        `keep_decoded`: also return the decoder's images before the safety checker."""
+        return self.run(self.request(prompt, negative_prompt, **kwargs), progress, keep_decoded)
 
-    def run(self, req: Request, progress: Callable[[int, int], None] | None = None) -> Result:
+    def run(self, req: Request, progress: Callable[[int, int], None] | None = None,
+            keep_decoded: bool = False) -> Result:
         timings: dict[str, float] = {}
         t_start = time.perf_counter()
 
@@ -286,14 +333,15 @@ class Pipeline:
         timings["text_encoder"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        latents, unet_seconds = self._denoise(req, cond, uncond, progress)  # [B, 4, h, w]
+        latents, unet_calls, step_ends = self._denoise(req, cond, uncond, progress)  # [B, 4, h, w]
         timings["denoise"] = time.perf_counter() - t
-        timings["unet"] = unet_seconds
+        timings["unet"] = float(unet_calls.sum())
 
         t = time.perf_counter()
         image = self._decode(req, latents)  # [B, 3, H, W] in [-1, 1]
         images = postprocess(image)  # [B, H, W, 3] uint8
         timings["vae_decoder"] = time.perf_counter() - t
+        decoded = images.copy() if keep_decoded else None
 
         nsfw = [False] * req.batch
         if req.safety:
@@ -304,7 +352,8 @@ class Pipeline:
         timings["total"] = time.perf_counter() - t_start
         n = len(req.prompts)
         return Result(images, nsfw, req, timings, dropped_tokens=dropped[:n],
-                      dropped_negative_tokens=dropped[n:], safety_checked=req.safety)
+                      dropped_negative_tokens=dropped[n:], safety_checked=req.safety,
+                      unet_calls=unet_calls, step_ends=step_ends, decoded=decoded)
 
     def _encode(self, req: Request) -> tuple[np.ndarray, np.ndarray | None, list[int]]:
         """Prompt (and negative prompt) embeddings, each repeated per image: [B, 77, C],
@@ -321,14 +370,18 @@ class Pipeline:
         return cond, uncond, dropped  # dropped: prompts', then negative prompts' (with CFG)
 
     def _denoise(self, req: Request, cond: np.ndarray, uncond: np.ndarray | None,
-                 progress: Callable[[int, int], None] | None) -> tuple[np.ndarray, float]:
+                 progress: Callable[[int, int], None] | None
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(final latents [B, 4, h, w], seconds of each UNet call, when each step ended).
+        Everything the loop touches is allocated before it: the loop allocates nothing."""
         sched = req.schedule
-        state = sched.new_state()
         rng = TorchCPUGenerator(req.seed)
         b, shape = req.batch, req.latent_shape
         # diffusers' prepare_latents: one randn over the whole batch on the CPU generator
-        latents = req.latents if req.latents is not None else rng.randn(shape)
-        latents = (latents * np.float32(sched.init_noise_sigma)).astype(np.float32)
+        latents = np.empty(shape, np.float32)  # [B, 4, h, w], updated in place every step
+        drawn = req.latents if req.latents is not None else rng.randn(shape)
+        np.multiply(drawn, np.float32(sched.init_noise_sigma), out=latents)
+        state = sched.new_state(shape, rng)  # after the draw: Euler ancestral continues rng
 
         unet = self.engines["unet"]
         n = 2 * b if req.cfg else b  # UNet batch: [uncond; cond] with guidance
@@ -336,33 +389,38 @@ class Pipeline:
                        "encoder_hidden_states": (n, MAX_TOKENS, cond.shape[-1])})
         unet.set_constant("encoder_hidden_states",
                           np.concatenate([uncond, cond]) if req.cfg else cond)  # [N, 77, C]
-        # Preallocated once; the loop below reuses them every step.
         sample = np.empty((n, *shape[1:]), np.float32)  # [N, 4, h, w]
+        first, second = sample[:b], sample[b:]  # [B, 4, h, w] views: uncond, cond halves
         timestep = np.empty((1,), np.float32)
+        feeds = {"sample": sample, "timestep": timestep}
         guided = np.empty(shape, np.float32)  # [B, 4, h, w]
         g = np.float32(req.guidance_scale)
-        unet_seconds = 0.0
         calls = len(sched.timesteps)
-        for i, t in enumerate(sched.timesteps):
-            x = sched.scale_model_input(latents, i)  # [B, 4, h, w]
-            sample[:b] = x
+        unet_calls, step_ends = np.zeros(calls), np.zeros(calls)
+        for i in range(calls):
+            x = sched.scale_model_input(latents, i, first)  # into the UNet's input, or latents
+            if x is not first:
+                np.copyto(first, x)
             if req.cfg:
-                sample[b:] = x
-            timestep[0] = t
+                np.copyto(second, first)
+            timestep[0] = sched.timesteps[i]
             t0 = time.perf_counter()
-            noise = unet.run({"sample": sample, "timestep": timestep})["noise_pred"]  # [N, 4, h, w]
-            unet_seconds += time.perf_counter() - t0
-            _check_finite(f"unet (step {i + 1} of {calls}, timestep {t:g})", noise)
+            noise = unet.run(feeds)["noise_pred"]  # [N, 4, h, w]
+            unet_calls[i] = time.perf_counter() - t0
+            if not _finite(noise):
+                _check_finite(f"unet (step {i + 1} of {calls}, timestep {sched.timesteps[i]:g})",
+                              noise)
             if req.cfg:  # uncond + g * (cond - uncond), in diffusers' order of operations
                 np.subtract(noise[b:], noise[:b], out=guided)
                 guided *= g
                 guided += noise[:b]
                 noise = guided
-            latents = sched.step(state, i, noise, latents, rng)
+            sched.step(state, i, noise, latents, rng, out=latents)
+            step_ends[i] = time.perf_counter()
             if progress is not None:
                 progress(i + 1, calls)
         _check_finite("scheduler", latents)
-        return latents, unet_seconds
+        return latents, unet_calls, step_ends
 
     def _decode(self, req: Request, latents: np.ndarray) -> np.ndarray:
         vae = self.engines["vae_decoder"]

@@ -34,10 +34,8 @@ from tokenizers import (
 )
 from tokenizers.models import BPE
 
-from runtime.bundle import MAX_TOKENS
+from runtime.bundle import BOS, EOS, MAX_TOKENS
 
-BOS = "<|startoftext|>"
-EOS = "<|endoftext|>"  # also the padding (and unknown) token of v1.x's tokenizer
 # transformers' CLIPTokenizer split pattern (it keeps openai/CLIP's, minus the ftfy step)
 CLIP_SPLIT = (r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d"
               r"|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+")

@@ -59,9 +59,13 @@ def test_json_has_machine_settings_and_every_figure(written):
         assert all("images_per_s" in v or "skipped" in v for v in d["throughput"].values())
     assert r["build"]["load_seconds"] > 0 and "unet" in r["build"]["graphs"]
     assert r["diffusers"]["weights"]["hash_matches_manifest"] is True
-    assert "bytes_per_step_max" in r["ours"]["alloc"]
+    # 8x8 latents (1 KiB) cannot be told from bookkeeping: test_loop_buffers.py checks
+    # the loop at 256x256
+    assert r["ours"]["alloc"]["array_bytes_per_step_max"] is None
+    assert r["build"]["graphs"]["unet"]["cache"] in ("built", "hit")  # from the LoadReport
     c = r["closeness"]
-    assert c["shape"] == [1, 64, 64, 3] and 0 <= c["mean_abs"] <= c["max_abs"] <= 255
+    # ours (ort-cpu fp32) against diffusers fp32 on the same seed: the parity tolerance
+    assert c["shape"] == [1, 64, 64, 3] and c["max_abs"] <= 2, c
 
 
 def test_markdown_table(written):

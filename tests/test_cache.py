@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime import cache
+from runtime import cache, files
 from runtime.bundle import GraphEntry, Profile, graph_spec
 
 KEY = cache.CacheKey("unet", "a" * 64 + "+" + "b" * 64, "tensorrt", "10.3.0",
@@ -128,8 +128,8 @@ def test_failed_build_leaves_nothing(tmp_path):
 
 def test_write_atomic(tmp_path):
     target = tmp_path / "sub" / "timing.cache"
-    cache.write_atomic(target, b"one")
-    cache.write_atomic(target, b"two")
+    files.write_atomic(target, b"one")
+    files.write_atomic(target, b"two")
     assert target.read_bytes() == b"two"
     assert [p.name for p in target.parent.iterdir()] == ["timing.cache"]
 

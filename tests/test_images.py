@@ -4,13 +4,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from runtime.images import clip_preprocess, png_bytes, postprocess, write_new_file
+from runtime.files import write_new_file
+from runtime.images import clip_preprocess, png_bytes, postprocess
 
 
 @pytest.mark.parametrize("hw", [(256, 256), (64, 64), (512, 768), (200, 96)])
 def test_clip_preprocess_matches_transformers(hw):
     # transformers without torchvision uses its PIL processor: the reference (DESIGN.md).
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    CLIPImageProcessorPil = pytest.importorskip(  # noqa: N806
+        "transformers.models.clip.image_processing_pil_clip").CLIPImageProcessorPil
 
     # v1-4's feature_extractor/preprocessor_config.json
     fe = CLIPImageProcessorPil(
@@ -25,8 +27,9 @@ def test_clip_preprocess_matches_transformers(hw):
 
 
 def test_postprocess_matches_diffusers():
-    import torch
-    from diffusers.image_processor import VaeImageProcessor
+    torch = pytest.importorskip("torch")
+    image_processor = pytest.importorskip("diffusers.image_processor")
+    VaeImageProcessor = image_processor.VaeImageProcessor  # noqa: N806
 
     x = np.random.RandomState(1).uniform(-1.2, 1.2, (2, 3, 16, 24)).astype(np.float32)
     ref = VaeImageProcessor().postprocess(torch.from_numpy(x), output_type="np")

@@ -40,11 +40,13 @@ def test_runtime_imports_and_generates_without_torch():
 
 def test_engines_stage_imports_no_runtime_backend():
     """engines/ shares only the torch-free modules with the runtime (DESIGN.md): the
-    bundle, the cache (keys, plan search), the CUDA wrapper and TensorRT's checks."""
+    bundle, the cache (keys, plan search), file helpers, one-line argument errors, the
+    CUDA wrapper and TensorRT's checks."""
     import ast
     from pathlib import Path
 
-    shared = {"runtime.bundle", "runtime.cache", "runtime.cuda", "runtime.tensorrt_env"}
+    shared = {"runtime.args", "runtime.bundle", "runtime.cache", "runtime.cuda", "runtime.files",
+              "runtime.tensorrt_env"}
     used = set()
     for f in (Path(__file__).parent.parent / "engines").glob("*.py"):
         for node in ast.walk(ast.parse(f.read_text())):

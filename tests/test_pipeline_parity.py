@@ -166,3 +166,19 @@ def test_bf16_is_as_close_to_fp32_as_diffusers_own_bf16(demo_components):
     ours_ = np.abs(got.astype(int) - fp32.astype(int)).mean()
     print(f"mean distance to diffusers fp32: diffusers bf16 {theirs:.3f}, ours bf16 {ours_:.3f} /255")
     assert ours_ <= theirs
+
+
+def test_the_models_own_vae_scaling_factor_is_used(tmp_path):
+    """The manifest records the VAE's `scaling_factor` (not always v1's 0.18215) and the
+    host divides by it, as diffusers does (`latents / vae.config.scaling_factor`)."""
+    from export.bundle_writer import export_bundle
+    from export.components import build_components
+    from runtime.bundle import read_manifest
+
+    c = build_components("demo", seed=0)
+    c.vae.register_to_config(scaling_factor=0.13025)
+    bundle = export_bundle(c, tmp_path / "bundle", safety=False)
+    assert read_manifest(bundle).vae_scaling_factor == pytest.approx(0.13025)
+    ref, _ = run_reference(reference(c, bundle, "euler", False), PROMPT, "", 3, 7.5, 4)
+    with Pipeline(bundle, "ort-cpu") as pipe:
+        compare(pipe(PROMPT, steps=3, scheduler="euler", seed=4).images, ref)

@@ -4,6 +4,8 @@ Skipped, with the reason, wherever TensorRT or cuda-python is missing."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -49,7 +51,10 @@ def test_unet_static_and_dynamic(built, cuda_graph):
     for hw in (16, 24):  # 128 px (the static plan), then 192 px (the dynamic one)
         shapes = {"sample": (2, 4, hw, hw), "timestep": (1,), "encoder_hidden_states": (2, 77, 8)}
         path = find_plan(entry, shapes, trt_version(), device.info, cache_dir)
-        assert path is not None
+        profile = json.loads((path.parent / "sidecar.json").read_text())["key"]["shapes"]
+        sample = json.loads(profile)["sample"]
+        static = sample["min"] == sample["max"] == list(shapes["sample"])
+        assert static == (hw == 16), (hw, sample)  # the static plan where it fits, only there
         with TensorRTEngine(entry.spec, path, device, cuda_graph=cuda_graph) as e:
             e.load()
             e.allocate(shapes)

@@ -88,6 +88,7 @@ class CachedTensorRTEngine(TensorRTEngine):
         if path is None:
             raise self._no_plan(opt)
         self.path = path
+        self.cache_status = "hit"  # plans come from engines.build; none is an error above
         super()._load()
 
     def _allocate(self, shapes: dict[str, tuple[int, ...]]) -> None:

@@ -2,41 +2,32 @@
 
 ``make_schedule(name, config, steps)`` reads the bundle's ``scheduler_config.json`` the
 way ``XScheduler.from_config(config)`` does (keys a class does not know are ignored;
-missing keys take that class's defaults) and returns a frozen ``Schedule``:
+missing keys take that class's defaults) and returns a frozen ``Schedule``
+(runtime/schedulers/base.py); per-run buffers live in the state it makes:
 
     sched = make_schedule("pndm", config, 50)
-    state = sched.new_state()
-    x = rng.randn(shape) * sched.init_noise_sigma
+    x = rng.randn(shape) * sched.init_noise_sigma   # [B, 4, h, w] float32
+    state = sched.new_state(x.shape, rng)          # after the initial draw
     for i, t in enumerate(sched.timesteps):       # PNDM: steps + 1 calls
-        eps = unet(sched.scale_model_input(x, i), t)
-        x = sched.step(state, i, eps, x, rng)      # rng: only the ancestral sampler draws
+        eps = unet(sched.scale_model_input(x, i, out=unet_input), t)
+        x = sched.step(state, i, eps, x, rng, out=x)   # in place; allocates nothing
 
-``step`` returns a new float32 array; it never keeps a reference to ``model_output``
-(the caller may reuse that buffer) and never writes into ``sample``.
+``step`` writes into ``out`` (which may be ``sample``), never keeps a reference to
+``model_output`` (the caller may reuse that buffer) and never writes into it.
 ``scale_model_input`` may return ``sample`` itself (PNDM, DDIM, DPM++).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 from runtime.schedulers import ddim, dpmpp, euler, euler_ancestral, lms, pndm
+from runtime.schedulers.base import Schedule, State
 
-__all__ = ["SCHEDULERS", "Schedule", "make_schedule"]
-
-
-class Schedule(Protocol):
-    name: str
-    timesteps: np.ndarray  # [calls] float32: the UNet's timestep at call i
-    init_noise_sigma: float
-
-    def new_state(self) -> object: ...
-    def scale_model_input(self, sample: np.ndarray, i: int) -> np.ndarray: ...
-    def step(self, state: Any, i: int, model_output: np.ndarray, sample: np.ndarray,
-             rng: Any) -> np.ndarray: ...
+__all__ = ["SCHEDULERS", "Schedule", "State", "make_schedule"]
 
 
 # name -> (diffusers class it reproduces, maker, config overrides)

@@ -5,20 +5,19 @@ diffusers schedulers/scheduling_ddim.py (eta > 0 and thresholding are not suppor
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from runtime.schedulers._tables import F32, alphas_cumprod, frozen, resolve, spaced_timesteps
+from runtime.schedulers.base import Schedule, State, linear_step
 
 DEFAULTS = {"clip_sample": True, "clip_sample_range": 1.0, "set_alpha_to_one": True,
             "thresholding": False, "timestep_spacing": "leading"}
 
 
 @dataclass(frozen=True)
-class DDIMSchedule:
-    name: str
-    timesteps: np.ndarray  # [calls] float32
-    init_noise_sigma: float
+class DDIMSchedule(Schedule):
     # x0 = x0_s * x + x0_m * out; eps = eps_s * x + eps_m * out; prev = sqrt(a') x0 + dir * eps
     x0_s: np.ndarray
     x0_m: np.ndarray
@@ -30,25 +29,24 @@ class DDIMSchedule:
     sample_coeff: np.ndarray  # without clipping: prev = sample_coeff * x + output_coeff * out
     output_coeff: np.ndarray
 
-    def new_state(self) -> None:
-        return None
+    def new_state(self, shape: tuple[int, ...], rng: Any = None) -> State:
+        return State(shape, scratch=2)
 
-    def scale_model_input(self, sample: np.ndarray, i: int) -> np.ndarray:
-        return sample
-
-    def step(self, state, i: int, model_output: np.ndarray, sample: np.ndarray,
-             rng=None) -> np.ndarray:
+    def step(self, state: State, i: int, model_output: np.ndarray, sample: np.ndarray,
+             rng: Any, out: np.ndarray) -> np.ndarray:
+        x0, tmp = state.tmp  # [B, 4, h, w]
         if self.clip is None:
-            out = model_output * self.output_coeff[i]
-            out += self.sample_coeff[i] * sample
-            return out  # [B, 4, h, w] float32
-        x0 = model_output * self.x0_m[i]
-        x0 += self.x0_s[i] * sample
+            return linear_step(self.sample_coeff[i], self.output_coeff[i], model_output,
+                               sample, tmp, out)
+        np.multiply(model_output, self.x0_m[i], out=x0)
+        np.multiply(sample, self.x0_s[i], out=tmp)
+        x0 += tmp
         np.clip(x0, -self.clip, self.clip, out=x0)
         x0 *= self.sqrt_a_prev[i]
-        x0 += (self.direction[i] * self.eps_m[i]) * model_output
-        x0 += (self.direction[i] * self.eps_s[i]) * sample
-        return x0
+        np.multiply(model_output, self.direction[i] * self.eps_m[i], out=tmp)
+        x0 += tmp
+        np.multiply(sample, self.direction[i] * self.eps_s[i], out=tmp)
+        return np.add(x0, tmp, out=out)
 
 
 def make(name: str, config: dict, steps: int) -> DDIMSchedule:

@@ -6,6 +6,7 @@ schedulers/scheduling_dpmsolver_multistep.py with algorithm_type "dpmsolver++".
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -19,6 +20,7 @@ from runtime.schedulers._tables import (
     train_sigmas,
     x0_coefficients,
 )
+from runtime.schedulers.base import Schedule, State
 
 DEFAULTS = {"solver_order": 2, "thresholding": False, "algorithm_type": "dpmsolver++",
             "solver_type": "midpoint", "lower_order_final": True, "euler_at_final": False,
@@ -27,16 +29,17 @@ DEFAULTS = {"solver_order": 2, "thresholding": False, "algorithm_type": "dpmsolv
             "lambda_min_clipped": -float("inf"), "variance_type": None}
 
 
-@dataclass
-class DPMState:
-    prev_x0: np.ndarray | None = None  # the previous step's data prediction
+class DPMState(State):
+    """Two data-prediction buffers: this step's and the previous step's x0."""
+
+    def __init__(self, shape: tuple[int, ...]):
+        super().__init__(shape)
+        self.x0 = np.empty(self.shape, F32)
+        self.prev_x0 = np.empty(self.shape, F32)
 
 
 @dataclass(frozen=True)
-class DPMSchedule:
-    name: str
-    timesteps: np.ndarray  # [calls] float32
-    init_noise_sigma: float
+class DPMSchedule(Schedule):
     sigmas: np.ndarray  # [calls + 1] float32
     x0_s: np.ndarray  # [calls] f32: x0 = x0_s * x + x0_m * out
     x0_m: np.ndarray
@@ -44,21 +47,22 @@ class DPMSchedule:
     c0: np.ndarray
     c1: np.ndarray
 
-    def new_state(self) -> DPMState:
-        return DPMState()
-
-    def scale_model_input(self, sample: np.ndarray, i: int) -> np.ndarray:
-        return sample
+    def new_state(self, shape: tuple[int, ...], rng: Any = None) -> DPMState:
+        return DPMState(shape)
 
     def step(self, state: DPMState, i: int, model_output: np.ndarray, sample: np.ndarray,
-             rng=None) -> np.ndarray:
-        x0 = model_output * self.x0_m[i]  # [B, 4, h, w]
-        x0 += self.x0_s[i] * sample
-        out = x0 * self.c0[i]
-        out += self.sample_coeff[i] * sample
+             rng: Any, out: np.ndarray) -> np.ndarray:
+        x0, tmp = state.x0, state.tmp[0]  # [B, 4, h, w]
+        np.multiply(model_output, self.x0_m[i], out=x0)
+        np.multiply(sample, self.x0_s[i], out=tmp)
+        x0 += tmp
+        np.multiply(sample, self.sample_coeff[i], out=tmp)  # before `out` may overwrite sample
+        np.multiply(x0, self.c0[i], out=out)
+        out += tmp
         if self.c1[i] != 0:
-            out += self.c1[i] * state.prev_x0
-        state.prev_x0 = x0
+            np.multiply(state.prev_x0, self.c1[i], out=tmp)
+            out += tmp
+        state.x0, state.prev_x0 = state.prev_x0, x0
         return out
 
 

@@ -5,10 +5,12 @@ s_churn = 0); diffusers schedulers/scheduling_euler_discrete.py.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from runtime.schedulers._tables import F32, discrete_sigmas, frozen, resolve, x0_coefficients
+from runtime.schedulers.base import SigmaSchedule, State, linear_step
 
 DEFAULTS = {"interpolation_type": "linear", "use_karras_sigmas": False,
             "use_exponential_sigmas": False, "use_beta_sigmas": False, "sigma_min": None,
@@ -16,26 +18,14 @@ DEFAULTS = {"interpolation_type": "linear", "use_karras_sigmas": False,
 
 
 @dataclass(frozen=True)
-class EulerSchedule:
-    name: str
-    timesteps: np.ndarray  # [calls] float32
-    init_noise_sigma: float
-    sigmas: np.ndarray  # [calls + 1] float32
-    input_scale: np.ndarray  # [calls] float32: 1 / sqrt(sigma^2 + 1)
+class EulerSchedule(SigmaSchedule):
     sample_coeff: np.ndarray  # [calls] float32: prev = sample_coeff * x + output_coeff * out
     output_coeff: np.ndarray
 
-    def new_state(self) -> None:
-        return None
-
-    def scale_model_input(self, sample: np.ndarray, i: int) -> np.ndarray:
-        return sample * self.input_scale[i]
-
-    def step(self, state, i: int, model_output: np.ndarray, sample: np.ndarray,
-             rng=None) -> np.ndarray:
-        out = model_output * self.output_coeff[i]
-        out += self.sample_coeff[i] * sample
-        return out  # [B, 4, h, w] float32
+    def step(self, state: State, i: int, model_output: np.ndarray, sample: np.ndarray,
+             rng: Any, out: np.ndarray) -> np.ndarray:
+        return linear_step(self.sample_coeff[i], self.output_coeff[i], model_output, sample,
+                           state.tmp[0], out)  # [B, 4, h, w] float32
 
 
 def make(name: str, config: dict, steps: int) -> EulerSchedule:

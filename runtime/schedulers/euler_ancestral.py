@@ -5,39 +5,55 @@ step from the run's generator, like diffusers' randn_tensor on a CPU generator.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from runtime.schedulers._tables import F32, discrete_sigmas, frozen, resolve, x0_coefficients
+from runtime.schedulers.base import SigmaSchedule, State
 
 DEFAULTS: dict = {}
 
 
+PREDRAW_BYTES = 32 << 20  # noise of all steps drawn up front up to this size
+
+
+class AncestralState(State):
+    """Scratch, and the noise of every step drawn at once (so the loop allocates nothing)
+    when that continues the generator's stream exactly: torch's CPU randn works in
+    blocks of 16 values, so for a step size that is a multiple of 16 (any [B, 4, h, w]
+    with h, w multiples of 2) one [calls, B, 4, h, w] draw equals `calls` draws of
+    [B, 4, h, w] in a row. Past PREDRAW_BYTES (e.g. 1000 steps at 1024x1024) each step
+    draws its own."""
+
+    def __init__(self, shape: tuple[int, ...], calls: int, rng: Any):
+        super().__init__(shape)
+        size = math.prod(shape)
+        fits = size % 16 == 0 and calls * size * 4 <= PREDRAW_BYTES
+        self.noise = rng.randn((calls, *shape)) if fits else None  # [calls, B, 4, h, w]
+
+
 @dataclass(frozen=True)
-class EulerAncestralSchedule:
-    name: str
-    timesteps: np.ndarray  # [calls] float32
-    init_noise_sigma: float
-    sigmas: np.ndarray  # [calls + 1] float32
-    input_scale: np.ndarray  # [calls] float32: 1 / sqrt(sigma^2 + 1)
+class EulerAncestralSchedule(SigmaSchedule):
     sample_coeff: np.ndarray  # [calls] f32: prev = sample_coeff x + output_coeff out + up noise
     output_coeff: np.ndarray
     sigma_up: np.ndarray
 
-    def new_state(self) -> None:
-        return None
+    def new_state(self, shape: tuple[int, ...], rng: Any = None) -> AncestralState:
+        return AncestralState(shape, len(self.timesteps), rng)
 
-    def scale_model_input(self, sample: np.ndarray, i: int) -> np.ndarray:
-        return sample * self.input_scale[i]
-
-    def step(self, state, i: int, model_output: np.ndarray, sample: np.ndarray,
-             rng) -> np.ndarray:
-        out = model_output * self.output_coeff[i]
-        out += self.sample_coeff[i] * sample
-        noise = rng.randn(model_output.shape)  # [B, 4, h, w]: one draw for the whole batch
-        noise *= self.sigma_up[i]
-        out += noise
+    def step(self, state: AncestralState, i: int, model_output: np.ndarray,
+             sample: np.ndarray, rng: Any, out: np.ndarray) -> np.ndarray:
+        tmp = state.tmp[0]
+        np.multiply(model_output, self.output_coeff[i], out=tmp)
+        np.multiply(sample, self.sample_coeff[i], out=out)
+        tmp += out
+        # [B, 4, h, w]: one draw for the whole batch, from the run's generator
+        noise = state.noise[i] if state.noise is not None else rng.randn(model_output.shape)
+        np.multiply(noise, self.sigma_up[i], out=out)
+        out += tmp
         return out
 
 

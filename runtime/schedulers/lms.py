@@ -5,49 +5,51 @@ that diffusers takes with scipy.integrate.quad are exact here with Gauss-Legendr
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from runtime.schedulers._tables import F32, discrete_sigmas, frozen, resolve, x0_coefficients
+from runtime.schedulers.base import SigmaSchedule, State
 
 DEFAULTS = {"use_karras_sigmas": False, "use_exponential_sigmas": False,
             "use_beta_sigmas": False}
 ORDER = 4  # LMSDiscreteScheduler.step(order=4), what the pipelines use
 
 
-@dataclass
-class LMSState:
-    """Per-run history of derivatives (x - x0) / sigma, newest last."""
-    derivatives: list[np.ndarray] = field(default_factory=list)
+class LMSState(State):
+    """Per-run history of derivatives (x - x0) / sigma: a ring of ORDER buffers."""
+
+    def __init__(self, shape: tuple[int, ...]):
+        super().__init__(shape)
+        self.ring = [np.empty(self.shape, F32) for _ in range(ORDER)]
+        self.count = 0  # derivatives written so far; the newest is ring[(count - 1) % ORDER]
 
 
 @dataclass(frozen=True)
-class LMSSchedule:
-    name: str
-    timesteps: np.ndarray  # [calls] float32
-    init_noise_sigma: float
-    sigmas: np.ndarray  # [calls + 1] float32
-    input_scale: np.ndarray  # [calls] float32: 1 / sqrt(sigma^2 + 1)
+class LMSSchedule(SigmaSchedule):
     deriv_s: np.ndarray  # [calls] f32: d = deriv_s * x + deriv_m * out
     deriv_m: np.ndarray
     coeffs: np.ndarray  # [calls, ORDER] float32: weight of the k-th newest derivative
 
-    def new_state(self) -> LMSState:
-        return LMSState()
-
-    def scale_model_input(self, sample: np.ndarray, i: int) -> np.ndarray:
-        return sample * self.input_scale[i]
+    def new_state(self, shape: tuple[int, ...], rng: Any = None) -> LMSState:
+        return LMSState(shape)
 
     def step(self, state: LMSState, i: int, model_output: np.ndarray, sample: np.ndarray,
-             rng=None) -> np.ndarray:
-        d = model_output * self.deriv_m[i]
+             rng: Any, out: np.ndarray) -> np.ndarray:
+        tmp = state.tmp[0]
+        d = state.ring[state.count % ORDER]
+        np.multiply(model_output, self.deriv_m[i], out=d)
         if self.deriv_s[i] != 0:
-            d += self.deriv_s[i] * sample
-        state.derivatives = [*state.derivatives[-(ORDER - 1):], d]
-        out = sample.copy()
-        for c, deriv in zip(self.coeffs[i], reversed(state.derivatives), strict=False):
-            out += c * deriv
+            np.multiply(sample, self.deriv_s[i], out=tmp)
+            d += tmp
+        state.count += 1
+        if out is not sample:
+            np.copyto(out, sample)
+        for k in range(min(state.count, ORDER)):  # newest first
+            np.multiply(state.ring[(state.count - 1 - k) % ORDER], self.coeffs[i, k], out=tmp)
+            out += tmp
         return out  # [B, 4, h, w] float32
 
 

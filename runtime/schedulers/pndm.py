@@ -10,11 +10,13 @@ the second timestep is repeated, and that call's output is averaged with the fir
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from runtime.schedulers._tables import F32, alphas_cumprod, frozen, resolve, spaced_timesteps
+from runtime.schedulers.base import Schedule, State, linear_step
 
 DEFAULTS = {"skip_prk_steps": False, "set_alpha_to_one": False, "timestep_spacing": "leading"}
 
@@ -23,57 +25,67 @@ _AB_WEIGHTS = {1: (1.0,), 2: (1.5, -0.5), 3: (23 / 12, -16 / 12, 5 / 12),
                4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
 
 
-@dataclass
-class PNDMState:
-    """Per-run history: past model outputs (copies, newest last), the warm-up sample and
+class PNDMState(State):
+    """Per-run history: past model outputs (a ring of 4 copies), the warm-up sample and
     the Runge-Kutta running sum."""
-    ets: list[np.ndarray] = field(default_factory=list)
-    cur_sample: np.ndarray | None = None
-    rk_sum: np.ndarray | None = None
+
+    def __init__(self, shape: tuple[int, ...]):
+        super().__init__(shape, scratch=2)  # eps, and the scratch of the final update
+        self.ets = [np.empty(self.shape, F32) for _ in range(4)]
+        self.count = 0  # outputs stored so far; the newest is ets[(count - 1) % 4]
+        self.cur_sample = np.empty(self.shape, F32)
+        self.rk_sum = np.empty(self.shape, F32)
+
+    def push(self, model_output: np.ndarray) -> None:
+        np.copyto(self.ets[self.count % 4], model_output)  # the caller may reuse its buffer
+        self.count += 1
+
+    def newest(self, k: int = 0) -> np.ndarray:
+        return self.ets[(self.count - 1 - k) % 4]
 
 
 @dataclass(frozen=True)
-class PNDMSchedule:
-    name: str
-    timesteps: np.ndarray  # [calls] float32
-    init_noise_sigma: float
+class PNDMSchedule(Schedule):
     sample_coeff: np.ndarray  # [calls] float32: prev = sample_coeff * x + output_coeff * eps
     output_coeff: np.ndarray  # [calls] float32
     rk_stage: np.ndarray  # [calls] int: Runge-Kutta stage 0..3 of a PRK call, -1 for PLMS
     repeat_call: int  # the PLMS call that repeats the 2nd timestep (1), or -1
 
-    def new_state(self) -> PNDMState:
-        return PNDMState()
-
-    def scale_model_input(self, sample: np.ndarray, i: int) -> np.ndarray:
-        return sample
+    def new_state(self, shape: tuple[int, ...], rng: Any = None) -> PNDMState:
+        return PNDMState(shape)
 
     def step(self, state: PNDMState, i: int, model_output: np.ndarray, sample: np.ndarray,
-             rng=None) -> np.ndarray:
+             rng: Any, out: np.ndarray) -> np.ndarray:
+        eps, tmp = state.tmp  # [B, 4, h, w]
         stage = self.rk_stage[i]
         if stage >= 0:  # RK4 weights 1/6, 1/3, 1/3, 1/6 (PNDM eq. 13)
             if stage == 0:
-                state.ets.append(model_output.copy())
-                state.cur_sample = sample.copy()
-                state.rk_sum = model_output * F32(1 / 6)
+                state.push(model_output)
+                np.copyto(state.cur_sample, sample)
+                np.multiply(model_output, F32(1 / 6), out=state.rk_sum)
             elif stage < 3:
-                state.rk_sum += F32(1 / 3) * model_output
-            eps = state.rk_sum + F32(1 / 6) * model_output if stage == 3 else model_output.copy()
+                np.multiply(model_output, F32(1 / 3), out=tmp)
+                state.rk_sum += tmp
+            if stage == 3:
+                np.multiply(model_output, F32(1 / 6), out=eps)
+                np.add(state.rk_sum, eps, out=eps)
+            else:
+                np.copyto(eps, model_output)
             sample = state.cur_sample
         elif i == self.repeat_call:  # repeated timestep: average, restart from x_0
-            eps = (model_output + state.ets[-1]) * F32(0.5)
+            np.add(model_output, state.newest(), out=eps)
+            eps *= F32(0.5)
             sample = state.cur_sample
         else:
-            state.ets = [*state.ets[-3:], model_output.copy()]  # the caller may reuse its buffer
+            state.push(model_output)
             if i == 0:
-                state.cur_sample = sample.copy()
-            weights = _AB_WEIGHTS[len(state.ets)]
-            eps = state.ets[-1] * F32(weights[0])
-            for w, e in zip(weights[1:], state.ets[-2::-1], strict=False):
-                eps += F32(w) * e
-        eps *= self.output_coeff[i]
-        eps += self.sample_coeff[i] * sample
-        return eps  # [B, 4, h, w] float32
+                np.copyto(state.cur_sample, sample)
+            weights = _AB_WEIGHTS[min(state.count, 4)]
+            np.multiply(state.newest(), F32(weights[0]), out=eps)
+            for k, w in enumerate(weights[1:], 1):
+                np.multiply(state.newest(k), F32(w), out=tmp)
+                eps += tmp
+        return linear_step(self.sample_coeff[i], self.output_coeff[i], eps, sample, tmp, out)
 
 
 def make(name: str, config: dict, steps: int) -> PNDMSchedule:

@@ -1,0 +1,96 @@
+"""Small file-system helpers every stage shares (stdlib only): atomic writes, a
+process lock on a file, and the question "can a folder be created here?".
+
+POSIX only (fcntl), which covers Linux and Jetson.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+_UMASK = os.umask(0o022)  # read once, at import (os.umask can only be read by setting it)
+os.umask(_UMASK)
+
+
+def _write_temp(folder: Path, data: bytes | str, prefix: str, suffix: str = "") -> str:
+    """`data` in a new temp file in `folder`, flushed to disk, with the mode a plain
+    write would give (mkstemp makes 0600). The caller renames or links, then unlinks."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=folder)
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return tmp
+
+
+def write_atomic(path: Path, data: bytes | str) -> None:
+    """Replace `path` with `data` atomically: readers see the old file or the whole new one."""
+    path = Path(path)
+    tmp = _write_temp(path.parent, data, f".{path.name}.")
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_new_file(folder: Path, stem: str, suffix: str, data: bytes) -> Path:
+    """Write `data` to folder/stem[-k]suffix, never overwriting and never half-written:
+    os.link publishes the temp file under the first free name atomically (it fails
+    instead of replacing an existing file)."""
+    tmp = _write_temp(Path(folder), data, ".tmp-", suffix)
+    try:
+        for k in range(100_000):
+            path = Path(folder) / (f"{stem}{'' if k == 0 else f'-{k}'}{suffix}")
+            try:
+                os.link(tmp, path)
+                return path
+            except FileExistsError:
+                continue
+        raise FileExistsError(f"no free file name for {Path(folder) / stem}{suffix}")
+    finally:
+        os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def locked(lock: Path) -> Iterator[None]:
+    """Hold an exclusive flock on `lock` (created if missing; blocks until free)."""
+    lock = Path(lock)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a+") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def why_not_creatable(folder: Path) -> str | None:
+    """None when `folder` exists as a writable folder or could be created (its nearest
+    existing ancestor is a writable folder), else why not, in a few words. A cheap
+    early check (os.access): only writing into it proves it (root passes os.access)."""
+    try:
+        probe = Path(folder).absolute()
+        while not probe.exists() and not probe.is_symlink():
+            probe = probe.parent
+        probe = probe.resolve()
+    except (OSError, RuntimeError) as e:  # symlink loops, unreadable parents
+        return str(e)
+    if not probe.is_dir():
+        return f"{probe} is not a folder"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{probe} is not writable"
+    return None
