@@ -29,6 +29,8 @@ import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from runtime.files import write_atomic  # stdlib only: safe before anything is installed
+
 KIT = Path(".devicekit")  # git-ignored: the parts and wheels `carry` names
 ORT_GPU_VERSION = "1.30.0"  # = the GPU machine's own onnxruntime (CPU): the engines it
 # builds there and the onnxruntime-gpu that runs them share one cache key (major.minor)
@@ -205,6 +207,4 @@ class Steps:
         return self.note(name, rc == 0, detail, rc=rc, seconds=round(seconds, 1))
 
     def write(self, path: Path, **extra: object) -> None:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"phases": self.records, **extra}, indent=1))
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps({"phases": self.records, **extra}, indent=1))

@@ -29,6 +29,7 @@ from benchmarks.timing import (
     stats,
     steady_host_overhead,
 )
+from runtime.files import write_atomic
 
 STAGES = ("text_encoder", "unet_step", "denoise", "host_overhead_step", "loop_overhead_step",
           "vae_decoder", "safety_checker", "total")
@@ -119,7 +120,7 @@ def summarize(runs: list[dict]) -> dict:
     return {k: stats(v) for k, v in pooled.items() if v}
 
 
-BOOKKEEPING_BYTES = 4096  # what a step's numpy/ORT/interpreter calls churn is below this
+BOOKKEEPING_BYTES = 4096  # what a step's numpy/ORT/interpreter calls churn stays below
 
 
 def alloc_probe(side: Any, s: Settings, batch: int) -> dict:
@@ -128,11 +129,11 @@ def alloc_probe(side: Any, s: Settings, batch: int) -> dict:
 
     `bytes_per_step_*`: the per-step peak over the step's start, everything traced:
     besides arrays, the interpreter's and the libraries' bookkeeping (a numpy call or an
-    ORT run creates and frees objects of a few hundred bytes). `array_bytes_per_step_max`
-    counts that peak as array allocations only when it reaches the size of one latent
-    [B, 4, h, w] float32 (every array the loop handles is at least that big; anything
-    smaller is bookkeeping), else 0: the zero-allocation target is about arrays. Below
-    BOOKKEEPING_BYTES per latent (tiny test sizes) the two cannot be told apart: None."""
+    ORT run creates and frees objects of a few hundred bytes, about 1 KiB per step in
+    all). `array_bytes_per_step_max` counts that peak as array allocations when it
+    reaches BOOKKEEPING_BYTES, else 0: the zero-allocation target is about arrays (the
+    loop's are latent-sized, 64 KiB at 512x512). When one latent [B, 4, h, w] float32
+    is smaller than that (tiny test sizes) the two cannot be told apart: None."""
     per_step: list[int] = []
 
     def on_step(i: int, calls: int) -> None:
@@ -151,7 +152,7 @@ def alloc_probe(side: Any, s: Settings, batch: int) -> dict:
     steady = per_step[1:] or per_step
     latent = batch * 4 * (s.height // 8) * (s.width // 8) * 4
     worst = max(steady)
-    arrays = None if latent < BOOKKEEPING_BYTES else int(worst) if worst >= latent else 0
+    arrays = None if latent < BOOKKEEPING_BYTES else int(worst) if worst >= BOOKKEEPING_BYTES else 0
     return {"bytes_per_step_p50": int(np.median(steady)), "bytes_per_step_max": int(worst),
             "array_bytes_per_step_max": arrays,
             "latent_bytes": latent, "steps": len(per_step)}
@@ -163,9 +164,7 @@ def main(argv: list[str]) -> int:
     result: dict[str, Any] = {"side": which, "pid": os.getpid()}
 
     def save() -> None:
-        tmp = out_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=1))
-        os.replace(tmp, out_path)
+        write_atomic(out_path, json.dumps(result, indent=1))
 
     bundle = resolve(s.model)
     if which == "build":

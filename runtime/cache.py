@@ -228,12 +228,12 @@ def store(key: CacheKey, build: Callable[[Path], Path], cache_dir: Path | None =
         tmp = Path(tempfile.mkdtemp(prefix=f".{key.dirname}.", dir=final.parent))
         try:
             main = build(tmp)
-            files = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)}
-                     for p in sorted(tmp.iterdir()) if p.is_file()}
-            if main.parent != tmp or main.name not in files:
+            listing = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)}
+                       for p in sorted(tmp.iterdir()) if p.is_file()}
+            if main.parent != tmp or main.name not in listing:
                 raise ValueError(f"build for {key.dirname} returned {main}, not a file in {tmp}")
             side = {"version": SIDECAR_VERSION, "key": asdict(key), "main": main.name,
-                    "files": files, "meta": dict(meta or {})}
+                    "files": listing, "meta": dict(meta or {})}
             (tmp / SIDECAR).write_text(json.dumps(side, indent=2) + "\n")
             for p in tmp.iterdir():
                 _fsync(p)

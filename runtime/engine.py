@@ -39,10 +39,12 @@ Shapes = Mapping[str, tuple[int, ...]]
 
 class EngineError(RuntimeError):
     """A backend failed to load, allocate or run a graph: `graph` names it, `source` is
-    the file the engine reads (the bundle's graph, or a cached artifact)."""
+    the file the engine reads (the bundle's graph, or a cached artifact), `unreadable`
+    says the failure was reading or parsing that file (not the device or the backend)."""
 
     graph: str | None = None
     source: Path | None = None
+    unreadable: bool = False
 
 
 class SpecMismatch(EngineError):
@@ -67,11 +69,11 @@ class Engine(ABC):
         return self.spec.name
 
     def error(self, what: str, shapes: Shapes | None = None,
-              kind: type[EngineError] = EngineError) -> EngineError:
+              kind: type[EngineError] = EngineError, unreadable: bool = False) -> EngineError:
         shapes = self.shapes if shapes is None else shapes
         where = f" at shapes {dict(shapes)}" if shapes else ""
         e = kind(f"{self.backend} engine {self.name!r}: {what}{where}")
-        e.graph, e.source = self.name, self.path
+        e.graph, e.source, e.unreadable = self.name, self.path, unreadable
         return e
 
     def check_io(self, inputs: Iterable[str], outputs: Iterable[str], what: str = "graph") -> None:

@@ -13,9 +13,6 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-_UMASK = os.umask(0o022)  # read once, at import (os.umask can only be read by setting it)
-os.umask(_UMASK)
-
 
 def _write_temp(folder: Path, data: bytes | str, prefix: str, suffix: str = "") -> str:
     """`data` in a new temp file in `folder`, flushed to disk, with the mode a plain
@@ -23,7 +20,7 @@ def _write_temp(folder: Path, data: bytes | str, prefix: str, suffix: str = "") 
     folder.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=folder)
     try:
-        os.fchmod(fd, 0o666 & ~_UMASK)
+        os.fchmod(fd, 0o666 & ~umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
@@ -33,6 +30,21 @@ def _write_temp(folder: Path, data: bytes | str, prefix: str, suffix: str = "") 
             os.unlink(tmp)
         raise
     return tmp
+
+
+def umask() -> int:
+    """The process umask, read without changing it where Linux says it (4.7+); else by
+    setting and restoring it (os.umask can only be read that way)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_atomic(path: Path, data: bytes | str) -> None:

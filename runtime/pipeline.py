@@ -40,6 +40,8 @@ from runtime.rng import TorchCPUGenerator
 from runtime.schedulers import SCHEDULERS, Schedule, make_schedule
 from runtime.tokenizer import ClipTokenizer
 
+StepHook = Callable[[int, float, np.ndarray], None]  # (call i, timestep, latents [B, 4, h, w])
+
 
 class UsageError(ValueError):
     """Bad user input (a parameter, a file); the message is one line that says what to do."""
@@ -219,13 +221,7 @@ class Pipeline:
                                                      self.precision)
                 break
             except EngineError as e:
-                if isinstance(e, SpecMismatch):
-                    raise BundleError(f"corrupt bundle {self.bundle}: {e}; re-export it") from None
-                # a bundle graph that fails to load because its file is damaged is reported,
-                # never fallen back from: another backend would fail on it too, or run it
-                # wrongly (TensorRT reads cached plans, not the bundle: nothing to check)
-                if e.graph and e.source and e.source.resolve().parent == self.bundle.resolve():
-                    verify_hashes(self.bundle, self.manifest, only=e.graph)  # BundleError
+                self._damaged(e, b)  # a damaged bundle graph or cached artifact: reported
                 if i + 1 == len(tries):
                     raise
                 report.fallbacks.append(str(e))
@@ -234,6 +230,22 @@ class Pipeline:
         report.backend, report.precision = b, self.precision
         report.seconds = self.load_seconds = time.perf_counter() - t0
         self.load_report = report
+
+    def _damaged(self, e: EngineError, backend: str) -> None:
+        """Raise when a load failed because a file is damaged, rather than fall back: a
+        bundle graph that is corrupt (BundleError: another backend would fail on it too,
+        or run it wrongly), or a cached artifact whose tensors are not the graph's."""
+        graph = self.manifest.graphs.get(e.graph or "")
+        in_bundle = (graph is not None and e.source is not None
+                     and e.source.resolve() == (self.bundle / graph.file).resolve())
+        if in_bundle and isinstance(e, SpecMismatch):
+            raise BundleError(f"corrupt bundle {self.bundle}: {e}; re-export it") from None
+        if in_bundle and e.unreadable:
+            verify_hashes(self.bundle, self.manifest, only=e.graph)  # BundleError if corrupt
+        elif isinstance(e, SpecMismatch):  # a cached plan or graph
+            raise EngineError(f"{e}: a damaged engine cache entry; rebuild it with `python -m "
+                              f"engines.build {self.bundle} --backend {backend} --force`"
+                              ) from None
 
     @property
     def engines(self) -> dict[str, Engine]:
@@ -317,14 +329,19 @@ class Pipeline:
 
     def __call__(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None,
                  *, progress: Callable[[int, int], None] | None = None,
-                 keep_decoded: bool = False, **kwargs) -> Result:
+                 on_step_end: StepHook | None = None, keep_decoded: bool = False,
+                 **kwargs) -> Result:
         """Generate images; kwargs as in `request()`. `progress(i, calls)` after each UNet
-        call (a step-end hook: the loop's timings are in the Result, not its business).
-        `keep_decoded`: also return the decoder's images before the safety checker."""
-        return self.run(self.request(prompt, negative_prompt, **kwargs), progress, keep_decoded)
+        call. `on_step_end(i, t, latents)` after each scheduler step, as diffusers'
+        callback_on_step_end: call i (0-based), its timestep, the latents [B, 4, h, w]
+        float32, which it may change in place (a reused buffer: copy to keep). The loop's
+        timings are in the Result. `keep_decoded`: also return the decoder's images
+        before the safety checker."""
+        return self.run(self.request(prompt, negative_prompt, **kwargs), progress, keep_decoded,
+                        on_step_end)
 
     def run(self, req: Request, progress: Callable[[int, int], None] | None = None,
-            keep_decoded: bool = False) -> Result:
+            keep_decoded: bool = False, on_step_end: StepHook | None = None) -> Result:
         timings: dict[str, float] = {}
         t_start = time.perf_counter()
 
@@ -333,7 +350,8 @@ class Pipeline:
         timings["text_encoder"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        latents, unet_calls, step_ends = self._denoise(req, cond, uncond, progress)  # [B, 4, h, w]
+        latents, unet_calls, step_ends = self._denoise(req, cond, uncond, progress,
+                                                       on_step_end)  # [B, 4, h, w]
         timings["denoise"] = time.perf_counter() - t
         timings["unet"] = float(unet_calls.sum())
 
@@ -370,7 +388,7 @@ class Pipeline:
         return cond, uncond, dropped  # dropped: prompts', then negative prompts' (with CFG)
 
     def _denoise(self, req: Request, cond: np.ndarray, uncond: np.ndarray | None,
-                 progress: Callable[[int, int], None] | None
+                 progress: Callable[[int, int], None] | None, on_step_end: StepHook | None
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(final latents [B, 4, h, w], seconds of each UNet call, when each step ended).
         Everything the loop touches is allocated before it: the loop allocates nothing."""
@@ -407,16 +425,18 @@ class Pipeline:
             t0 = time.perf_counter()
             noise = unet.run(feeds)["noise_pred"]  # [N, 4, h, w]
             unet_calls[i] = time.perf_counter() - t0
-            if not _finite(noise):
-                _check_finite(f"unet (step {i + 1} of {calls}, timestep {sched.timesteps[i]:g})",
-                              noise)
             if req.cfg:  # uncond + g * (cond - uncond), in diffusers' order of operations
                 np.subtract(noise[b:], noise[:b], out=guided)
                 guided *= g
                 guided += noise[:b]
-                noise = guided
+                noise = guided  # NaN/inf in either half stays NaN/inf here
+            if not _finite(noise):  # on the guided half: the output is read once, not twice
+                _check_finite(f"unet (step {i + 1} of {calls}, timestep {sched.timesteps[i]:g})",
+                              noise)
             sched.step(state, i, noise, latents, rng, out=latents)
             step_ends[i] = time.perf_counter()
+            if on_step_end is not None:
+                on_step_end(i, float(sched.timesteps[i]), latents)
             if progress is not None:
                 progress(i + 1, calls)
         _check_finite("scheduler", latents)

@@ -33,9 +33,11 @@ MUTATIONS = [  # (what breaks, file, exact source, replacement)
  ("enqueue on stream 0 while capturing", "runtime/backends/tensorrt.py", "            if not context.execute_async_v3(stream):\n                raise CudaError(", "            if not context.execute_async_v3(0):\n                raise CudaError("),
  ("no plan kept deserialized on a swap", "runtime/backends/tensorrt_cached.py", "        if current[0] is not None and self.keep_plans > 1:", "        if False:"),
  ("plan read into bytes", "runtime/backends/tensorrt.py", "                return device.runtime.deserialize_cuda_engine(m)", "                return device.runtime.deserialize_cuda_engine(bytes(m))"),
+ ("given not reset by allocate (engine base)", "runtime/engine.py", "        self.shapes, self.given = None, set()\n", "        self.shapes = None\n"),
+ ("never-given inputs run (engine base)", "runtime/engine.py", "        if len(self.given) != len(self._dtypes):", "        if False:"),
  ("11 not refused", "runtime/tensorrt_env.py", "    why = unsupported(str(getattr(trt, \"__version__\", \"?\")))\n    if why:\n        return why", "    pass"),
 ]
-tests = ["tests/test_tensorrt_backend.py", "tests/test_engines_build.py"]
+tests = ["tests/test_tensorrt_backend.py", "tests/test_engines_build.py", "tests/test_engine_base.py"]
 bad = 0
 for name, f, old, new in MUTATIONS:
     p = ROOT / f

@@ -52,6 +52,73 @@ def test_auto_reports_a_corrupt_bundle_graph_instead_of_falling_back(tmp_path):
     assert not any("falling back" in x for x in lines), lines
 
 
+def _failing_first(monkeypatch, error):
+    """auto tries openvino, whose EngineSet raises `error`, then ort-cpu."""
+    real = backends.EngineSet
+
+    class Failing(real):
+        def __init__(self, backend, *args, **kwargs):
+            if backend == "openvino":
+                raise error
+            super().__init__(backend, *args, **kwargs)
+
+    monkeypatch.setattr(backends, "EngineSet", Failing)
+    monkeypatch.setattr(backends, "candidates", lambda r: (["openvino", "ort-cpu"], "auto"))
+
+
+def test_a_backend_failure_on_an_intact_graph_falls_back_without_hashing(monkeypatch):
+    """A compile or device failure (not a file that cannot be read) is the backend's
+    problem: auto falls back at once, without hashing the (multi-GB) graph."""
+    from runtime import pipeline
+    from runtime.bundle import demo_bundle
+
+    e = EngineError("openvino engine 'unet': cannot compile")
+    e.graph, e.source = "unet", demo_bundle() / "unet.onnx"
+    _failing_first(monkeypatch, e)
+    monkeypatch.setattr(pipeline, "verify_hashes", lambda *a, **k: pytest.fail("hashed"))
+    with Pipeline("demo", "auto") as pipe:
+        assert pipe.backend == "ort-cpu" and pipe.load_report.fallbacks == [str(e)]
+
+
+def test_a_damaged_cache_entry_is_reported_with_the_rebuild_command(monkeypatch, tmp_path):
+    """Tensors that are not the graph's in a cached plan: not the bundle's fault (no
+    'corrupt bundle'), not fallen back from: one line naming engines.build --force."""
+    from runtime.engine import SpecMismatch
+
+    e = SpecMismatch("tensorrt engine 'unet': plan inputs ['latent'] do not match")
+    e.graph, e.source = "unet", tmp_path / "cache" / "unet.plan"
+    _failing_first(monkeypatch, e)
+    with pytest.raises(EngineError, match=r"damaged engine cache entry.*engines.build .* --force"):
+        Pipeline("demo", "auto")
+
+
+def test_load_report_and_step_hook():
+    """The load and each step, as data: what the CLI prints and benchmarks read."""
+    import numpy as np
+
+    with Pipeline("demo", "ort-cpu", safety=False) as pipe:
+        report = pipe.load_report
+        assert report.backend == "ort-cpu" and report.precision == "fp32"
+        assert set(report.graphs) == {"text_encoder", "unet", "vae_decoder"}
+        assert all(g.seconds > 0 and g.cache in ("built", "hit") for g in report.graphs.values())
+        seen = []
+
+        def hook(i, t, latents):
+            seen.append((i, t, latents.copy()))
+            if i == 1:
+                latents *= 0  # callback_on_step_end may change the latents in place
+
+        r = pipe("x", steps=3, seed=1, on_step_end=hook)
+        calls = len(r.request.schedule.timesteps)
+        assert [s[0] for s in seen] == list(range(calls))
+        assert [s[1] for s in seen] == [float(t) for t in r.request.schedule.timesteps]
+        assert r.unet_calls.shape == r.step_ends.shape == (calls,) and (r.unet_calls > 0).all()
+        assert (np.diff(r.step_ends) > 0).all()
+        assert r.timings["unet"] == pytest.approx(r.unet_calls.sum())
+        untouched = pipe("x", steps=3, seed=1)
+        assert not np.array_equal(untouched.images, r.images)  # the hook's change took effect
+
+
 def test_explicit_backend_does_not_fall_back():
     with pytest.raises(UsageError, match="not available"):
         Pipeline("demo", "ort-cuda")

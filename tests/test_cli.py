@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from runtime.bundle import MANIFEST, demo_bundle
+from runtime.files import umask
 
 PROMPT = "a photo of an astronaut riding a horse on mars"
 
@@ -155,15 +156,7 @@ def test_negative_prompt_too_long_warns_and_png_mode(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "the negative prompt is longer than 77 tokens; its last 15 tokens" in out.stderr
     mode = (tmp_path / out.stdout.split()[0]).stat().st_mode & 0o777
-    assert mode == 0o666 & ~_umask()  # not mkstemp's 0600
-
-
-def _umask() -> int:
-    import os
-
-    m = os.umask(0)
-    os.umask(m)
-    return m
+    assert mode == 0o666 & ~umask()  # not mkstemp's 0600
 
 
 def test_unwritable_output_dir(tmp_path):

@@ -39,6 +39,7 @@ def reference(bundle, name, feeds):
 
 @pytest.mark.parametrize("cuda_graph", [False, True])
 def test_unet_static_and_dynamic(built, cuda_graph):
+    from runtime import cache
     from runtime.backends.tensorrt import TensorRTDevice, TensorRTEngine
     from runtime.bundle import read_manifest
     from runtime.cache import find_plan
@@ -51,7 +52,7 @@ def test_unet_static_and_dynamic(built, cuda_graph):
     for hw in (16, 24):  # 128 px (the static plan), then 192 px (the dynamic one)
         shapes = {"sample": (2, 4, hw, hw), "timestep": (1,), "encoder_hidden_states": (2, 77, 8)}
         path = find_plan(entry, shapes, trt_version(), device.info, cache_dir)
-        profile = json.loads((path.parent / "sidecar.json").read_text())["key"]["shapes"]
+        profile = json.loads((path.parent / cache.SIDECAR).read_text())["key"]["shapes"]
         sample = json.loads(profile)["sample"]
         static = sample["min"] == sample["max"] == list(shapes["sample"])
         assert static == (hw == 16), (hw, sample)  # the static plan where it fits, only there

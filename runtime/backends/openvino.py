@@ -104,7 +104,8 @@ class OpenVinoEngine(Engine):
             self.core = ov.Core()
             self.model = self.core.read_model(str(self.path))  # weights mapped, not copied
         except Exception as e:  # OpenVINO raises RuntimeError subclasses of its own
-            raise self.error(f"cannot load {self.path}: {str(e).splitlines()[0]}") from None
+            raise self.error(f"cannot load {self.path}: {str(e).splitlines()[0]}",
+                             unreadable=True) from None
         self.check_io([t.get_any_name() for t in self.model.inputs],
                       [t.get_any_name() for t in self.model.outputs])
 

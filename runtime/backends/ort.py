@@ -130,7 +130,9 @@ class OrtEngine(Engine):
                 cached = self._cached_graph(rebuild=True)
                 self.session = self._session(cached or self.path, cached is not None)
         except Exception as e:  # ORT raises its own Fail/InvalidGraph types
-            raise self.error(f"cannot load {self.path}: {str(e).splitlines()[0]}") from None
+            # on the CPU nothing but the graph can fail a session; on CUDA the device can
+            raise self.error(f"cannot load {self.path}: {str(e).splitlines()[0]}",
+                             unreadable=not self.on_device) from None
         if provider not in self.session.get_providers():  # ORT falls back silently
             raise self.error(f"{provider} is not active (got {self.session.get_providers()})")
         self.check_io([t.name for t in self.session.get_inputs()],
