@@ -26,6 +26,27 @@ def test_nan_in_a_stage_names_the_stage(pipe, monkeypatch):
         pipe("x", steps=2, seed=0)
 
 
+def test_nan_later_in_the_loop_stops_it_within_8_steps(pipe, monkeypatch):
+    unet = pipe.engines["unet"]
+    real, calls = unet.run, []
+
+    def poisoned(feeds):
+        out = real(feeds)
+        calls.append(1)
+        if len(calls) == 3:
+            out["noise_pred"][0, 0, 0, 0] = np.inf
+        return out
+
+    monkeypatch.setattr(unet, "run", poisoned)
+    with pytest.raises(StageError, match=r"unet or scheduler \(steps 1 to 8 of 21\) "
+                                         r"produced NaN or inf"):
+        pipe("x", steps=20, seed=0)
+    assert len(calls) == 8  # stopped there, not after 21 calls
+    calls.clear()
+    with pytest.raises(StageError, match=r"steps 1 to 4 of 4\)"):
+        pipe("x", steps=3, seed=0)  # the last call is always checked
+
+
 def test_same_seed_same_image_and_reuse(pipe):
     a = pipe("a red apple", steps=3, seed=42, height=64, width=64).images.copy()
     pipe("something else", steps=2, seed=1, batch_size=2)  # other shapes in between
