@@ -67,14 +67,25 @@ def _profile(rows: dict[str, tuple[int, int, int]]) -> Profile:
 
 
 def choose_profiles(manifest: Manifest, static: bool, lo: str | None, opt: str | None,
-                    hi: str | None) -> tuple[Profile, Profile | None]:
+                    hi: str | None, sizes: tuple[int | None, int | None, int | None] = (
+                        None, None, None)) -> tuple[Profile, Profile | None]:
     """(dynamic profile, static profile or None): the manifest's profile with flag
-    overrides; static is min = opt = max = --opt, by default batch 1 at the manifest's
-    default size (512x512 for v1.x)."""
+    overrides (`sizes`: --min-size, --max-size, --max-batch, in pixels and images; then
+    --min/--max as BATCHxHEIGHTxWIDTH); static is min = opt = max = --opt, by default
+    batch 1 at the manifest's default size (512x512 for v1.x)."""
     p = manifest.profile
     rows = {"min": (p.batch[0], p.height[0], p.width[0]),
             "opt": (p.batch[1], p.height[1], p.width[1]),
             "max": (p.batch[2], p.height[2], p.width[2])}
+    min_size, max_size, max_batch = sizes
+    if min_size is not None:
+        rows["min"] = (rows["min"][0], min_size, min_size)
+    if max_size is not None:
+        rows["max"] = (rows["max"][0], max_size, max_size)
+    if max_batch is not None:
+        rows["max"] = (max_batch, *rows["max"][1:])
+    (b0, h0, w0), (b1, h1, w1), (b2, h2, w2) = rows["min"], rows["opt"], rows["max"]
+    rows["opt"] = (min(max(b1, b0), b2), min(max(h1, h0), h2), min(max(w1, w0), w2))  # inside
     for key, text in (("min", lo), ("max", hi)):
         if text is not None:
             rows[key] = _bhw(text, f"--{key}")
@@ -97,6 +108,9 @@ def parse_args(argv: list[str] | None) -> tuple[BuildOptions, bool]:
     ap.add_argument("--min", help="BATCHxHEIGHTxWIDTH, e.g. 1x256x256")
     ap.add_argument("--opt", help="BATCHxHEIGHTxWIDTH, e.g. 1x512x512")
     ap.add_argument("--max", help="BATCHxHEIGHTxWIDTH, e.g. 4x768x768")
+    ap.add_argument("--min-size", type=int, help="smallest image side in pixels (both sides)")
+    ap.add_argument("--max-size", type=int, help="largest image side in pixels, e.g. 1024")
+    ap.add_argument("--max-batch", type=int, help="most images per call, e.g. 4")
     ap.add_argument("--graphs", help="comma-separated subset, e.g. unet,vae_decoder")
     ap.add_argument("--workspace-gb", type=float, help="TensorRT tactic memory limit (GiB)")
     ap.add_argument("--opt-level", type=int, choices=range(6), metavar="0-5",
@@ -125,7 +139,8 @@ def parse_args(argv: list[str] | None) -> tuple[BuildOptions, bool]:
         graphs = tuple(g for g in graphs if g in wanted)
     if a.workspace_gb is not None and a.workspace_gb <= 0:
         raise UsageError("--workspace-gb must be positive")
-    profile, static = choose_profiles(manifest, a.static, a.min, a.opt, a.max)
+    profile, static = choose_profiles(manifest, a.static, a.min, a.opt, a.max,
+                                      (a.min_size, a.max_size, a.max_batch))
     opts = BuildOptions(
         bundle=bundle, backend=a.backend, graphs=graphs, profile=profile, static=static,
         cache_dir=a.cache_dir, no_build=a.no_build, force=a.force,

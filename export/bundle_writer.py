@@ -19,7 +19,7 @@ from pathlib import Path
 import onnx
 from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
-from export.checks import check_opset, check_out
+from export.checks import check_opset, check_out, export_profile
 from export.clip_vocab import write_tokenizer_files
 from export.components import Components, weights_sha256
 from export.configs import CONFIGS
@@ -121,7 +121,9 @@ def scheduler_config_json(scheduler) -> str:
 
 def export_bundle(components: Components, out_dir: str | os.PathLike, *, opset: int = 17,
                   external_data_threshold: int = TWO_GB, safety: bool = True, force: bool = False,
-                  profile: Profile | None = None, log: Callable[[str], None] = print) -> Path:
+                  profile: Profile | None = None, min_size: int | None = None,
+                  max_size: int | None = None, max_batch: int | None = None,
+                  log: Callable[[str], None] = print) -> Path:
     """Export `components` to the bundle folder `out_dir` and return its path.
 
     opset                    ONNX opset (>= 17).
@@ -129,8 +131,10 @@ def export_bundle(components: Components, out_dir: str | os.PathLike, *, opset: 
                              external data file `<graph>.onnx.data` (tests force it small).
     safety                   export the safety checker when the components have one.
     force                    replace an existing bundle at `out_dir`.
-    profile                  min/opt/max batch and size; default: the model config's
-                             (demo, sd14-random) or runtime.bundle.Profile().
+    profile                  min/opt/max batch and size, as is; default: runtime.bundle
+                             .fit_profile of the model's default size with min_size,
+                             max_size, max_batch over the model config's profile (demo,
+                             sd14-random) or Profile(): the default size always inside.
     log                      called with one progress line per graph (with its time).
 
     Raises ExportError for a bad `out_dir`; anything else is a bug or a bad model.
@@ -140,7 +144,8 @@ def export_bundle(components: Components, out_dir: str | os.PathLike, *, opset: 
     check_opset(opset)
     if profile is None:
         cfg = CONFIGS.get(components.model_id)
-        profile = cfg.profile if cfg else Profile()
+        profile = export_profile(components.default_size, min_size, max_size, max_batch,
+                                 base=cfg.profile if cfg else None)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:

@@ -12,7 +12,7 @@ from urllib.parse import urlparse
 
 from export.errors import ExportError
 from export.tokenizer_files import has_tokenizer
-from runtime.bundle import MANIFEST
+from runtime.bundle import MANIFEST, Profile, fit_profile
 from runtime.files import why_not_creatable
 
 BUILT_IN = ("demo", "sd14-random")
@@ -37,6 +37,25 @@ def check_out(out: str | os.PathLike, force: bool) -> None:
     if any(out.iterdir()) and not (out / MANIFEST).is_file():
         raise ExportError(f"{out} is a non-empty folder without {MANIFEST} (not a bundle); "
                           f"refusing to replace it, choose another --out")
+
+
+def export_profile(default: int, min_size: int | None, max_size: int | None,
+                   max_batch: int | None, base: Profile | None = None) -> Profile:
+    """runtime.bundle.fit_profile, its errors naming export's flags."""
+    try:
+        return fit_profile(default, min_size, max_size, max_batch, base)
+    except ValueError as e:
+        raise ExportError(str(e).replace("min size", "--min-size").replace(
+            "max size", "--max-size").replace("max batch", "--max-batch")) from None
+
+
+def check_profile_flags(min_size: int | None, max_size: int | None,
+                        max_batch: int | None) -> None:
+    """Bounds that are wrong whatever the model (multiples of 8, min <= max), before the
+    model loads; whether they contain its default size is checked once it has."""
+    hi = max_size if isinstance(max_size, int) and max_size >= 8 else 1 << 20
+    lo = min_size if isinstance(min_size, int) and 8 <= min_size <= hi else 8
+    export_profile(lo, min_size, max_size, max_batch)  # lo stands in for the default size
 
 
 MAX_OPSET = 20  # the legacy TorchScript exporter's newest opset in torch 2.x

@@ -7,7 +7,7 @@ import sys
 import time
 import warnings
 
-from export.checks import check_opset, check_out, check_seed, model_kind
+from export.checks import check_opset, check_out, check_profile_flags, check_seed, model_kind
 from export.errors import ExportError
 from runtime.args import OneLineParser
 
@@ -25,6 +25,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow pickle checkpoints (.ckpt/.bin), which can run code when loaded")
     p.add_argument("--seed", type=int, default=0, help="weights seed for demo / sd14-random")
+    p.add_argument("--min-size", type=int, help="smallest image side the bundle is for, in pixels "
+                   "(default 256, demo 64; widened to the model's default size if needed)")
+    p.add_argument("--max-size", type=int, help="largest image side, in pixels (default 1024, "
+                   "demo 512)")
+    p.add_argument("--max-batch", type=int, help="most images per call (default 4)")
     return p
 
 
@@ -46,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         check_out(args.out, args.force)  # fail fast: before importing torch or loading
         check_opset(args.opset)
         check_seed(args.seed)
+        check_profile_flags(args.min_size, args.max_size, args.max_batch)
         model_kind(args.model, args.allow_pickle, not args.no_safety_checker)
         t0 = time.perf_counter()
         quiet_libraries()
@@ -58,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
                                          safety=not args.no_safety_checker, seed=args.seed)
             log(f"loaded {args.model} in {time.perf_counter() - t0:.1f} s")
             out = export_bundle(components, args.out, opset=args.opset, force=args.force,
+                                min_size=args.min_size, max_size=args.max_size,
+                                max_batch=args.max_batch,
                                 safety=not args.no_safety_checker, log=log)
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -166,12 +166,50 @@ class Profile:
             out[t.name] = row
         return out
 
+    def covers(self, batch: int, height: int, width: int) -> bool:
+        return all(lo <= v <= hi for v, (lo, _, hi) in
+                   ((batch, self.batch), (height, self.height), (width, self.width)))
+
     def to_json(self) -> dict:
         return {"batch": list(self.batch), "height": list(self.height), "width": list(self.width)}
 
     @staticmethod
     def from_json(d: dict) -> Profile:
         return Profile(tuple(d["batch"]), tuple(d["height"]), tuple(d["width"]))
+
+
+def fit_profile(default: int, min_size: int | None = None, max_size: int | None = None,
+                max_batch: int | None = None, base: Profile | None = None) -> Profile:
+    """The shape profile of a model whose default image side is `default` px: sides from
+    `min_size` to `max_size`, 1 to `max_batch` images per call (each defaulting to
+    `base`'s, Profile() if none, a bound not given moving to stay on its side of the
+    other), opt at the default size and batch 1. A default size outside the bounds
+    widens the bounds that were not given; ValueError (one line) when a given bound
+    excludes it, or for bounds that are not multiples of 8."""
+    base = base or Profile()
+    lo = base.height[0] if min_size is None else min_size
+    hi = base.height[2] if max_size is None else max_size
+    batch = base.batch[2] if max_batch is None else max_batch
+    for name, v in (("min size", lo), ("max size", hi)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < VAE_FACTOR or v % VAE_FACTOR:
+            raise ValueError(f"{name} must be a multiple of {VAE_FACTOR} (pixels), got {v!r}")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"max batch must be an integer >= 1, got {batch!r}")
+    if min_size is None:  # a bound not given follows the one given
+        lo = min(lo, hi)
+    if max_size is None:
+        hi = max(hi, lo)
+    if lo > hi:
+        raise ValueError(f"min size {lo} is larger than max size {hi}")
+    if not lo <= default <= hi:
+        given = min_size if default < lo else max_size
+        if given is not None:
+            bound = "min size" if default < lo else "max size"
+            raise ValueError(f"the model's default size {default}x{default} is outside the "
+                             f"profile {lo}..{hi} ({bound} {given}); choose bounds that "
+                             f"contain it")
+        lo, hi = min(lo, default), max(hi, default)
+    return Profile((1, 1, batch), (lo, default, hi), (lo, default, hi))
 
 
 @dataclass(frozen=True)

@@ -97,6 +97,12 @@ class Engine(ABC):
                 raise self.error(f"input {name} is {a.dtype}{list(a.shape)}, allocated "
                                  f"{self._dtypes[name]}{list(want)}")
 
+    def refuses(self, shapes: Shapes) -> str | None:
+        """Why these input shapes cannot run here (a few words), or None. Only engines
+        built for a shape profile (TensorRT plans) have limits; ONNX Runtime and OpenVINO
+        run any shape (OpenVINO compiles each new one)."""
+        return None
+
     # --- the lifecycle every backend shares --------------------------------------------
 
     def load(self) -> None:

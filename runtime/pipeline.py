@@ -26,6 +26,7 @@ from runtime.bundle import (
     GRAPH_ORDER,
     LATENT_CHANNELS,
     MAX_TOKENS,
+    SAFETY_SIZE,
     SCHEDULER_CONFIG,
     TOKENIZER_DIR,
     VAE_FACTOR,
@@ -141,6 +142,8 @@ def _check_finite(stage: str, x: np.ndarray) -> None:
 # leaves the latents once in, so this stops a bad run within 8 steps at a fifth the cost.
 CHECK_EVERY = 8
 
+MAX_SIDE = 8192  # px: a sanity bound (a profile-free backend runs any size up to it)
+MAX_BATCH = 64  # images per call, likewise
 MAX_GUIDANCE = 1000.0  # far past any useful value; beyond it float32 CFG arithmetic overflows
 
 
@@ -287,17 +290,17 @@ class Pipeline:
         if len(negs) != len(prompts):
             raise UsageError(f"{len(negs)} negative prompts for {len(prompts)} prompts")
         seed = check_settings(steps, scheduler, guidance_scale, batch_size, seed)
-        m, prof = self.manifest, self.manifest.profile
+        m = self.manifest
         height = m.default_height if height is None else height
         width = m.default_width if width is None else width
-        for name, v, (lo, _, hi) in (("height", height, prof.height), ("width", width, prof.width)):
-            if not isinstance(v, int) or v % VAE_FACTOR or not lo <= v <= hi:
-                raise UsageError(f"{name} must be a multiple of {VAE_FACTOR} in [{lo}, {hi}] "
-                                 f"for this model, got {v!r}")
+        for name, v in (("height", height), ("width", width)):
+            if isinstance(v, bool) or not isinstance(v, int) or v % VAE_FACTOR or not (
+                    VAE_FACTOR <= v <= MAX_SIDE):
+                raise UsageError(f"{name} must be a multiple of {VAE_FACTOR} in "
+                                 f"[{VAE_FACTOR}, {MAX_SIDE}], got {v!r}")
         b = len(prompts) * batch_size
-        if not prof.batch[0] <= b <= prof.batch[2]:
-            raise UsageError(f"{b} images per call is outside this model's batch range "
-                             f"[{prof.batch[0]}, {prof.batch[2]}]")
+        if b > MAX_BATCH:
+            raise UsageError(f"{b} images per call is more than {MAX_BATCH}; make several calls")
         schedule = self._schedule(scheduler, steps)
         safety = self.has_safety_checker if safety is None else safety
         if safety and not self.has_safety_checker:
@@ -314,7 +317,36 @@ class Pipeline:
             if not np.isfinite(latents).all():
                 raise UsageError("latents contain NaN or inf values (in float32)")
             req = Request(**{**req.__dict__, "latents": latents})
+        self._check_profiles(req)
         return req
+
+    def graph_shapes(self, req: Request) -> dict[str, dict[str, tuple[int, ...]]]:
+        """The input shapes each graph runs at for `req` (what the stages allocate)."""
+        b, (_, c, h, w) = req.batch, req.latent_shape
+        n = 2 * b if req.cfg else b  # UNet batch: [uncond; cond] with guidance
+        p = len(req.prompts) * (2 if req.cfg else 1)  # prompts, then negative prompts
+        shapes = {"text_encoder": {"input_ids": (p, MAX_TOKENS)},
+                  "unet": {"sample": (n, c, h, w), "timestep": (1,),
+                           "encoder_hidden_states": (n, MAX_TOKENS, self.manifest.hidden)},
+                  "vae_decoder": {"latent": (b, c, h, w)}}
+        if req.safety:
+            shapes["safety_checker"] = {"clip_input": (b, 3, SAFETY_SIZE, SAFETY_SIZE)}
+        return shapes
+
+    def _check_profiles(self, req: Request) -> None:
+        """Only engines built for a shape profile (TensorRT plans) limit sizes and batch;
+        refuse what none of their plans covers, before any work, naming the rebuild."""
+        for name, shapes in self.graph_shapes(req).items():
+            why = self.engines[name].refuses(shapes)
+            if why:
+                prof = self.manifest.profile
+                side = max(req.height, req.width, prof.height[2], prof.width[2])
+                small = min(req.height, req.width, prof.height[0], prof.width[0])
+                raise UsageError(
+                    f"{self.backend}: {req.height}x{req.width}, {req.batch} image(s) per call: "
+                    f"{why}; build plans that cover it with `python -m engines.build "
+                    f"{self.bundle} --backend {self.backend} --min-size {small} --max-size "
+                    f"{side} --max-batch {max(req.batch, prof.batch[2])}`")
 
     def _schedule(self, scheduler: str, steps: int) -> Schedule:
         """The scheduler's frozen tables, built before any work so bad settings fail early."""
@@ -408,9 +440,8 @@ class Pipeline:
         state = sched.new_state(shape, rng)  # after the draw: Euler ancestral continues rng
 
         unet = self.engines["unet"]
+        unet.allocate(self.graph_shapes(req)["unet"])
         n = 2 * b if req.cfg else b  # UNet batch: [uncond; cond] with guidance
-        unet.allocate({"sample": (n, *shape[1:]), "timestep": (1,),
-                       "encoder_hidden_states": (n, MAX_TOKENS, cond.shape[-1])})
         unet.set_constant("encoder_hidden_states",
                           np.concatenate([uncond, cond]) if req.cfg else cond)  # [N, 77, C]
         sample = np.empty((n, *shape[1:]), np.float32)  # [N, 4, h, w]
@@ -453,7 +484,7 @@ class Pipeline:
 
     def _decode(self, req: Request, latents: np.ndarray) -> np.ndarray:
         vae = self.engines["vae_decoder"]
-        vae.allocate({"latent": latents.shape})
+        vae.allocate(self.graph_shapes(req)["vae_decoder"])
         scaled = (latents / np.float32(self.manifest.vae_scaling_factor)).astype(np.float32)
         image = vae.run({"latent": scaled})["image"].copy()  # [B, 3, H, W]
         _check_finite("vae decoder", image)

@@ -106,7 +106,7 @@ BAD_ARGS = {
     "scheduler": (["--scheduler", "nope"], "unknown scheduler"),
     "steps0": (["--steps", "0"], "steps must be"),
     "height": (["--height", "100"], "height must be a multiple of 8"),
-    "width_big": (["--width", "4096"], "width must be"),
+    "width_big": (["--width", "8200"], "width must be"),
     "guidance": (["--guidance-scale", "-1"], "guidance scale must be >= 0"),
     "batch0": (["--batch-size", "0"], "batch size must be"),
     "model": (["--model", "/nonexistent/bundle"], "model folder not found"),

@@ -64,8 +64,9 @@ def test_given_latents_equal_seeded_latents(pipe):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(batch_size=5), "outside this model's batch range"),
-    (dict(height=72, width=520), "width must be a multiple of 8 in"),
+    (dict(batch_size=65), "65 images per call is more than 64"),
+    (dict(height=72, width=522), r"width must be a multiple of 8 in \[8, 8192\]"),
+    (dict(height=8200), "height must be a multiple of 8 in"),
     (dict(seed=-1), "seed must be"),
     (dict(guidance_scale=float("nan")), "guidance scale"),
     (dict(latents=np.full((1, 4, 32, 32), np.inf, np.float32)), "latents contain NaN or inf"),

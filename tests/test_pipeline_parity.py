@@ -182,3 +182,12 @@ def test_the_models_own_vae_scaling_factor_is_used(tmp_path):
     ref, _ = run_reference(reference(c, bundle, "euler", False), PROMPT, "", 3, 7.5, 4)
     with Pipeline(bundle, "ort-cpu") as pipe:
         compare(pipe(PROMPT, steps=3, scheduler="euler", seed=4).images, ref)
+
+
+def test_a_size_outside_the_profile_matches_diffusers(demo_components):
+    """The demo's profile starts at 64 px; ort-cpu has no profile and runs 40x56."""
+    ref, _ = cached_reference(demo_components, demo_bundle(), "pndm", False, PROMPT, "", 3, 7.5,
+                              6, 1, 40, 56)
+    with Pipeline(demo_bundle(), "ort-cpu", safety=False) as pipe:
+        assert pipe.manifest.profile.height[0] > 40
+        compare(pipe(PROMPT, steps=3, seed=6, height=40, width=56).images, ref)

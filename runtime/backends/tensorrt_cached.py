@@ -73,6 +73,12 @@ class CachedTensorRTEngine(TensorRTEngine):
             f"shapes; build one with `python -m engines.build BUNDLE --backend tensorrt` "
             f"(--static for one shape, --min/--max for a wider profile)", shapes)
 
+    def refuses(self, shapes: Shapes) -> str | None:
+        shapes = {k: tuple(int(d) for d in v) for k, v in shapes.items()}
+        if self._lookup(shapes) is not None:
+            return None
+        return f"no {self.name} plan in the engine cache covers these shapes"
+
     def _plan_for(self, shapes: Shapes) -> Path:
         path = self._lookup(shapes)
         if path is None:
