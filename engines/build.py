@@ -38,6 +38,7 @@ from runtime.bundle import (
     BundleError,
     Manifest,
     Profile,
+    fit_profile,
     read_manifest,
     resolve_model,
     verify_hashes,
@@ -70,31 +71,38 @@ def choose_profiles(manifest: Manifest, static: bool, lo: str | None, opt: str |
                     hi: str | None, sizes: tuple[int | None, int | None, int | None] = (
                         None, None, None)) -> tuple[Profile, Profile | None]:
     """(dynamic profile, static profile or None): the manifest's profile with flag
-    overrides (`sizes`: --min-size, --max-size, --max-batch, in pixels and images; then
-    --min/--max as BATCHxHEIGHTxWIDTH); static is min = opt = max = --opt, by default
-    batch 1 at the manifest's default size (512x512 for v1.x)."""
+    overrides, `sizes` = --min-size, --max-size, --max-batch (pixels, images; as export's,
+    opt kept at the default size) then --min/--max/--opt as BATCHxHEIGHTxWIDTH; the
+    bundle's default size must stay inside. Static is min = opt = max = --opt, by
+    default batch 1 at the manifest's default size (512x512 for v1.x)."""
+    default = (manifest.default_height, manifest.default_width)
     p = manifest.profile
+    if any(v is not None for v in sizes):
+        if static:
+            raise UsageError("--min-size/--max-size/--max-batch shape a dynamic profile; "
+                             "--static builds one shape, given by --opt")
+        try:
+            p = fit_profile(min(default), *sizes, base=manifest.profile)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     rows = {"min": (p.batch[0], p.height[0], p.width[0]),
             "opt": (p.batch[1], p.height[1], p.width[1]),
             "max": (p.batch[2], p.height[2], p.width[2])}
-    min_size, max_size, max_batch = sizes
-    if min_size is not None:
-        rows["min"] = (rows["min"][0], min_size, min_size)
-    if max_size is not None:
-        rows["max"] = (rows["max"][0], max_size, max_size)
-    if max_batch is not None:
-        rows["max"] = (max_batch, *rows["max"][1:])
-    (b0, h0, w0), (b1, h1, w1), (b2, h2, w2) = rows["min"], rows["opt"], rows["max"]
-    rows["opt"] = (min(max(b1, b0), b2), min(max(h1, h0), h2), min(max(w1, w0), w2))  # inside
     for key, text in (("min", lo), ("max", hi)):
         if text is not None:
             rows[key] = _bhw(text, f"--{key}")
+    (b0, h0, w0), (b1, h1, w1), (b2, h2, w2) = rows["min"], rows["opt"], rows["max"]
+    rows["opt"] = (min(max(b1, b0), b2), min(max(h1, h0), h2), min(max(w1, w0), w2))  # inside
     if static:  # --opt names the one shape; the text encoder keeps the dynamic rows
-        one = _bhw(opt, "--opt") if opt else (1, manifest.default_height,
-                                              manifest.default_width)
+        one = _bhw(opt, "--opt") if opt else (1, *default)
         return _profile(rows), _profile({"min": one, "opt": one, "max": one})
     if opt is not None:
         rows["opt"] = _bhw(opt, "--opt")
+    if not (rows["min"][1] <= default[0] <= rows["max"][1]
+            and rows["min"][2] <= default[1] <= rows["max"][2]):
+        raise UsageError(f"the profile {rows['min'][1]}x{rows['min'][2]}..{rows['max'][1]}x"
+                         f"{rows['max'][2]} leaves out the bundle's default size "
+                         f"{default[0]}x{default[1]}; widen --min/--max")
     return _profile(rows), None
 
 

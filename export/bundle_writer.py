@@ -23,6 +23,7 @@ from export.checks import check_opset, check_out, export_profile
 from export.clip_vocab import write_tokenizer_files
 from export.components import Components, weights_sha256
 from export.configs import CONFIGS
+from export.errors import ExportError
 from export.graphs import GraphJob, check_io, export_onnx, graph_jobs, max_abs_error, ort_session, timed
 from export.tokenizer_files import copy_tokenizer
 from runtime.bundle import (
@@ -146,6 +147,11 @@ def export_bundle(components: Components, out_dir: str | os.PathLike, *, opset: 
         cfg = CONFIGS.get(components.model_id)
         profile = export_profile(components.default_size, min_size, max_size, max_batch,
                                  base=cfg.profile if cfg else None)
+    elif (min_size, max_size, max_batch) != (None, None, None):
+        raise ExportError("pass a profile or min_size/max_size/max_batch, not both")
+    elif not profile.covers(1, components.default_size, components.default_size):
+        raise ExportError(f"the profile leaves out the model's default size "
+                          f"{components.default_size}x{components.default_size}")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:

@@ -41,12 +41,11 @@ def check_out(out: str | os.PathLike, force: bool) -> None:
 
 def export_profile(default: int, min_size: int | None, max_size: int | None,
                    max_batch: int | None, base: Profile | None = None) -> Profile:
-    """runtime.bundle.fit_profile, its errors naming export's flags."""
+    """runtime.bundle.fit_profile, its one-line errors as ExportError."""
     try:
         return fit_profile(default, min_size, max_size, max_batch, base)
     except ValueError as e:
-        raise ExportError(str(e).replace("min size", "--min-size").replace(
-            "max size", "--max-size").replace("max batch", "--max-batch")) from None
+        raise ExportError(str(e)) from None
 
 
 def check_profile_flags(min_size: int | None, max_size: int | None,

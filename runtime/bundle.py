@@ -29,6 +29,8 @@ LATENT_CHANNELS = 4
 VAE_FACTOR = 8  # pixels per latent cell
 SAFETY_SIZE = 224  # CLIP ViT-L/14 image size
 VAE_SCALING_FACTOR = 0.18215  # v1.x; the host divides latents by it before the decoder
+MAX_SIDE = 8192  # px: a sanity bound on image sides (profiles, and any size a backend runs)
+MAX_BATCH = 64  # images per call, likewise
 SAFETY_CONCEPTS = 17  # StableDiffusionSafetyChecker: 17 concept (+ 3 special-care) embeddings
 BOS = "<|startoftext|>"  # CLIP tokenizer's begin token, id 49406
 EOS = "<|endoftext|>"  # its end token, id 49407; also the pad and unknown token of v1.x
@@ -156,12 +158,16 @@ class Profile:
                 "h": hh // VAE_FACTOR, "w": ww // VAE_FACTOR}
 
     def shapes(self, spec: GraphSpec) -> dict[str, dict[str, list[int]]]:
-        """Per-input min/opt/max shapes; the UNet's min batch is B (no CFG), max 2B."""
+        """Per-input min/opt/max shapes. With guidance the UNet runs N = 2B and the text
+        encoder 2B texts (prompts, then negative prompts) in one call, so their opt/max
+        batch is 2B and their min B (guidance off)."""
         out: dict[str, dict[str, list[int]]] = {}
         for t in spec.inputs:
             row = {}
             for key, which in (("min", 0), ("opt", 1), ("max", 2)):
                 axes = self.axes(which, cfg=key != "min")
+                if spec.name == "text_encoder":
+                    axes["B"] = axes["N"]
                 row[key] = [axes[a] if isinstance(a, str) else a for a in t.shape]
             out[t.name] = row
         return out
@@ -184,31 +190,33 @@ def fit_profile(default: int, min_size: int | None = None, max_size: int | None 
     `min_size` to `max_size`, 1 to `max_batch` images per call (each defaulting to
     `base`'s, Profile() if none, a bound not given moving to stay on its side of the
     other), opt at the default size and batch 1. A default size outside the bounds
-    widens the bounds that were not given; ValueError (one line) when a given bound
-    excludes it, or for bounds that are not multiples of 8."""
+    widens the bounds that were not given. ValueError (one line, naming the flags of
+    export and engines.build) for bounds that are not multiples of 8 in [8, MAX_SIDE],
+    a batch outside [1, MAX_BATCH], or a given bound that excludes the default size."""
     base = base or Profile()
     lo = base.height[0] if min_size is None else min_size
     hi = base.height[2] if max_size is None else max_size
     batch = base.batch[2] if max_batch is None else max_batch
-    for name, v in (("min size", lo), ("max size", hi)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < VAE_FACTOR or v % VAE_FACTOR:
-            raise ValueError(f"{name} must be a multiple of {VAE_FACTOR} (pixels), got {v!r}")
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise ValueError(f"max batch must be an integer >= 1, got {batch!r}")
+    for flag, v in (("--min-size", lo), ("--max-size", hi)):
+        if (isinstance(v, bool) or not isinstance(v, int) or v % VAE_FACTOR
+                or not VAE_FACTOR <= v <= MAX_SIDE):
+            raise ValueError(f"{flag} must be a multiple of {VAE_FACTOR} in [{VAE_FACTOR}, "
+                             f"{MAX_SIDE}] (pixels), got {v!r}")
+    if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= MAX_BATCH:
+        raise ValueError(f"--max-batch must be an integer in [1, {MAX_BATCH}], got {batch!r}")
     if min_size is None:  # a bound not given follows the one given
         lo = min(lo, hi)
     if max_size is None:
         hi = max(hi, lo)
     if lo > hi:
-        raise ValueError(f"min size {lo} is larger than max size {hi}")
-    if not lo <= default <= hi:
-        given = min_size if default < lo else max_size
-        if given is not None:
-            bound = "min size" if default < lo else "max size"
-            raise ValueError(f"the model's default size {default}x{default} is outside the "
-                             f"profile {lo}..{hi} ({bound} {given}); choose bounds that "
-                             f"contain it")
-        lo, hi = min(lo, default), max(hi, default)
+        raise ValueError(f"--min-size {lo} is larger than --max-size {hi}")
+    if min_size is not None and default < min_size:
+        raise ValueError(f"--min-size {min_size} is above the model's default size "
+                         f"{default}x{default}; the profile must contain it")
+    if max_size is not None and default > max_size:
+        raise ValueError(f"--max-size {max_size} is below the model's default size "
+                         f"{default}x{default}; the profile must contain it")
+    lo, hi = min(lo, default), max(hi, default)
     return Profile((1, 1, batch), (lo, default, hi), (lo, default, hi))
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import shlex
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from runtime import backends
 from runtime.bundle import (
     GRAPH_ORDER,
     LATENT_CHANNELS,
+    MAX_BATCH,
+    MAX_SIDE,
     MAX_TOKENS,
     SAFETY_SIZE,
     SCHEDULER_CONFIG,
@@ -142,8 +145,6 @@ def _check_finite(stage: str, x: np.ndarray) -> None:
 # leaves the latents once in, so this stops a bad run within 8 steps at a fifth the cost.
 CHECK_EVERY = 8
 
-MAX_SIDE = 8192  # px: a sanity bound (a profile-free backend runs any size up to it)
-MAX_BATCH = 64  # images per call, likewise
 MAX_GUIDANCE = 1000.0  # far past any useful value; beyond it float32 CFG arithmetic overflows
 
 
@@ -337,7 +338,8 @@ class Pipeline:
         """Only engines built for a shape profile (TensorRT plans) limit sizes and batch;
         refuse what none of their plans covers, before any work, naming the rebuild."""
         for name, shapes in self.graph_shapes(req).items():
-            why = self.engines[name].refuses(shapes)
+            engine = self.engines.get(name)
+            why = engine.refuses(shapes) if engine is not None else None  # None: closed
             if why:
                 prof = self.manifest.profile
                 side = max(req.height, req.width, prof.height[2], prof.width[2])
@@ -345,7 +347,7 @@ class Pipeline:
                 raise UsageError(
                     f"{self.backend}: {req.height}x{req.width}, {req.batch} image(s) per call: "
                     f"{why}; build plans that cover it with `python -m engines.build "
-                    f"{self.bundle} --backend {self.backend} --min-size {small} --max-size "
+                    f"{shlex.quote(str(self.bundle))} --backend {self.backend} --min-size {small} --max-size "
                     f"{side} --max-batch {max(req.batch, prof.batch[2])}`")
 
     def _schedule(self, scheduler: str, steps: int) -> Schedule:
@@ -380,6 +382,7 @@ class Pipeline:
 
     def run(self, req: Request, progress: Callable[[int, int], None] | None = None,
             keep_decoded: bool = False, on_step_end: StepHook | None = None) -> Result:
+        self._check_profiles(req)  # request() did; a Request may come from elsewhere (cached)
         timings: dict[str, float] = {}
         t_start = time.perf_counter()
 

@@ -52,11 +52,32 @@ def test_stubs_only_is_not_tensorrt(bundle, tmp_path, monkeypatch, capsys):
     (["--max", "big"], "BATCHxHEIGHTxWIDTH"),
     (["--graphs", "unet,refiner"], "refiner not in the bundle"),
     (["--workspace-gb", "0"], "must be positive"),
+    (["--max-size", "100"], "--max-size must be a multiple of 8 in [8, 8192]"),
+    (["--max-size", "96"], "--max-size 96 is below the model's default size 128x128"),
+    (["--min-size", "256", "--max-size", "192"], "--min-size 256 is larger than --max-size 192"),
+    (["--max-batch", "0"], "--max-batch must be an integer in [1, 64]"),
+    (["--static", "--max-size", "256"], "--static builds one shape, given by --opt"),
+    (["--max", "2x96x96"], "leaves out the bundle's default size 128x128"),
 ])
 def test_bad_flags_one_line_exit_2(bundle, tmp_path, capsys, flags, error):
     assert build(bundle, tmp_path, *flags) == 2
     err = capsys.readouterr().err
     assert error in err and err.count("\n") == 1
+
+
+def test_size_flags_widen_the_profile_and_keep_opt_inside(bundle, tmp_path, monkeypatch):
+    """--min-size/--max-size/--max-batch as export's; --max below the manifest's opt
+    moves opt inside instead of failing."""
+    from engines.build import choose_profiles
+
+    m = read_manifest(bundle)  # profile 64..256 px, opt 128, batch 1..2
+    wide, _ = choose_profiles(m, False, None, None, None, (32, 512, 4))
+    assert (wide.height, wide.batch) == ((32, 128, 512), (1, 1, 4))
+    narrow, _ = choose_profiles(m, False, None, None, "1x128x128")
+    assert narrow.height == (64, 128, 128) and narrow.batch == (1, 1, 1)
+    gpu = FakeGPU().install(monkeypatch)
+    assert build(bundle, tmp_path, "--graphs", "unet", "--max-size", "512", "--max-batch", "4") == 0
+    assert gpu.builds[0]["profile"]["sample"]["max"] == [8, 4, 64, 64]  # 2B with guidance
 
 
 def test_missing_bundle_exit_2(tmp_path, capsys):
@@ -161,7 +182,8 @@ def test_static_keeps_text_encoder_dynamic(bundle, tmp_path, monkeypatch):
     assert build(bundle, tmp_path, "--static", "--opt", "1x64x64",
                  "--graphs", "text_encoder,vae_decoder") == 0
     text, vae = gpu.builds
-    assert text["profile"]["input_ids"] == {"min": [1, 77], "opt": [1, 77], "max": [2, 77]}
+    # prompts + negative prompts in one call: 2B texts at opt/max (batch 1..2 here)
+    assert text["profile"]["input_ids"] == {"min": [1, 77], "opt": [2, 77], "max": [4, 77]}
     assert vae["profile"]["latent"] == {"min": [1, 4, 8, 8], "opt": [1, 4, 8, 8],
                                         "max": [1, 4, 8, 8]}
 

@@ -19,31 +19,47 @@ def test_fit_profile_keeps_the_default_size_inside():
     assert fit_profile(64) == Profile((1, 1, 4), (64, 64, 1024), (64, 64, 1024))  # widened
     assert fit_profile(64, 32, 128, 2) == Profile((1, 1, 2), (32, 64, 128), (32, 64, 128))
     assert fit_profile(2048).height == (256, 2048, 2048)
-    for args, message in [((64, 128), "default size 64x64 is outside the profile 128..1024"),
-                          ((512, None, 256), "outside the profile 256..256"),
-                          ((512, 100), "min size must be a multiple of 8"),
-                          ((512, 512, 256), "min size 512 is larger than max size 256"),
-                          ((512, None, None, 0), "max batch must be an integer >= 1")]:
+    assert fit_profile(512, None, 128 * 8).height == (256, 512, 1024)
+    assert fit_profile(512, 2048 // 4).height == (512, 512, 1024)
+    for args, message in [((64, 128), "--min-size 128 is above the model's default size 64x64"),
+                          ((512, None, 256), "--max-size 256 is below the model's default size"),
+                          ((512, 100), r"--min-size must be a multiple of 8 in \[8, 8192\]"),
+                          ((512, None, 16384), "--max-size must be a multiple of 8 in"),
+                          ((512, 512, 256), "--min-size 512 is larger than --max-size 256"),
+                          ((512, None, None, 0), r"--max-batch must be an integer in \[1, 64\]"),
+                          ((512, None, None, 65), "--max-batch must be"),
+                          ((512, 256.0), "--min-size must be")]:
         with pytest.raises(ValueError, match=message):
             fit_profile(*args)
+
+
+def test_the_text_encoder_profile_holds_prompt_and_negative_prompt():
+    """With guidance the text encoder runs 2B texts in one call (the UNet 2B samples)."""
+    from runtime.bundle import graph_spec
+
+    rows = Profile((1, 1, 4)).shapes(graph_spec("text_encoder", 768))["input_ids"]
+    assert rows == {"min": [1, 77], "opt": [2, 77], "max": [8, 77]}
 
 
 def run(*args):
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--min-size", "100"], "--min-size must be a multiple of 8"),
-    (["--min-size", "512", "--max-size", "256"], "--min-size 512 is larger than --max-size 256"),
-    (["--max-batch", "0"], "--max-batch must be an integer >= 1"),
-    (["--max-size", "128"], "default size 256x256 is outside the profile 64..128 (--max-size"),
+@pytest.mark.parametrize("flags, message, before_load", [
+    (["--min-size", "100"], "--min-size must be a multiple of 8", True),
+    (["--min-size", "512", "--max-size", "256"], "--min-size 512 is larger than --max-size 256",
+     True),
+    (["--max-batch", "0"], "--max-batch must be an integer in [1, 64]", True),
+    (["--max-size", "99999"], "--max-size must be a multiple of 8 in [8, 8192]", True),
+    (["--max-size", "128"], "--max-size 128 is below the model's default size 256x256", False),
 ])
-def test_export_refuses_bad_profiles_in_one_line(tmp_path, flags, message):
+def test_export_refuses_bad_profiles_in_one_line(tmp_path, flags, message, before_load):
     pytest.importorskip("torch")
     out = run("-m", "export", "--model", "demo", "--out", str(tmp_path / "b"), *flags)
     lines = out.stderr.splitlines()  # progress lines (loaded ...), then one error line
     assert out.returncode == 2 and sum(x.startswith("error") for x in lines) == 1, out.stderr
     assert lines[-1].startswith("error: ") and message in lines[-1], out.stderr
+    assert (len(lines) == 1) == before_load, out.stderr  # flag errors before the model loads
     assert not (tmp_path / "b").exists()
 
 
@@ -51,11 +67,11 @@ def test_a_small_model_exports_with_a_custom_profile_and_its_defaults_run(tmp_pa
     """sample_size 8 (64 px): with bounds that hold it, and with none (the 256..1024
     default widened to it, so the model's own defaults never fail)."""
     pytest.importorskip("torch")
+    import dataclasses
+
     from export.bundle_writer import export_bundle
     from export.components import build_components
     from export.errors import ExportError
-
-    import dataclasses
 
     c = build_components("demo", seed=0)
     c.unet.register_to_config(sample_size=8)
@@ -67,7 +83,7 @@ def test_a_small_model_exports_with_a_custom_profile_and_its_defaults_run(tmp_pa
     assert (m.default_height, m.default_width) == (64, 64)
     plain = read_manifest(export_bundle(c, tmp_path / "plain", safety=False)).profile
     assert plain.height == plain.width == (64, 64, 1024)
-    with pytest.raises(ExportError, match=r"default size 64x64 is outside .*\(--min-size 128\)"):
+    with pytest.raises(ExportError, match="--min-size 128 is above the model's default size 64x64"):
         export_bundle(c, tmp_path / "bad", safety=False, min_size=128)
     out = run("-m", "runtime.generate", "a red apple", "--model", str(custom), "--steps", "2",
               "--output-dir", str(tmp_path / "png"))  # no size given: the model's default
@@ -112,6 +128,11 @@ def test_a_tensorrt_plan_refuses_a_size_outside_its_profile(tmp_path, monkeypatc
         assert (f"python -m engines.build {bundle} --backend tensorrt --min-size 64 "
                 f"--max-size 320 --max-batch 2") in message
         assert len(gpu.calls("execute_async_v3")) == runs  # refused before any work
-    assert main([str(bundle), "--backend", "tensorrt", "--max-size", "320"]) == 0
+        # two prompts with guidance: 2 images, 4 texts in one text-encoder call, covered
+        assert pipe(["a", "b"], steps=1, height=64, width=64).images.shape[0] == 2
+        with pytest.raises(UsageError, match=r"3 image\(s\) per call: no .* plan .*--max-batch 3"):
+            pipe(["a", "b", "c"], steps=1, height=64, width=64)
+    assert main([str(bundle), "--backend", "tensorrt", "--max-size", "320", "--max-batch", "3"]) == 0
     with Pipeline(bundle, "tensorrt", safety=False) as pipe:
         assert pipe("x", steps=1, height=320, width=128).images.shape == (1, 320, 128, 3)
+        assert pipe(["a", "b", "c"], steps=1, height=64, width=64).images.shape[0] == 3

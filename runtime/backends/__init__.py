@@ -148,9 +148,8 @@ class EngineSet:
         from runtime.backends.openvino import OpenVinoEngine
 
         name = entry.spec.name
+        # opt: one image with guidance (the text encoder: prompt and negative prompt)
         warm = {k: tuple(row["opt"]) for k, row in manifest.profile.shapes(entry.spec).items()}
-        if name == "text_encoder":  # prompt and negative prompt in one call
-            warm["input_ids"] = (2, *warm["input_ids"][1:])
         return OpenVinoEngine(entry.spec, path, self.graph_precision(name), warm_shapes=warm)
 
     def release(self) -> None:

@@ -259,7 +259,7 @@ class TensorRTEngine(Engine):
             return f"input {name} {list(shape)} does not fit the plan's fixed shape {fixed}"
         return (f"input {name} {list(shape)} is outside the plan's profile min {lo} max {hi}; "
                 f"rebuild with `python -m engines.build BUNDLE --backend tensorrt` and a "
-                f"profile that covers it")
+                f"profile that covers it (--min-size/--max-size/--max-batch)")
 
     # --- run ------------------------------------------------------------------------------
 

@@ -71,7 +71,7 @@ class CachedTensorRTEngine(TensorRTEngine):
         return self.error(
             f"no TensorRT {trt_version()} plan for {self.device.info.model} covers these "
             f"shapes; build one with `python -m engines.build BUNDLE --backend tensorrt` "
-            f"(--static for one shape, --min/--max for a wider profile)", shapes)
+            f"(--max-size/--max-batch for a wider profile, --static for one shape)", shapes)
 
     def refuses(self, shapes: Shapes) -> str | None:
         shapes = {k: tuple(int(d) for d in v) for k, v in shapes.items()}
