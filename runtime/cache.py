@@ -263,20 +263,29 @@ def ort_cuda_key(entry: GraphEntry, ort_version: str | None = None) -> CacheKey:
                     ANY, ANY, "fp16", ANY)
 
 
-def ort_cpu_key(entry: GraphEntry, path: Path, ort_version: str | None = None) -> CacheKey:
-    """Key of ORT's saved optimized fp32 graph: hardware specific, so the ISA is in it.
+def _graph_as_found(entry: GraphEntry, path: Path) -> str:
+    """The manifest's sha256 plus the bundle file's size and mtime: hashing a multi-GB
+    graph at every start would cost what the cache saves, and a graph edited or damaged
+    after export then misses the cache instead of being served stale."""
+    st = path.stat()
+    return f"{graph_sha256(entry)}@{st.st_size}:{st.st_mtime_ns}"
 
-    Besides the manifest's sha256, the bundle file's size and mtime are in the key
-    (hashing a multi-GB graph at every start would cost what the cache saves): a graph
-    edited or damaged after export misses the cache instead of being served stale.
-    """
+
+def ort_cpu_key(entry: GraphEntry, path: Path, ort_version: str | None = None) -> CacheKey:
+    """Key of ORT's saved optimized fp32 graph: hardware specific, so the ISA is in it."""
     if ort_version is None:
         import onnxruntime
 
         ort_version = onnxruntime.__version__
-    st = path.stat()
-    graph = f"{graph_sha256(entry)}@{st.st_size}:{st.st_mtime_ns}"
-    return CacheKey(entry.spec.name, graph, "ort-cpu", ort_version, ANY, cpu.isa(), "fp32", ANY)
+    return CacheKey(entry.spec.name, _graph_as_found(entry, path), "ort-cpu", ort_version, ANY,
+                    cpu.isa(), "fp32", ANY)
+
+
+def openvino_key(entry: GraphEntry, path: Path, ov_version: str) -> CacheKey:
+    """Key of the OpenVINO IR with fp16-compressed weights that the bf16 graphs compile
+    from (a graph rewrite: device independent; the IR format follows OpenVINO's version)."""
+    return CacheKey(entry.spec.name, _graph_as_found(entry, path), "openvino", ov_version, ANY,
+                    ANY, "fp16-weights", ANY)
 
 
 def tensorrt_key(entry: GraphEntry, profile: ShapeProfile, version: str, gpu: Gpu,

@@ -95,6 +95,7 @@ class EngineSet:
         import time
 
         self.backend = backend
+        self.use_cache = use_cache
         self.cuda_graph = cuda_graph  # for the UNet, on backends that have them
         self.precision = precision  # resolved (resolve_precision); CPU: BF16_GRAPHS only
         self.device = None  # TensorRT: one stream + scratch shared by all engines
@@ -150,7 +151,14 @@ class EngineSet:
         name = entry.spec.name
         # opt: one image with guidance (the text encoder: prompt and negative prompt)
         warm = {k: tuple(row["opt"]) for k, row in manifest.profile.shapes(entry.spec).items()}
-        return OpenVinoEngine(entry.spec, path, self.graph_precision(name), warm_shapes=warm)
+        key = None
+        if self.use_cache and self.graph_precision(name) == "bf16":
+            from runtime import cache
+            from runtime.backends.openvino import version
+
+            key = cache.openvino_key(entry, path, version() or "?")
+        return OpenVinoEngine(entry.spec, path, self.graph_precision(name), warm_shapes=warm,
+                              cache_key=key)
 
     def release(self) -> None:
         """Engines first, then what they share."""
