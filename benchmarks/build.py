@@ -1,7 +1,8 @@
 """Engine build time: our side's first load into an empty engine cache.
 
-ort-cpu builds at load (ORT optimizes each graph once and saves it); tensorrt and
-ort-cuda build with `python -m engines.build` first (that path is UNTESTED here).
+tensorrt, ort-cuda and ort-cpu build with `python -m engines.build` first (ort-cpu: the
+graphs with onnxruntime's CPU fusions; tensorrt and ort-cuda UNTESTED here), then the
+first load (ort-cpu: ORT's session optimizer, saved; openvino: the fp16-weight IRs).
 The worker that runs next reuses the same cache folder, so its cold start is the
 warm-cache restart a deployment sees.
 """
@@ -23,7 +24,7 @@ def build(s: Settings, bundle: Path, log: Callable[[str], None]) -> dict:
     from runtime.pipeline import Pipeline
 
     out: dict = {"cache_dir": os.environ.get("SDRT_CACHE_DIR")}
-    if s.backend in ("tensorrt", "ort-cuda"):
+    if s.backend in ("tensorrt", "ort-cuda", "ort-cpu"):  # ort-cpu: its CPU-fused graphs
         cmd = [sys.executable, "-m", "engines.build", str(bundle), "--backend", s.backend]
         if out["cache_dir"]:
             cmd += ["--cache-dir", out["cache_dir"]]

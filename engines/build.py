@@ -44,7 +44,7 @@ from runtime.bundle import (
     verify_hashes,
 )
 
-BACKENDS = ("tensorrt", "ort-cuda")
+BACKENDS = ("tensorrt", "ort-cuda", "ort-cpu")
 DESCRIPTION = "Compile a bundle's graphs into cached backend artifacts for this machine."
 
 
@@ -199,20 +199,28 @@ def tensorrt_jobs(opts: BuildOptions, manifest: Manifest, verbose: bool) -> list
     return jobs
 
 
-def ort_cuda_jobs(opts: BuildOptions, manifest: Manifest) -> list[Job]:
+def ort_jobs(opts: BuildOptions, manifest: Manifest) -> list[Job]:
+    """ort-cuda: fp16 fused graphs; ort-cpu: fp32 graphs with the CPU fusions (the
+    runtime's ort-cpu backend prefers them when cached). Both device independent."""
     try:
         import onnx  # noqa: F401  (the optimizer needs it)
         import onnxruntime
         from onnxruntime.transformers import optimizer  # noqa: F401
     except ImportError as e:
-        raise UsageError(f"cannot build ORT CUDA graphs here: {e.name} is not installed "
-                         f"(pip install onnx onnxruntime-gpu)") from None
-    from engines.ort_cuda import optimize_fp16
+        raise UsageError(f"cannot build ONNX Runtime graphs here: {e.name} is not installed "
+                         f"(pip install onnx onnxruntime)") from None
+    from engines.ort_cuda import optimize_fp16, optimize_fp32_cpu
 
-    providers = onnxruntime.get_available_providers()
-    where = "CUDA available" if "CUDAExecutionProvider" in providers else "no CUDA here; " \
-        "the graphs are device independent and run wherever onnxruntime-gpu does"
-    print(f"onnxruntime {onnxruntime.__version__} transformers optimizer, fp16 ({where})")
+    cpu = opts.backend == "ort-cpu"
+    if cpu:
+        print(f"onnxruntime {onnxruntime.__version__} transformers optimizer, fp32, CPU fusions")
+    else:
+        providers = onnxruntime.get_available_providers()
+        where = "CUDA available" if "CUDAExecutionProvider" in providers else "no CUDA here; " \
+            "the graphs are device independent and run wherever onnxruntime-gpu does"
+        print(f"onnxruntime {onnxruntime.__version__} transformers optimizer, fp16 ({where})")
+    optimize = optimize_fp32_cpu if cpu else optimize_fp16
+    key = cache.ort_cpu_fused_key if cpu else cache.ort_cuda_key
     jobs: list[Job] = []
     for name in opts.graphs:
         entry = manifest.graphs[name]
@@ -220,11 +228,11 @@ def ort_cuda_jobs(opts: BuildOptions, manifest: Manifest) -> list[Job]:
 
         def build(folder: Path, onnx_path: Path = onnx_path, name: str = name,
                   external: bool = entry.external_data is not None) -> Path:
-            return optimize_fp16(onnx_path, folder, name, external,
-                                 lambda msg: print(f"warning: {msg}", file=sys.stderr),
-                                 lambda msg: print(msg, flush=True))
+            return optimize(onnx_path, folder, name, external,
+                            lambda msg: print(f"warning: {msg}", file=sys.stderr),
+                            lambda msg: print(msg, flush=True))
 
-        jobs.append((name, cache.ort_cuda_key(entry, onnxruntime.__version__), build))
+        jobs.append((name, key(entry, onnxruntime.__version__), build))
     return jobs
 
 
@@ -242,7 +250,7 @@ def run(opts: BuildOptions, verbose: bool = False) -> int:
     """Build (or, with no_build, check) every requested graph; the CLI's exit code."""
     manifest = read_manifest(opts.bundle)
     jobs = (tensorrt_jobs(opts, manifest, verbose) if opts.backend == "tensorrt"
-            else ort_cuda_jobs(opts, manifest))
+            else ort_jobs(opts, manifest))
     missing = []
     for i, (name, key, build) in enumerate(jobs, 1):
         tag = f"[{i}/{len(jobs)}] {name}"

@@ -1,4 +1,4 @@
-"""ONNX -> fp16, fused ONNX Runtime graph for the `ort-cuda` backend.
+"""ONNX -> fused ONNX Runtime graphs: fp16 for `ort-cuda`, fp32 for `ort-cpu`.
 
 As onnxruntime's own Stable Diffusion tool (onnxruntime/transformers/models/
 stable_diffusion/optimize_pipeline.py): `optimize_model(model_type=unet|clip|vae,
@@ -9,6 +9,11 @@ takes the same host arrays (runtime.engine); the cost is one Cast per I/O tensor
 
 The result is device independent, so it builds on any machine with onnxruntime,
 GPU or not; its cache key carries the onnxruntime major.minor (runtime.cache.ort_cuda_key).
+
+For `ort-cpu` (`optimize_fp32_cpu`) the same fusions run without the CUDA-only ones
+(NhwcConv, GroupNorm, BiasSplitGelu, BiasAdd, packed QKV/KV, which have no CPU kernels)
+and without fp16: attention becomes MultiHeadAttention, whose CPU kernel does not keep
+the 4096 x 4096 score matrices of the 512x512 UNet the unfused graph materialises.
 """
 
 from __future__ import annotations
@@ -94,10 +99,15 @@ def _unsupported_bias_split_gelu(model: Any) -> list[int]:
     return widths
 
 
+CUDA_ONLY = ("enable_nhwc_conv", "enable_group_norm", "enable_skip_group_norm",
+             "enable_bias_splitgelu", "enable_packed_qkv", "enable_packed_kv", "enable_bias_add")
+
+
 def _optimize(onnx_path: Path, model_type: str, attention: bool,
-              bias_split_gelu: bool = True) -> Any:
-    """`optimize_model(opt_level=0, use_gpu=True)` (Python fusions only, no ORT session),
-    with the UNet class from `_unet_model_class` (optimizer.py optimize_by_fusion)."""
+              bias_split_gelu: bool = True, cpu: bool = False) -> Any:
+    """`optimize_model(opt_level=0, use_gpu=not cpu)` (Python fusions only, no ORT
+    session), with the UNet class from `_unet_model_class` (optimizer.py
+    optimize_by_fusion); `cpu` leaves out the fusions only CUDA can run."""
     import onnx
     import onnxruntime
     from onnxruntime.transformers.fusion_options import FusionOptions
@@ -106,6 +116,8 @@ def _optimize(onnx_path: Path, model_type: str, attention: bool,
     options = FusionOptions(model_type)
     options.enable_attention = attention
     options.enable_bias_splitgelu = bias_split_gelu
+    for name in CUDA_ONLY if cpu else ():
+        setattr(options, name, False)
     model_class = _unet_model_class() if model_type == "unet" else MODEL_TYPES[model_type][0]
     model = model_class(onnx.load_model(str(onnx_path)), 0, 0)  # heads, hidden: from the graph
     model.optimize(options)
@@ -121,6 +133,18 @@ def optimize_fp16(onnx_path: Path, out_dir: Path, graph: str, external: bool,
     """Write `out_dir/<graph>.onnx` (+ `<graph>.onnx.data` when `external`, as for a
     source graph that had external data) and return its path. `log` gets one line
     counting the fused operators (MultiHeadAttention, GroupNorm, ...)."""
+    return _write(onnx_path, out_dir, graph, external, warn, log, cpu=False)
+
+
+def optimize_fp32_cpu(onnx_path: Path, out_dir: Path, graph: str, external: bool,
+                      warn: Callable[[str], None] = print,
+                      log: Callable[[str], None] | None = None) -> Path:
+    """As optimize_fp16, for ONNX Runtime's CPU provider: fp32, CPU fusions only."""
+    return _write(onnx_path, out_dir, graph, external, warn, log, cpu=True)
+
+
+def _write(onnx_path: Path, out_dir: Path, graph: str, external: bool,
+           warn: Callable[[str], None], log: Callable[[str], None] | None, cpu: bool) -> Path:
     model_type = MODEL_TYPES[graph]
     quiet = logging.getLogger("onnxruntime.transformers")
     level = quiet.level
@@ -128,7 +152,7 @@ def optimize_fp16(onnx_path: Path, out_dir: Path, graph: str, external: bool,
     try:
         failed = None
         try:
-            model = _optimize(onnx_path, model_type, attention=True)
+            model = _optimize(onnx_path, model_type, attention=True, cpu=cpu)
         except (TypeError, ValueError, IndexError) as e:
             # the attention pattern matcher is the fragile part (numpy 2.4 broke it once,
             # see _heads_fix): a graph without that fusion still runs, slower
@@ -136,8 +160,8 @@ def optimize_fp16(onnx_path: Path, out_dir: Path, graph: str, external: bool,
         if failed is not None:  # outside the except: the first try's graph is freed
             warn(f"{graph}: onnxruntime's attention fusion failed ({failed}); built without "
                  f"it (slower attention)")
-            model = _optimize(onnx_path, model_type, attention=False)
-        if _unsupported_bias_split_gelu(model):  # a narrow model: fuse all but that
+            model = _optimize(onnx_path, model_type, attention=False, cpu=cpu)
+        if not cpu and _unsupported_bias_split_gelu(model):  # a narrow model: all but that
             del model  # not two graphs in memory at once
             model = _optimize(onnx_path, model_type, attention=failed is None,
                               bias_split_gelu=False)
@@ -145,7 +169,8 @@ def optimize_fp16(onnx_path: Path, out_dir: Path, graph: str, external: bool,
             fused = {k: v for k, v in model.get_fused_operator_statistics().items() if v}
             log(f"{graph}: fused " + (", ".join(f"{v} {k}" for k, v in sorted(fused.items()))
                                       or "nothing"))
-        model.convert_float_to_float16(keep_io_types=True)
+        if not cpu:
+            model.convert_float_to_float16(keep_io_types=True)
     finally:
         quiet.setLevel(level)
     out = out_dir / f"{graph}.onnx"

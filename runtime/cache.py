@@ -29,7 +29,7 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -271,14 +271,22 @@ def _graph_as_found(entry: GraphEntry, path: Path) -> str:
     return f"{graph_sha256(entry)}@{st.st_size}:{st.st_mtime_ns}"
 
 
-def ort_cpu_key(entry: GraphEntry, path: Path, ort_version: str | None = None) -> CacheKey:
-    """Key of ORT's saved optimized fp32 graph: hardware specific, so the ISA is in it."""
+def ort_cpu_key(entry: GraphEntry, path: Path, ort_version: str | None = None,
+                fused: bool = False) -> CacheKey:
+    """Key of ORT's saved optimized fp32 graph: hardware specific, so the ISA is in it.
+    `fused`: optimized from engines.build's fused graph (ort_cpu_fused_key), not the bundle's."""
     if ort_version is None:
         import onnxruntime
 
         ort_version = onnxruntime.__version__
     return CacheKey(entry.spec.name, _graph_as_found(entry, path), "ort-cpu", ort_version, ANY,
-                    cpu.isa(), "fp32", ANY)
+                    cpu.isa(), "fp32-fused" if fused else "fp32", ANY)
+
+
+def ort_cpu_fused_key(entry: GraphEntry, ort_version: str | None = None) -> CacheKey:
+    """Key of the fp32 graph with onnxruntime's CPU fusions (engines.build --backend
+    ort-cpu): a graph rewrite, device independent, as ort_cuda_key's."""
+    return replace(ort_cuda_key(entry, ort_version), backend="ort-cpu", precision="fp32-fusions")
 
 
 def openvino_key(entry: GraphEntry, path: Path, ov_version: str) -> CacheKey:

@@ -110,11 +110,11 @@ def test_attention_fusion_failure_falls_back_with_a_warning(built, tmp_path, mon
     real = ort_cuda._optimize
     calls = []
 
-    def flaky(path, model_type, attention, bias_split_gelu=True):
+    def flaky(path, model_type, attention, bias_split_gelu=True, cpu=False):
         calls.append(attention)
         if attention:
             raise TypeError("only 0-dimensional arrays can be converted to Python scalars")
-        return real(path, model_type, attention, bias_split_gelu)
+        return real(path, model_type, attention, bias_split_gelu, cpu)
 
     monkeypatch.setattr(ort_cuda, "_optimize", flaky)
     warnings = []

@@ -191,3 +191,24 @@ def test_a_size_outside_the_profile_matches_diffusers(demo_components):
     with Pipeline(demo_bundle(), "ort-cpu", safety=False) as pipe:
         assert pipe.manifest.profile.height[0] > 40
         compare(pipe(PROMPT, steps=3, seed=6, height=40, width=56).images, ref)
+
+
+def test_ort_cpu_with_the_cpu_fused_graphs_matches_diffusers(demo_components, tmp_path,
+                                                              monkeypatch, capsys):
+    """engines.build --backend ort-cpu: onnxruntime's CPU fusions (attention as
+    Attention/MultiHeadAttention, LayerNorm, no CUDA-only ops), picked up by the ort-cpu
+    backend, within 2/255 of diffusers like the unfused graphs."""
+    from engines.build import main
+
+    monkeypatch.setenv("SDRT_CACHE_DIR", str(tmp_path))
+    assert main(["demo", "--backend", "ort-cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "unet: fused 4 Attention, 4 LayerNormalization, 4 MultiHeadAttention" in out
+    for cuda_only in ("GroupNorm", "BiasSplitGelu", "NhwcConv", "BiasAdd"):
+        assert cuda_only not in out
+    ref, _ = cached_reference(demo_components, demo_bundle(), "pndm", True, PROMPT, "", 10,
+                              7.5, 3)
+    with Pipeline(demo_bundle(), "ort-cpu") as pipe:
+        assert all(g.cache == "built from the CPU-fused graph"
+                   for g in pipe.load_report.graphs.values())
+        compare(pipe(PROMPT, steps=10, guidance_scale=7.5, seed=3).images, ref)

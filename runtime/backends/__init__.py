@@ -132,12 +132,15 @@ class EngineSet:
         from runtime import cache
         from runtime.backends.ort import OrtEngine
 
-        key = None
-        if use_cache:
-            key = (cache.ort_cpu_key(entry, path) if self.backend == "ort-cpu"
-                   else cache.ort_cuda_key(entry))
+        key, fused = None, None
+        if use_cache and self.backend == "ort-cpu":
+            # engines.build --backend ort-cpu's graph with the CPU fusions, when built
+            fused = cache.lookup(cache.ort_cpu_fused_key(entry), verify=False)
+            key = cache.ort_cpu_key(entry, fused or path, fused=fused is not None)
+        elif use_cache:
+            key = cache.ort_cuda_key(entry)
         return OrtEngine(entry.spec, path, self.backend, cache_key=key,
-                         cuda_graph=self.cuda_graph and name == "unet")
+                         cuda_graph=self.cuda_graph and name == "unet", source=fused)
 
     def graph_precision(self, name: str) -> str:
         return self.precision if self.precision != "bf16" or name in BF16_GRAPHS else "fp32"

@@ -38,7 +38,7 @@ import numpy as np
 
 from runtime import cache
 from runtime.bundle import GraphSpec
-from runtime.engine import Engine, Shapes
+from runtime.engine import Engine, Shapes, first_line
 
 # ours -> (INFERENCE_PRECISION_HINT to ask, the element type it reads back as)
 PRECISIONS = {"fp32": ("f32", "'float32'"), "bf16": ("bf16", "'bfloat16'")}
@@ -120,7 +120,7 @@ class OpenVinoEngine(Engine):
                 ir = self._cached_ir(rebuild=True)  # a damaged IR of the right size
                 self.model = self.core.read_model(str(ir or self.path))
         except Exception as e:  # OpenVINO raises RuntimeError subclasses of its own
-            raise self.error(f"cannot load {self.path}: {str(e).splitlines()[0]}",
+            raise self.error(f"cannot load {self.path}: {first_line(e)}",
                              unreadable=True) from None
         self.check_io([t.get_any_name() for t in self.model.inputs],
                       [t.get_any_name() for t in self.model.outputs])
@@ -158,7 +158,7 @@ class OpenVinoEngine(Engine):
             try:
                 found = _Compiled(self.core, self.model, self.spec, shapes, config)
             except Exception as e:
-                raise self.error(f"cannot compile: {str(e).splitlines()[0]}", shapes) from None
+                raise self.error(f"cannot compile: {first_line(e)}", shapes) from None
             self.compile_seconds += time.perf_counter() - t
             # OpenVINO ignores a precision the CPU cannot run (bf16 on AVX2): never report
             # a precision that did not run
@@ -181,7 +181,7 @@ class OpenVinoEngine(Engine):
             current.request.start_async()
             current.request.wait()
         except Exception as e:
-            raise self.error(f"run failed: {str(e).splitlines()[0]}") from None
+            raise self.error(f"run failed: {first_line(e)}") from None
         return current.outputs
 
     def _release(self) -> None:

@@ -20,7 +20,7 @@ import onnxruntime as ort
 from runtime import cache
 from runtime.backends.ort_cuda import MAX_GRAPHS, DeviceBinding, DeviceBindings, provider_options
 from runtime.bundle import GraphSpec
-from runtime.engine import Engine
+from runtime.engine import Engine, first_line
 
 PROVIDERS = {"ort-cpu": "CPUExecutionProvider", "ort-cuda": "CUDAExecutionProvider"}
 
@@ -56,8 +56,12 @@ class OrtEngine(Engine):
 
     def __init__(self, spec: GraphSpec, path: Path, backend: str = "ort-cpu",
                  cache_key: cache.CacheKey | None = None,
-                 cuda_graph: bool = False, max_graphs: int = MAX_GRAPHS):
+                 cuda_graph: bool = False, max_graphs: int = MAX_GRAPHS,
+                 source: Path | None = None):
+        """`source` (ort-cpu): the graph to optimize and run instead of the bundle's
+        `path`, e.g. engines.build's graph with onnxruntime's CPU fusions."""
         super().__init__(spec, path)
+        self.source = Path(source) if source is not None else self.path
         if backend not in PROVIDERS:
             raise ValueError(f"unknown ONNX Runtime backend {backend!r}")
         self.backend = backend
@@ -80,7 +84,7 @@ class OrtEngine(Engine):
     def _optimize_into(self, folder: Path) -> Path:
         """Run ORT's optimizer on the bundle graph and save the result into `folder`."""
         out = folder / self.path.name
-        ort.InferenceSession(str(self.path), session_options(optimized_out=out),
+        ort.InferenceSession(str(self.source), session_options(optimized_out=out),
                              providers=[PROVIDERS[self.backend]])
         return out
 
@@ -94,7 +98,8 @@ class OrtEngine(Engine):
             if self.cache_key.backend != "ort-cpu":  # ort-cuda graphs come from engines.build
                 self.cache_status = "hit" if found else "miss (fp32 bundle graph)"
                 return found
-            self.cache_status = "hit" if found else ("rebuilt" if rebuild else "built")
+            self.cache_status = ("hit" if found else ("rebuilt" if rebuild else "built")) + (
+                " from the CPU-fused graph" if self.source != self.path else "")
             return found or cache.store(self.cache_key, self._optimize_into, force=rebuild)
         except OSError as e:  # read-only or full cache folder: run without the cache
             self.cache_status = f"off ({e.strerror or e})"
@@ -113,7 +118,7 @@ class OrtEngine(Engine):
                     (PROVIDERS[self.backend], provider_options(cuda_graph=True))])
             except Exception as e:  # e.g. nodes left on the CPU: no graph possible
                 self.cuda_graph = False
-                self.cuda_graph_status = f"off ({str(e).splitlines()[0][:160]})"
+                self.cuda_graph_status = f"off ({first_line(e)[:160]})"
         return ort.InferenceSession(str(path), options, providers=[
             (PROVIDERS[self.backend], provider_options(cuda_graph=False))])
 
@@ -122,17 +127,21 @@ class OrtEngine(Engine):
         try:
             cached = self._cached_graph()  # building it fails on a damaged bundle graph too
             try:
-                self.session = self._session(cached or self.path, cached is not None)
+                self.session = self._session(cached or self.source, cached is not None)
             except Exception:
                 if cached is None or self.backend != "ort-cpu":
                     raise
-                # a damaged cache entry of the right size: rebuild it once from the bundle
+                # a damaged cache entry of the right size: rebuild it once from the source
                 cached = self._cached_graph(rebuild=True)
-                self.session = self._session(cached or self.path, cached is not None)
+                self.session = self._session(cached or self.source, cached is not None)
         except Exception as e:  # ORT raises its own Fail/InvalidGraph types
             # on the CPU nothing but the graph can fail a session; on CUDA the device can
-            raise self.error(f"cannot load {self.path}: {str(e).splitlines()[0]}",
-                             unreadable=not self.on_device) from None
+            fix = ("" if self.source == self.path else "; rebuild it with `python -m "
+                   "engines.build BUNDLE --backend ort-cpu --force`")
+            err = self.error(f"cannot load {self.source}: {first_line(e)}{fix}",
+                             unreadable=not self.on_device)
+            err.source = self.source
+            raise err from None
         if provider not in self.session.get_providers():  # ORT falls back silently
             raise self.error(f"{provider} is not active (got {self.session.get_providers()})")
         self.check_io([t.name for t in self.session.get_inputs()],
@@ -148,7 +157,7 @@ class OrtEngine(Engine):
             try:
                 self.current = self.device.get(shapes)
             except Exception as e:  # out of device memory, most likely
-                raise self.error(f"cannot allocate: {str(e).splitlines()[0]}", shapes) from None
+                raise self.error(f"cannot allocate: {first_line(e)}", shapes) from None
             return
         binding = self.session.io_binding()
         self.inputs, self.outputs = {}, {}
@@ -176,7 +185,7 @@ class OrtEngine(Engine):
                 return self.current.run(self.session)
             self.session.run_with_iobinding(self.binding)
         except Exception as e:
-            raise self.error(f"run failed: {str(e).splitlines()[0]}") from None
+            raise self.error(f"run failed: {first_line(e)}") from None
         return self.outputs
 
     def _release(self) -> None:
