@@ -1,10 +1,11 @@
 """Compile a bundle's graphs into cached backend artifacts for this machine.
 
     python -m engines.build BUNDLE --backend tensorrt [--static | --dynamic]
+        [--min-size PX] [--max-size PX] [--max-batch N]
         [--min BxHxW] [--opt BxHxW] [--max BxHxW] [--workspace-gb 4] [--opt-level 3]
         [--timing-cache PATH] [--refit] [--graphs unet,vae_decoder]
         [--no-build] [--force] [--cache-dir DIR]
-    python -m engines.build BUNDLE --backend ort-cuda [--cache-dir DIR]
+    python -m engines.build BUNDLE --backend ort-cuda|ort-cpu [--cache-dir DIR]
 
 TensorRT: FP16 plans, one optimization profile each. `--dynamic` (the default) uses
 the manifest's min/opt/max batch and image size unless flags override them;
@@ -12,7 +13,8 @@ the manifest's min/opt/max batch and image size unless flags override them;
 default size, i.e. 512x512 for v1.x, UNet batch 2 for guidance), the fastest plan for
 that one shape; the text encoder stays dynamic (engines/shapes.py says why). Static and
 dynamic plans live side by side in the cache; the runtime prefers the static plan
-for exactly its shapes. ort-cuda: fp16 fused ONNX graphs (engines/ort_cuda.py).
+for exactly its shapes. ort-cuda: fp16 fused ONNX graphs; ort-cpu: fp32 graphs with
+the CPU fusions (engines/ort_cuda.py).
 
 Artifacts go to the engine cache (runtime/cache.py) under a key of graph hash, backend
 and version, GPU and compute capability, precision and profile, so a plan is never
@@ -220,7 +222,6 @@ def ort_jobs(opts: BuildOptions, manifest: Manifest) -> list[Job]:
             "the graphs are device independent and run wherever onnxruntime-gpu does"
         print(f"onnxruntime {onnxruntime.__version__} transformers optimizer, fp16 ({where})")
     optimize = optimize_fp32_cpu if cpu else optimize_fp16
-    key = cache.ort_cpu_fused_key if cpu else cache.ort_cuda_key
     jobs: list[Job] = []
     for name in opts.graphs:
         entry = manifest.graphs[name]
@@ -232,7 +233,8 @@ def ort_jobs(opts: BuildOptions, manifest: Manifest) -> list[Job]:
                             lambda msg: print(f"warning: {msg}", file=sys.stderr),
                             lambda msg: print(msg, flush=True))
 
-        jobs.append((name, key(entry, onnxruntime.__version__), build))
+        jobs.append((name, cache.ort_cpu_fused_key(entry, onnx_path, onnxruntime.__version__)
+                     if cpu else cache.ort_cuda_key(entry, onnxruntime.__version__), build))
     return jobs
 
 

@@ -283,10 +283,12 @@ def ort_cpu_key(entry: GraphEntry, path: Path, ort_version: str | None = None,
                     cpu.isa(), "fp32-fused" if fused else "fp32", ANY)
 
 
-def ort_cpu_fused_key(entry: GraphEntry, ort_version: str | None = None) -> CacheKey:
+def ort_cpu_fused_key(entry: GraphEntry, path: Path, ort_version: str | None = None) -> CacheKey:
     """Key of the fp32 graph with onnxruntime's CPU fusions (engines.build --backend
-    ort-cpu): a graph rewrite, device independent, as ort_cuda_key's."""
-    return replace(ort_cuda_key(entry, ort_version), backend="ort-cpu", precision="fp32-fusions")
+    ort-cpu): a graph rewrite, device independent, as ort_cuda_key's; the bundle file as
+    found (`path`) is in it, so an edited graph is not served its old fusion."""
+    return replace(ort_cuda_key(entry, ort_version), backend="ort-cpu", precision="fp32-fusions",
+                   graph_sha256=_graph_as_found(entry, path))
 
 
 def openvino_key(entry: GraphEntry, path: Path, ov_version: str) -> CacheKey:

@@ -143,3 +143,18 @@ def test_ort_cpu_cache_unwritable_or_damaged(tmp_path, monkeypatch):
     with Pipeline("demo", "ort-cpu", log=lines.append) as pipe:
         assert pipe("x", steps=1, seed=0).images.shape[0] == 1
     assert any("unet: loaded" in x and "engine cache: rebuilt" in x for x in lines), lines
+
+
+def test_a_damaged_cpu_fused_graph_runs_the_bundles_graph_and_says_so(tmp_path, monkeypatch):
+    """engines.build --backend ort-cpu's graph, damaged at the same size: ort-cpu runs the
+    bundle's own graph (uncached) and the load report names the rebuild."""
+    from engines.build import main
+
+    monkeypatch.setenv("SDRT_CACHE_DIR", str(tmp_path))
+    assert main(["demo", "--backend", "ort-cpu", "--graphs", "unet"]) == 0
+    [fused] = (tmp_path / "ort-cpu").glob("unet-*/unet.onnx")
+    fused.write_bytes(b"\0" * fused.stat().st_size)
+    with Pipeline("demo", "ort-cpu", safety=False) as pipe:
+        status = pipe.load_report.graphs["unet"].cache
+        assert status.startswith("off (the CPU-fused graph failed") and "--force" in status
+        assert pipe("x", steps=1, seed=0).images.shape[0] == 1

@@ -8,6 +8,7 @@ state they share (TensorRT's device: stream + scratch), released in one place.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -135,7 +136,8 @@ class EngineSet:
         key, fused = None, None
         if use_cache and self.backend == "ort-cpu":
             # engines.build --backend ort-cpu's graph with the CPU fusions, when built
-            fused = cache.lookup(cache.ort_cpu_fused_key(entry), verify=False)
+            with contextlib.suppress(OSError):  # an unreadable cache: the bundle's graph
+                fused = cache.lookup(cache.ort_cpu_fused_key(entry, path), verify=False)
             key = cache.ort_cpu_key(entry, fused or path, fused=fused is not None)
         elif use_cache:
             key = cache.ort_cuda_key(entry)

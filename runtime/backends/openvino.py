@@ -132,9 +132,10 @@ class OpenVinoEngine(Engine):
         try:
             found = None if rebuild else cache.lookup(self.cache_key, verify=False)  # sizes
             self.cache_status = "hit" if found else ("rebuilt" if rebuild else "built")
-            return found or cache.store(self.cache_key, self._write_ir, force=rebuild)
-        except OSError as e:  # read-only or full cache folder: compile from the ONNX
-            self.cache_status = f"off ({e.strerror or e})"
+            # rebuild: store's sha256 check under the lock keeps another process's rebuild
+            return found or cache.store(self.cache_key, self._write_ir)
+        except Exception as e:  # unwritable or full cache (OpenVINO raises RuntimeError)
+            self.cache_status = f"off ({first_line(e)[:120]}); compiled from the ONNX"
             return None
 
     def _write_ir(self, folder: Path) -> Path:

@@ -100,7 +100,9 @@ class OrtEngine(Engine):
                 return found
             self.cache_status = ("hit" if found else ("rebuilt" if rebuild else "built")) + (
                 " from the CPU-fused graph" if self.source != self.path else "")
-            return found or cache.store(self.cache_key, self._optimize_into, force=rebuild)
+            # rebuild: store's own sha256 check under the lock finds another process's
+            # fresh rebuild intact instead of building (and replacing) it again
+            return found or cache.store(self.cache_key, self._optimize_into)
         except OSError as e:  # read-only or full cache folder: run without the cache
             self.cache_status = f"off ({e.strerror or e})"
             return None
@@ -125,23 +127,28 @@ class OrtEngine(Engine):
     def _load(self) -> None:
         provider = PROVIDERS[self.backend]
         try:
-            cached = self._cached_graph()  # building it fails on a damaged bundle graph too
             try:
-                self.session = self._session(cached or self.source, cached is not None)
-            except Exception:
-                if cached is None or self.backend != "ort-cpu":
+                cached = self._cached_graph()  # building it fails on a damaged source too
+                try:
+                    self.session = self._session(cached or self.source, cached is not None)
+                except Exception:
+                    if cached is None or self.backend != "ort-cpu":
+                        raise
+                    # a damaged cache entry of the right size: rebuild it once from the source
+                    cached = self._cached_graph(rebuild=True)
+                    self.session = self._session(cached or self.source, cached is not None)
+            except Exception as e:
+                if self.source == self.path:
                     raise
-                # a damaged cache entry of the right size: rebuild it once from the source
-                cached = self._cached_graph(rebuild=True)
-                self.session = self._session(cached or self.source, cached is not None)
+                # the CPU-fused graph (engines.build) is unusable: the bundle's, uncached
+                self.cache_status = (f"off (the CPU-fused graph failed: {first_line(e)[:120]}; "
+                                     f"rebuild it with engines.build --backend ort-cpu --force)")
+                self.source, self.cache_key = self.path, None
+                self.session = self._session(self.path, False)
         except Exception as e:  # ORT raises its own Fail/InvalidGraph types
             # on the CPU nothing but the graph can fail a session; on CUDA the device can
-            fix = ("" if self.source == self.path else "; rebuild it with `python -m "
-                   "engines.build BUNDLE --backend ort-cpu --force`")
-            err = self.error(f"cannot load {self.source}: {first_line(e)}{fix}",
-                             unreadable=not self.on_device)
-            err.source = self.source
-            raise err from None
+            raise self.error(f"cannot load {self.path}: {first_line(e)}",
+                             unreadable=not self.on_device) from None
         if provider not in self.session.get_providers():  # ORT falls back silently
             raise self.error(f"{provider} is not active (got {self.session.get_providers()})")
         self.check_io([t.name for t in self.session.get_inputs()],
