@@ -248,6 +248,24 @@ def store(key: CacheKey, build: Callable[[Path], Path], cache_dir: Path | None =
     return final / main.name
 
 
+def fetch(key: CacheKey, build: Callable[[Path], Path], rebuild: bool = False
+          ) -> tuple[Path | None, str]:
+    """(artifact, what happened) for an artifact the runtime builds on first use (ORT's
+    optimized CPU graph, OpenVINO's fp16 IR): "hit", else built now ("built", or
+    "rebuilt" when the caller found the cached one damaged), or (None, "off (why)") when
+    the cache folder cannot be used (read-only, full): the caller runs without it. A hit
+    checks sizes only (hashing a multi-GB artifact at every start would cost what the
+    cache saves); a rebuild does not force, so `store`'s sha256 check under the lock
+    keeps a rebuild another process has just finished."""
+    try:
+        found = None if rebuild else lookup(key, verify=False)
+        if found is not None:
+            return found, "hit"
+        return store(key, build), "rebuilt" if rebuild else "built"
+    except OSError as e:
+        return None, f"off ({e.strerror or e})"
+
+
 def ort_cuda_key(entry: GraphEntry, ort_version: str | None = None) -> CacheKey:
     """Key of the fp16 fused ONNX Runtime CUDA graph of one bundle graph.
 

@@ -443,8 +443,9 @@ class Pipeline:
         state = sched.new_state(shape, rng)  # after the draw: Euler ancestral continues rng
 
         unet = self.engines["unet"]
-        unet.allocate(self.graph_shapes(req)["unet"])
-        n = 2 * b if req.cfg else b  # UNet batch: [uncond; cond] with guidance
+        unet_shapes = self.graph_shapes(req)["unet"]
+        unet.allocate(unet_shapes)
+        n = unet_shapes["sample"][0]  # UNet batch: [uncond; cond] with guidance, 2B
         unet.set_constant("encoder_hidden_states",
                           np.concatenate([uncond, cond]) if req.cfg else cond)  # [N, 77, C]
         sample = np.empty((n, *shape[1:]), np.float32)  # [N, 4, h, w]

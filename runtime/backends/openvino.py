@@ -129,20 +129,17 @@ class OpenVinoEngine(Engine):
         """The fp16-weight IR to compile from (None: the bundle's ONNX); sets cache_status."""
         if self.cache_key is None:
             return None
-        try:
-            found = None if rebuild else cache.lookup(self.cache_key, verify=False)  # sizes
-            self.cache_status = "hit" if found else ("rebuilt" if rebuild else "built")
-            # rebuild: store's sha256 check under the lock keeps another process's rebuild
-            return found or cache.store(self.cache_key, self._write_ir)
-        except Exception as e:  # unwritable or full cache (OpenVINO raises RuntimeError)
-            self.cache_status = f"off ({first_line(e)[:120]}); compiled from the ONNX"
-            return None
+        found, self.cache_status = cache.fetch(self.cache_key, self._write_ir, rebuild)
+        return found
 
     def _write_ir(self, folder: Path) -> Path:
         import openvino as ov
 
         out = folder / f"{self.name}.xml"  # + .bin, the weights in fp16
-        ov.save_model(self.core.read_model(str(self.path)), str(out), compress_to_fp16=True)
+        try:
+            ov.save_model(self.core.read_model(str(self.path)), str(out), compress_to_fp16=True)
+        except RuntimeError as e:  # a full disk, or a graph it cannot read: no IR, the ONNX
+            raise OSError(f"cannot write the fp16 IR: {first_line(e)[:120]}") from None
         return out
 
     def _allocate(self, shapes: dict[str, tuple[int, ...]]) -> None:

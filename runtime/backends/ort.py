@@ -92,20 +92,18 @@ class OrtEngine(Engine):
         """The cached graph to load (None: use the bundle's); sets cache_status."""
         if self.cache_key is None:
             return None
-        try:
-            # sizes only: hashing a multi-GB graph would cost the time the cache saves
-            found = None if rebuild else cache.lookup(self.cache_key, verify=False)
-            if self.cache_key.backend != "ort-cpu":  # ort-cuda graphs come from engines.build
-                self.cache_status = "hit" if found else "miss (fp32 bundle graph)"
-                return found
-            self.cache_status = ("hit" if found else ("rebuilt" if rebuild else "built")) + (
-                " from the CPU-fused graph" if self.source != self.path else "")
-            # rebuild: store's own sha256 check under the lock finds another process's
-            # fresh rebuild intact instead of building (and replacing) it again
-            return found or cache.store(self.cache_key, self._optimize_into)
-        except OSError as e:  # read-only or full cache folder: run without the cache
-            self.cache_status = f"off ({e.strerror or e})"
-            return None
+        if self.cache_key.backend != "ort-cpu":  # ort-cuda graphs come from engines.build
+            try:
+                found = cache.lookup(self.cache_key, verify=False)  # sizes only
+            except OSError as e:
+                found, self.cache_status = None, f"off ({e.strerror or e})"
+                return None
+            self.cache_status = "hit" if found else "miss (fp32 bundle graph)"
+            return found
+        found, self.cache_status = cache.fetch(self.cache_key, self._optimize_into, rebuild)
+        if found is not None and self.source != self.path:
+            self.cache_status += " from the CPU-fused graph"
+        return found
 
     def _session(self, path: Path, optimized: bool) -> ort.InferenceSession:
         # ort-cpu's cached graph is already optimized for this CPU; ort-cuda's fp16
