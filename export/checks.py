@@ -34,9 +34,22 @@ def check_out(out: str | os.PathLike, force: bool) -> None:
         raise ExportError(f"{out} exists and is not a folder; choose another --out")
     if not force:
         raise ExportError(f"{out} already exists; pass --force to replace it")
-    if any(out.iterdir()) and not (out / MANIFEST).is_file():
-        raise ExportError(f"{out} is a non-empty folder without {MANIFEST} (not a bundle); "
-                          f"refusing to replace it, choose another --out")
+    if any(out.iterdir()) and not _is_bundle(out):
+        raise ExportError(f"{out} is a non-empty folder that is not a bundle (no {MANIFEST} "
+                          f"of ours); refusing to replace it, choose another --out")
+
+
+def _is_bundle(folder: Path) -> bool:
+    """Whether `folder` holds one of our manifests (not just any manifest.json, say a web
+    app's): a JSON object with our format_version and graphs, read with a size cap."""
+    path = folder / MANIFEST
+    try:
+        if not path.is_file() or path.stat().st_size > 1 << 20:
+            return False
+        d = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return False
+    return isinstance(d, dict) and isinstance(d.get("graphs"), dict) and "format_version" in d
 
 
 def export_profile(default: int, min_size: int | None, max_size: int | None,

@@ -16,11 +16,18 @@ import numpy as np
 
 from runtime.args import OneLineParser
 from runtime.backends import BACKENDS, PRECISIONS
-from runtime.bundle import BundleError
+from runtime.bundle import LATENT_CHANNELS, VAE_FACTOR, BundleError, read_manifest, resolve_model
 from runtime.engine import EngineError
 from runtime.files import why_not_creatable, write_new_file
 from runtime.images import png_bytes
-from runtime.pipeline import Pipeline, Result, StageError, UsageError, check_settings
+from runtime.pipeline import (
+    Pipeline,
+    Result,
+    StageError,
+    UsageError,
+    check_latents,
+    check_settings,
+)
 from runtime.schedulers import SCHEDULERS
 
 
@@ -127,9 +134,16 @@ def main(argv: list[str] | None = None) -> int:
     say = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
     try:
         seed = check_settings(args.steps, args.scheduler, args.guidance_scale, args.batch_size,
-                              args.seed)  # before loading a model: typos fail fast
+                              args.seed, args.height, args.width)  # before loading: fail fast
         check_output_dir(args.output_dir)
-        latents = load_latents(args.latents) if args.latents else None
+        latents = None
+        if args.latents:  # checked against the manifest's sizes before any engine loads
+            manifest = read_manifest(resolve_model(args.model))
+            h = manifest.default_height if args.height is None else args.height
+            w = manifest.default_width if args.width is None else args.width
+            latents = check_latents(load_latents(args.latents),
+                                    (args.batch_size, LATENT_CHANNELS, h // VAE_FACTOR,
+                                     w // VAE_FACTOR))
         with Pipeline(args.model, args.backend, safety=not args.no_safety,
                       precision=args.precision, log=say) as pipe:
             req = pipe.request(args.prompt, args.negative_prompt, steps=args.steps,

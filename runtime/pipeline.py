@@ -149,9 +149,10 @@ MAX_GUIDANCE = 1000.0  # far past any useful value; beyond it float32 CFG arithm
 
 
 def check_settings(steps: int, scheduler: str, guidance_scale: float, batch_size: int,
-                   seed: int | None) -> int:
+                   seed: int | None, height: int | None = None, width: int | None = None) -> int:
     """Checks that need no model (the CLI runs them before loading one); returns the seed,
-    drawn at random when None. Raises UsageError with one line."""
+    drawn at random when None. Raises UsageError with one line. `height`/`width` None:
+    the model's default, checked by `request()`."""
     if scheduler not in SCHEDULERS:
         raise UsageError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
     if not isinstance(steps, int) or steps < 1:
@@ -160,11 +161,31 @@ def check_settings(steps: int, scheduler: str, guidance_scale: float, batch_size
         raise UsageError(f"guidance scale must be >= 0 and <= {MAX_GUIDANCE:g}, got {guidance_scale}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise UsageError(f"batch size must be an integer >= 1, got {batch_size!r}")
+    if batch_size > MAX_BATCH:
+        raise UsageError(f"{batch_size} images per call is more than {MAX_BATCH}; make several calls")
+    for name, v in (("height", height), ("width", width)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v % VAE_FACTOR
+                              or not VAE_FACTOR <= v <= MAX_SIDE):
+            raise UsageError(f"{name} must be a multiple of {VAE_FACTOR} in "
+                             f"[{VAE_FACTOR}, {MAX_SIDE}], got {v!r}")
     if seed is None:
         seed = secrets.randbits(63)
     if not isinstance(seed, int) or not 0 <= seed < 2**64:
         raise UsageError(f"seed must be an integer in [0, 2**64), got {seed!r}")
     return seed
+
+
+def check_latents(latents: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """`latents` as float32 of exactly `shape` [B, 4, h, w], finite; else UsageError."""
+    latents = np.asarray(latents)
+    if latents.shape != tuple(shape) or not np.issubdtype(latents.dtype, np.floating):
+        raise UsageError(f"latents must be a float array of shape {list(shape)}, "
+                         f"got {latents.dtype}{list(latents.shape)}")
+    with np.errstate(over="ignore"):
+        latents = latents.astype(np.float32)
+    if not np.isfinite(latents).all():
+        raise UsageError("latents contain NaN or inf values (in float32)")
+    return latents
 
 
 class Pipeline:
@@ -290,15 +311,10 @@ class Pipeline:
         negs = (neg,) * len(prompts) if isinstance(neg, str) else tuple(neg)
         if len(negs) != len(prompts):
             raise UsageError(f"{len(negs)} negative prompts for {len(prompts)} prompts")
-        seed = check_settings(steps, scheduler, guidance_scale, batch_size, seed)
         m = self.manifest
         height = m.default_height if height is None else height
         width = m.default_width if width is None else width
-        for name, v in (("height", height), ("width", width)):
-            if isinstance(v, bool) or not isinstance(v, int) or v % VAE_FACTOR or not (
-                    VAE_FACTOR <= v <= MAX_SIDE):
-                raise UsageError(f"{name} must be a multiple of {VAE_FACTOR} in "
-                                 f"[{VAE_FACTOR}, {MAX_SIDE}], got {v!r}")
+        seed = check_settings(steps, scheduler, guidance_scale, batch_size, seed, height, width)
         b = len(prompts) * batch_size
         if b > MAX_BATCH:
             raise UsageError(f"{b} images per call is more than {MAX_BATCH}; make several calls")
@@ -309,15 +325,7 @@ class Pipeline:
         req = Request(prompts, negs, batch_size, steps, scheduler, float(guidance_scale),
                       height, width, seed, None, safety, schedule)
         if latents is not None:
-            latents = np.asarray(latents)
-            if latents.shape != req.latent_shape or not np.issubdtype(latents.dtype, np.floating):
-                raise UsageError(f"latents must be a float array of shape {list(req.latent_shape)}, "
-                                 f"got {latents.dtype}{list(latents.shape)}")
-            with np.errstate(over="ignore"):
-                latents = latents.astype(np.float32)
-            if not np.isfinite(latents).all():
-                raise UsageError("latents contain NaN or inf values (in float32)")
-            req = Request(**{**req.__dict__, "latents": latents})
+            req = Request(**{**req.__dict__, "latents": check_latents(latents, req.latent_shape)})
         self._check_profiles(req)
         return req
 

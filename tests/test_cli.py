@@ -134,6 +134,19 @@ def test_bad_arguments(tmp_path, case):
     assert not out_dir.exists()
 
 
+@pytest.mark.parametrize("case", ["height", "width_big", "latents_shape", "batch_big"])
+def test_model_free_mistakes_fail_before_anything_loads(tmp_path, case):
+    """Sizes, batch and a latents file's shape are checked against the manifest alone:
+    one line, no engine loaded (no backend or load lines first)."""
+    args, message = {**BAD_ARGS, "batch_big": (["--batch-size", "65"], "more than 64")}[case]
+    if "SHAPE" in args:
+        np.save(tmp_path / "l.npy", np.zeros((1, 4, 3, 3), np.float32))
+        args = [str(tmp_path / "l.npy") if a == "SHAPE" else a for a in args]
+    out = generate(PROMPT, "--steps", "2", *args, "--output-dir", str(tmp_path / "out"))
+    assert out.returncode == 2 and message in out.stderr, out.stderr
+    assert out.stderr.strip().splitlines() == [out.stderr.strip()], out.stderr  # one line
+
+
 @pytest.mark.parametrize("case", ["v99", "corrupt", "nounet", "badonnx", "badsched", "renamed"])
 def test_bad_bundles(tmp_path, case):
     bundle, message = _broken_bundles(tmp_path)[case]

@@ -101,6 +101,15 @@ def test_force_never_replaces_a_folder_that_is_not_a_bundle(tmp_path):
                    "not a bundle")
 
 
+def test_force_never_replaces_a_folder_with_someone_elses_manifest(tmp_path):
+    """A web app's manifest.json is not a bundle's: --force still refuses."""
+    (tmp_path / "app").mkdir()
+    (tmp_path / "app" / "manifest.json").write_text('{"name": "my app", "icons": []}')
+    (tmp_path / "app" / "index.html").write_text("<html></html>")
+    assert_refused(tmp_path, ["--model", "demo", "--out", str(tmp_path / "app"), "--force"],
+                   "not a bundle")
+
+
 def test_hub_id_offline(tmp_path):
     assert_refused(tmp_path, ["--model", "CompVis/stable-diffusion-v1-4", "--out", str(tmp_path / "b")],
                    "hub is not reachable", env={"HF_HUB_OFFLINE": "1"})
