@@ -17,7 +17,7 @@ import numpy as np
 from runtime.args import OneLineParser
 from runtime.backends import BACKENDS, PRECISIONS
 from runtime.bundle import LATENT_CHANNELS, VAE_FACTOR, BundleError, read_manifest, resolve_model
-from runtime.engine import EngineError
+from runtime.engine import EngineError, first_line
 from runtime.files import why_not_creatable, write_new_file
 from runtime.images import png_bytes
 from runtime.pipeline import (
@@ -27,6 +27,7 @@ from runtime.pipeline import (
     UsageError,
     check_latents,
     check_settings,
+    check_text,
 )
 from runtime.schedulers import SCHEDULERS
 
@@ -74,11 +75,19 @@ def prepare_output_dir(folder: Path) -> None:
         raise UsageError(f"output folder {folder} is not writable: {e.strerror or e}") from None
 
 
+MAX_LATENTS_BYTES = 1 << 30  # 64 images of 8192x8192 latents are 1 GiB of float32
+
+
 def load_latents(path: Path) -> np.ndarray:
+    """A .npy array, never unpickled; an empty, truncated or oversized file is one line."""
     try:
+        if not Path(path).is_file():
+            raise OSError(f"{path} is not a file")
+        if Path(path).stat().st_size > MAX_LATENTS_BYTES:
+            raise ValueError(f"larger than {MAX_LATENTS_BYTES >> 20} MiB")
         return np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"cannot read latents {path}: {str(e).splitlines()[0]}") from None
+    except (OSError, ValueError, EOFError, MemoryError) as e:
+        raise UsageError(f"cannot read latents {path}: {first_line(e)}") from None
 
 
 def slug(text: str, n: int = 40) -> str:
@@ -135,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         seed = check_settings(args.steps, args.scheduler, args.guidance_scale, args.batch_size,
                               args.seed, args.height, args.width)  # before loading: fail fast
+        check_text(args.prompt)
+        check_text(args.negative_prompt or "")
         check_output_dir(args.output_dir)
         latents = None
         if args.latents:  # checked against the manifest's sizes before any engine loads

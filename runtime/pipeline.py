@@ -175,6 +175,18 @@ def check_settings(steps: int, scheduler: str, guidance_scale: float, batch_size
     return seed
 
 
+def check_text(text: str) -> None:
+    """A prompt must be text the tokenizer can take: a command line with bytes that are
+    not UTF-8 (`$'caf\\xe9'`) reaches Python as lone surrogates."""
+    if not isinstance(text, str):
+        raise UsageError(f"prompts must be strings, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError("the prompt is not valid UTF-8 text (check the shell's encoding)"
+                         ) from None
+
+
 def check_latents(latents: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """`latents` as float32 of exactly `shape` [B, 4, h, w], finite; else UsageError."""
     latents = np.asarray(latents)
@@ -308,6 +320,8 @@ class Pipeline:
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise UsageError("prompt must be a string or a non-empty list of strings")
         neg = negative_prompt if negative_prompt is not None else ""
+        for text in (*prompts, *((neg,) if isinstance(neg, str) else neg)):
+            check_text(text)
         negs = (neg,) * len(prompts) if isinstance(neg, str) else tuple(neg)
         if len(negs) != len(prompts):
             raise UsageError(f"{len(negs)} negative prompts for {len(prompts)} prompts")

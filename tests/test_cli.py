@@ -147,6 +147,26 @@ def test_model_free_mistakes_fail_before_anything_loads(tmp_path, case):
     assert out.stderr.strip().splitlines() == [out.stderr.strip()], out.stderr  # one line
 
 
+@pytest.mark.parametrize("content", [b"", b"\x93NUMPY\x01\x00\xff\xff" + b"{" * 100, b"not npy"])
+def test_broken_latents_files_are_one_line(tmp_path, content):
+    """Empty, truncated-header or foreign files: one line, exit 2, nothing loaded."""
+    (tmp_path / "l.npy").write_bytes(content)
+    out = generate(PROMPT, "--latents", str(tmp_path / "l.npy"), "--output-dir",
+                   str(tmp_path / "out"))
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.startswith("error: cannot read latents") and out.stderr.count("\n") == 1
+
+
+def test_a_prompt_that_is_not_utf8_is_one_line(tmp_path):
+    """Bytes that are not UTF-8 on the command line (a shell in latin-1): one line, exit 2,
+    before any engine loads, not a tokenizer traceback."""
+    out = subprocess.run([sys.executable.encode(), b"-m", b"runtime.generate", b"caf\xe9",
+                          b"--output-dir", str(tmp_path / "out").encode()],
+                         capture_output=True, timeout=300)
+    err = out.stderr.decode(errors="replace")
+    assert out.returncode == 2 and "not valid UTF-8" in err and err.count("\n") == 1, err
+
+
 @pytest.mark.parametrize("case", ["v99", "corrupt", "nounet", "badonnx", "badsched", "renamed"])
 def test_bad_bundles(tmp_path, case):
     bundle, message = _broken_bundles(tmp_path)[case]

@@ -74,3 +74,10 @@ def test_given_latents_equal_seeded_latents(pipe):
 def test_validation(pipe, kwargs, message):
     with pytest.raises(UsageError, match=message):
         pipe("x", steps=1, **kwargs)
+
+
+def test_prompts_the_tokenizer_cannot_take_are_usage_errors(pipe):
+    with pytest.raises(UsageError, match="not valid UTF-8"):
+        pipe("caf\udce9", steps=1)  # how a latin-1 byte on a UTF-8 command line arrives
+    with pytest.raises(UsageError, match="not valid UTF-8"):
+        pipe("x", "bad \udcff negative", steps=1)
