@@ -29,6 +29,7 @@ from benchmarks.timing import (
     stats,
     steady_host_overhead,
 )
+from runtime.args import first_line
 from runtime.files import write_atomic
 
 STAGES = ("text_encoder", "unet_step", "denoise", "host_overhead_step", "loop_overhead_step",
@@ -233,7 +234,7 @@ def throughput(side: Any, s: Settings, result: dict, save: Any) -> None:
                 if i >= s.throughput_warmup:
                     totals.append(r["timings"]["total"])
         except Exception as e:  # an engine profile or allocation limit: report it, go on
-            tp[str(b)] = {"skipped": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+            tp[str(b)] = {"skipped": f"{type(e).__name__}: {first_line(e)[:200]}"}
             save()
             continue
         st = stats(totals)

@@ -34,7 +34,7 @@ from pathlib import Path
 from engines.options import BuildOptions, TensorRTOptions
 from engines.shapes import describe, graph_profile
 from runtime import cache
-from runtime.args import OneLineParser, usage_error
+from runtime.args import OneLineParser, first_line, usage_error
 from runtime.bundle import (
     GRAPH_ORDER,
     BundleError,
@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         return usage_error(str(e))
     except Exception as e:  # a build failure: one line, never a traceback
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        first = first_line(e)
         print(f"engines.build: {first}", file=sys.stderr)
         return 1
 

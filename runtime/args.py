@@ -16,6 +16,12 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
+def first_line(e: BaseException) -> str:
+    """An exception's first message line, or its type when the message is empty."""
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
 def usage_error(message: str) -> int:
     """Print one `error:` line for a mistake the user can fix; the exit code (2)."""
     print(f"error: {message}", file=sys.stderr)

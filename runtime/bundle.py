@@ -17,7 +17,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from runtime.files import write_atomic
+from runtime.args import first_line
+from runtime.files import read_small, write_atomic
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -29,6 +30,7 @@ LATENT_CHANNELS = 4
 VAE_FACTOR = 8  # pixels per latent cell
 SAFETY_SIZE = 224  # CLIP ViT-L/14 image size
 VAE_SCALING_FACTOR = 0.18215  # v1.x; the host divides latents by it before the decoder
+MAX_JSON_BYTES = 1 << 20  # manifest.json, scheduler_config.json: a few KB in practice
 MAX_SIDE = 8192  # px: a sanity bound on image sides (profiles, and any size a backend runs)
 MAX_BATCH = 64  # images per call, likewise
 SAFETY_CONCEPTS = 17  # StableDiffusionSafetyChecker: 17 concept (+ 3 special-care) embeddings
@@ -299,9 +301,9 @@ def read_manifest(bundle: Path | str) -> Manifest:
         raise BundleError(f"{bundle} is not a bundle (no {MANIFEST}); create one with "
                           f"`python -m export --model MODEL --out {bundle}`")
     try:
-        d = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BundleError(f"corrupt {path}: {e}; re-export the bundle") from None
+        d = json.loads(read_small(path, MAX_JSON_BYTES).decode())
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise BundleError(f"corrupt {path}: {first_line(e)}; re-export the bundle") from None
     version = d.get("format_version") if isinstance(d, dict) else None
     if version != FORMAT_VERSION:
         raise BundleError(f"{path} has bundle format version {version!r}, this runtime reads "

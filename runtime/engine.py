@@ -37,12 +37,6 @@ from runtime.bundle import GraphSpec
 Shapes = Mapping[str, tuple[int, ...]]
 
 
-def first_line(e: BaseException) -> str:
-    """An exception's first message line, or its type when the message is empty."""
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
-
-
 class EngineError(RuntimeError):
     """A backend failed to load, allocate or run a graph: `graph` names it, `source` is
     the file the engine reads (the bundle's graph, or a cached artifact), `unreadable`

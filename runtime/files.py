@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -88,6 +89,22 @@ def locked(lock: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def read_small(path: Path, max_bytes: int) -> bytes:
+    """A regular file's bytes, at most `max_bytes`; OSError otherwise. A FIFO (which
+    would block forever), a device (/dev/zero grows without end) or an oversized file in
+    a bundle is refused instead of read."""
+    with open(path, "rb", opener=lambda p, flags: os.open(p, flags | os.O_NONBLOCK)) as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(f"{path} is not a regular file")
+        if st.st_size > max_bytes:
+            raise OSError(f"{path} is {st.st_size} bytes, more than {max_bytes} allowed")
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:  # grew while read
+        raise OSError(f"{path} is more than {max_bytes} bytes")
+    return data
 
 
 def why_not_creatable(folder: Path) -> str | None:

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.args import OneLineParser
+from runtime.args import OneLineParser, first_line
 from runtime.backends import BACKENDS, PRECISIONS
 from runtime.bundle import LATENT_CHANNELS, VAE_FACTOR, BundleError, read_manifest, resolve_model
-from runtime.engine import EngineError, first_line
+from runtime.engine import EngineError
 from runtime.files import why_not_creatable, write_new_file
 from runtime.images import png_bytes
 from runtime.pipeline import (

@@ -23,10 +23,12 @@ from pathlib import Path
 import numpy as np
 
 from runtime import backends
+from runtime.args import first_line
 from runtime.bundle import (
     GRAPH_ORDER,
     LATENT_CHANNELS,
     MAX_BATCH,
+    MAX_JSON_BYTES,
     MAX_SIDE,
     MAX_TOKENS,
     SAFETY_SIZE,
@@ -39,6 +41,7 @@ from runtime.bundle import (
     verify_hashes,
 )
 from runtime.engine import Engine, EngineError, SpecMismatch
+from runtime.files import read_small
 from runtime.images import clip_preprocess, postprocess
 from runtime.rng import TorchCPUGenerator
 from runtime.schedulers import SCHEDULERS, Schedule, make_schedule
@@ -225,7 +228,9 @@ class Pipeline:
         except ValueError as e:
             raise UsageError(str(e)) from None
         try:
-            config = json.loads((self.bundle / SCHEDULER_CONFIG).read_text())
+            config = json.loads(read_small(self.bundle / SCHEDULER_CONFIG, MAX_JSON_BYTES))
+            if not isinstance(config, dict):
+                raise ValueError("not a JSON object")
             # StableDiffusionPipeline.__init__ rewrites a deprecated clip_sample=True and any
             # steps_offset != 1 (every scheduler's default is 0): mirror it.
             self.scheduler_config = {**config, "steps_offset": 1}
@@ -233,7 +238,7 @@ class Pipeline:
                 self.scheduler_config["clip_sample"] = False
             self.tokenizer = ClipTokenizer(self.bundle / TOKENIZER_DIR)
         except Exception as e:  # OSError, JSON errors; tokenizers raises plain Exception
-            raise BundleError(f"corrupt bundle {self.bundle}: {str(e).splitlines()[0]}; "
+            raise BundleError(f"corrupt bundle {self.bundle}: {first_line(e)}; "
                               f"re-export it") from None
         names = [n for n in GRAPH_ORDER if n in self.manifest.graphs
                  and (safety or n != "safety_checker")]

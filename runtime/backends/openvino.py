@@ -37,8 +37,9 @@ from typing import Any
 import numpy as np
 
 from runtime import cache
+from runtime.args import first_line
 from runtime.bundle import GraphSpec
-from runtime.engine import Engine, Shapes, first_line
+from runtime.engine import Engine, Shapes
 
 # ours -> (INFERENCE_PRECISION_HINT to ask, the element type it reads back as)
 PRECISIONS = {"fp32": ("f32", "'float32'"), "bf16": ("bf16", "'bfloat16'")}

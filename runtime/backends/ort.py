@@ -18,9 +18,10 @@ import numpy as np
 import onnxruntime as ort
 
 from runtime import cache
+from runtime.args import first_line
 from runtime.backends.ort_cuda import MAX_GRAPHS, DeviceBinding, DeviceBindings, provider_options
 from runtime.bundle import GraphSpec
-from runtime.engine import Engine, first_line
+from runtime.engine import Engine
 
 PROVIDERS = {"ort-cpu": "CPUExecutionProvider", "ort-cuda": "CUDAExecutionProvider"}
 

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 F32 = np.float32
+MAX_TRAIN_TIMESTEPS = 100_000  # SD uses 1000; a bound so a config cannot ask for 1e9 tables
 
 # Defaults every diffusers scheduler class shares (its __init__ signature).
 COMMON_DEFAULTS: dict[str, Any] = {
@@ -27,6 +28,10 @@ def resolve(config: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str,
     """Keys the class knows, from ``config`` or the class default (like ``from_config``)."""
     merged = {**COMMON_DEFAULTS, **defaults}
     out = {k: config[k] if k in config else v for k, v in merged.items()}
+    n = out["num_train_timesteps"]
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_TRAIN_TIMESTEPS:
+        raise ValueError(f"num_train_timesteps must be an integer in [1, {MAX_TRAIN_TIMESTEPS}], "
+                         f"got {n!r}")
     if out["rescale_betas_zero_snr"]:
         raise ValueError("rescale_betas_zero_snr=True is not supported by the numpy schedulers")
     if out["prediction_type"] not in ("epsilon", "v_prediction", "sample"):

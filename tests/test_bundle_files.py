@@ -1,0 +1,74 @@
+"""Bundle files a careless or hostile bundle can hold instead of JSON (issue 12, item 2):
+a FIFO, a device, a huge file, deep nesting, a scheduler config asking for 10^9
+timesteps. Each is one line and exit 2, fast, with bounded memory."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from runtime.bundle import MANIFEST, demo_bundle
+
+SCHED = "scheduler_config.json"
+
+
+def copy(tmp_path):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(demo_bundle(), bundle)
+    return bundle
+
+
+def fifo(path):
+    path.unlink()
+    os.mkfifo(path)
+
+
+def device(path):
+    path.unlink()
+    path.symlink_to("/dev/zero")
+
+
+def huge(path):
+    with open(path, "wb") as f:
+        f.truncate(2 << 20)  # 2 MiB (sparse): over the 1 MiB cap of our JSON files
+
+
+def nested(path):
+    path.write_text("[" * 100_000 + "]" * 100_000)
+
+
+def timesteps(path):
+    path.write_text(json.dumps({**json.loads(path.read_text()), "num_train_timesteps": 10**9}))
+
+
+CASES = {  # name: (file, damage, message)
+    "manifest-fifo": (MANIFEST, fifo, "not a bundle"),
+    "manifest-device": (MANIFEST, device, "not a bundle"),
+    "manifest-huge": (MANIFEST, huge, "more than 1048576 allowed"),
+    "manifest-nested": (MANIFEST, nested, "corrupt"),
+    "sched-fifo": (SCHED, fifo, "not a regular file"),
+    "sched-device": (SCHED, device, "not a regular file"),
+    "sched-huge": (SCHED, huge, "more than 1048576 allowed"),
+    "sched-nested": (SCHED, nested, "corrupt bundle"),
+    "sched-list": (SCHED, lambda p: p.write_text("[1, 2]"), "not a JSON object"),
+    "sched-timesteps": (SCHED, timesteps, "num_train_timesteps must be an integer in [1, 100000]"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_a_hostile_bundle_file_is_one_line(tmp_path, case):
+    name, damage, message = CASES[case]
+    bundle = copy(tmp_path)
+    damage(bundle / name)
+    out = subprocess.run([sys.executable, "-m", "runtime.generate", "x", "--model", str(bundle),
+                          "--steps", "2", "--output-dir", str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=120)  # a FIFO would hang
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert lines[-1].startswith("error:") and message in lines[-1], out.stderr
+    assert not (tmp_path / "out").exists()
