@@ -343,10 +343,20 @@ def read_manifest(bundle: Path | str) -> Manifest:
     missing = [g for g in REQUIRED_GRAPHS if g not in graphs]
     if missing:
         raise BundleError(f"{path}: missing graphs {', '.join(missing)}; re-export the bundle")
+    inside = bundle.resolve()
     for e in graphs.values():
         for f in filter(None, (e.file, e.external_data)):
-            if not (bundle / f).is_file():
+            # a plain file name, and no symlink out of the bundle: a manifest or a link
+            # must never make the runtime read /etc/passwd or another folder's files
+            if not isinstance(f, str) or Path(f).name != f or f in (".", ".."):
+                raise BundleError(f"corrupt {path}: {e.spec.name}'s file {f!r} is not a file "
+                                  f"name in the bundle; re-export the bundle")
+            target = bundle / f
+            if not target.is_file():
                 raise BundleError(f"bundle {bundle} is missing {f}; re-export the bundle")
+            if not target.resolve().is_relative_to(inside):
+                raise BundleError(f"bundle {bundle}: {f} links outside the bundle "
+                                  f"({target.resolve()}); refusing to read it")
     return manifest
 
 

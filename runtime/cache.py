@@ -167,7 +167,10 @@ def lookup(key: CacheKey, cache_dir: Path | None = None, verify: bool = True) ->
     side = _read_sidecar(folder)
     try:
         same = (side is not None and CacheKey(**side["key"]) == key
-                and isinstance(side["files"], dict) and side["main"] in side["files"])
+                and isinstance(side["files"], dict) and side["main"] in side["files"]
+                # plain names only: a sidecar must not point the runtime outside its folder
+                and all(isinstance(n, str) and Path(n).name == n and n not in (".", "..")
+                        for n in side["files"]))
     except (TypeError, KeyError):
         same = False
     if side is None or not same:

@@ -72,3 +72,49 @@ def test_a_hostile_bundle_file_is_one_line(tmp_path, case):
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
     assert lines[-1].startswith("error:") and message in lines[-1], out.stderr
     assert not (tmp_path / "out").exists()
+
+
+def _manifest_with(bundle, **unet):
+    m = json.loads((bundle / MANIFEST).read_text())
+    m["graphs"]["unet"].update(unet)
+    (bundle / MANIFEST).write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize("where", ["/etc/passwd", "../outside.bin", "sub/unet.onnx.data"])
+def test_external_data_must_be_a_file_name_in_the_bundle(tmp_path, where):
+    from runtime.bundle import BundleError, read_manifest
+
+    bundle = copy(tmp_path)
+    _manifest_with(bundle, external_data=where, external_sha256="0" * 64)
+    with pytest.raises(BundleError, match="is not a file name in the bundle"):
+        read_manifest(bundle)
+
+
+def test_a_graph_linking_outside_the_bundle_is_refused(tmp_path):
+    from runtime.bundle import BundleError, read_manifest
+
+    bundle = copy(tmp_path)
+    outside = tmp_path / "elsewhere.onnx"
+    shutil.move(bundle / "unet.onnx", outside)
+    (bundle / "unet.onnx").symlink_to(outside)
+    with pytest.raises(BundleError, match="links outside the bundle"):
+        read_manifest(bundle)
+
+
+def test_a_cache_sidecar_cannot_point_outside_its_folder(tmp_path):
+    from runtime import cache
+
+    key = cache.CacheKey("unet", "a" * 64, "ort-cpu", "1", "any", "any", "fp32", "any")
+
+    def build(folder):
+        (folder / "unet.onnx").write_bytes(b"x")
+        return folder / "unet.onnx"
+
+    found = cache.store(key, build, tmp_path)
+    side_path = found.parent / cache.SIDECAR
+    side = json.loads(side_path.read_text())
+    side["main"] = "../../../../etc/passwd"
+    side["files"][side["main"]] = {"size": 1, "sha256": "0" * 64}
+    side_path.write_text(json.dumps(side))
+    with pytest.warns(cache.CacheWarning):
+        assert cache.lookup(key, tmp_path, verify=False) is None
