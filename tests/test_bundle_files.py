@@ -118,3 +118,19 @@ def test_a_cache_sidecar_cannot_point_outside_its_folder(tmp_path):
     side_path.write_text(json.dumps(side))
     with pytest.warns(cache.CacheWarning):
         assert cache.lookup(key, tmp_path, verify=False) is None
+
+
+def test_onnxruntime_is_pinned_to_versions_that_keep_external_data_inside():
+    """onnxruntime < 1.24 loads an ONNX external-data `location` like ../outside/x.bin,
+    and the runtime does not parse ONNX files itself: the pin is the guard."""
+    import re
+    from pathlib import Path
+
+    import tomllib
+
+    project = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
+    deps = [*project["project"]["dependencies"],
+            *project["project"]["optional-dependencies"]["ort-gpu"]]
+    pins = [re.match(r"onnxruntime(-gpu)?>=(\d+)\.(\d+)", d) for d in deps]
+    found = [(int(m[2]), int(m[3])) for m in pins if m]
+    assert len(found) == 2 and all(v >= (1, 24) for v in found), deps
