@@ -64,6 +64,10 @@ def build_clip_tokenizer(vocab_json: Path, merges_txt: Path) -> Tokenizer:
     return tok
 
 
+MAX_FILE_BYTES = 64 << 20
+MAX_TOKEN_ID = 1 << 20  # CLIP's go to 49407; past 2**31 they would overflow int32 input_ids
+
+
 class ClipTokenizer:
     """Prompts -> fixed-length CLIP token ids. Construct once per bundle, encode many times."""
 
@@ -73,7 +77,12 @@ class ClipTokenizer:
         for f in (vocab_json, merges_txt):
             if not f.is_file():
                 raise FileNotFoundError(f"tokenizer file missing: {f}")
+            if f.stat().st_size > MAX_FILE_BYTES:  # CLIP's are 1.6 MB and 0.5 MB
+                raise ValueError(f"{f} is larger than {MAX_FILE_BYTES >> 20} MiB")
         self.tokenizer = build_clip_tokenizer(vocab_json, merges_txt)
+        top = max(self.tokenizer.get_vocab().values())
+        if top >= MAX_TOKEN_ID:  # ids are int32 in the graph's input_ids
+            raise ValueError(f"{vocab_json} has a token id {top}, at or past {MAX_TOKEN_ID}")
         self.max_length = max_length
         self.bos_id = self.tokenizer.token_to_id(BOS)  # 49406 in CLIP's vocabulary
         self.eos_id = self.tokenizer.token_to_id(EOS)  # 49407; also the pad id

@@ -134,3 +134,29 @@ def test_onnxruntime_is_pinned_to_versions_that_keep_external_data_inside():
     pins = [re.match(r"onnxruntime(-gpu)?>=(\d+)\.(\d+)", d) for d in deps]
     found = [(int(m[2]), int(m[3])) for m in pins if m]
     assert len(found) == 2 and all(v >= (1, 24) for v in found), deps
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda tok: huge_file(tok / "merges.txt", 65 << 20), "larger than 64 MiB"),
+    (lambda tok: set_token(tok, "<|endoftext|>", 2**31 + 5), "token id 2147483653"),
+])
+def test_tokenizer_files_are_bounded(tmp_path, damage, message):
+    bundle = copy(tmp_path)
+    damage(bundle / "tokenizer")
+    out = subprocess.run([sys.executable, "-m", "runtime.generate", "x", "--model", str(bundle),
+                          "--steps", "2", "--output-dir", str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=120)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert lines[-1].startswith("error: corrupt bundle") and message in lines[-1], out.stderr
+
+
+def huge_file(path, size):
+    with open(path, "r+b") as f:
+        f.truncate(size)  # sparse
+
+
+def set_token(tok, token, value):
+    vocab = json.loads((tok / "vocab.json").read_text())
+    vocab[token] = value
+    (tok / "vocab.json").write_text(json.dumps(vocab))
