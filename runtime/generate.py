@@ -7,6 +7,7 @@ stage exits 1 with one line. PNGs never overwrite existing files.
 from __future__ import annotations
 
 import argparse
+import io
 import re
 import sys
 import tempfile
@@ -18,7 +19,7 @@ from runtime.args import OneLineParser, first_line
 from runtime.backends import BACKENDS, PRECISIONS
 from runtime.bundle import LATENT_CHANNELS, VAE_FACTOR, BundleError, read_manifest, resolve_model
 from runtime.engine import EngineError
-from runtime.files import why_not_creatable, write_new_file
+from runtime.files import read_small, why_not_creatable, write_new_file
 from runtime.images import png_bytes
 from runtime.pipeline import (
     Pipeline,
@@ -80,12 +81,8 @@ MAX_LATENTS_BYTES = 1 << 30  # 64 images of 8192x8192 latents are 1 GiB of float
 
 def load_latents(path: Path) -> np.ndarray:
     """A .npy array, never unpickled; an empty, truncated or oversized file is one line."""
-    try:
-        if not Path(path).is_file():
-            raise OSError(f"{path} is not a file")
-        if Path(path).stat().st_size > MAX_LATENTS_BYTES:
-            raise ValueError(f"larger than {MAX_LATENTS_BYTES >> 20} MiB")
-        return np.load(path, allow_pickle=False)
+    try:  # read_small: a regular file within the cap (no FIFO, device or huge file)
+        return np.load(io.BytesIO(read_small(path, MAX_LATENTS_BYTES)), allow_pickle=False)
     except (OSError, ValueError, EOFError, MemoryError) as e:
         raise UsageError(f"cannot read latents {path}: {first_line(e)}") from None
 
