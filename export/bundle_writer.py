@@ -33,8 +33,8 @@ from runtime.bundle import (
     GraphSpec,
     Manifest,
     Profile,
-    sha256_file,
 )
+from runtime.integrity import file_hashes
 
 TWO_GB = 2**31  # protobuf's limit for one serialized ModelProto
 PACKAGES = ("torch", "diffusers", "transformers", "onnx", "onnxruntime", "numpy")
@@ -67,8 +67,9 @@ def _write_graph(job: GraphJob, folder: Path, opset: int, threshold: int) -> Gra
         del model
     shutil.rmtree(scratch)
     err = max_abs_error(ort_session(folder / spec.file), job)
-    return GraphEntry(spec, sha256_file(folder / spec.file), external,
-                      sha256_file(folder / external) if external else None, err)
+    sha, fast = file_hashes(folder / spec.file)
+    ext_sha, ext_fast = file_hashes(folder / external) if external else (None, None)
+    return GraphEntry(spec, sha, external, ext_sha, err, fast, ext_fast)
 
 
 def _gather_external_data(src: Path, dest: Path, data_name: str, spec: GraphSpec,

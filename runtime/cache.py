@@ -33,8 +33,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
-from runtime import cpu, files
-from runtime.bundle import GraphEntry, GraphSpec, sha256_file
+from runtime import cpu, files, integrity
+from runtime.bundle import GraphEntry, GraphSpec
 
 SIDECAR = "sidecar.json"
 CACHE_ENV = "SDRT_CACHE_DIR"
@@ -140,8 +140,11 @@ def _read_sidecar(folder: Path) -> dict | None:
     return d if isinstance(d, dict) and d.get("version") == SIDECAR_VERSION else None
 
 
-def _check(folder: Path, side: dict, verify: bool) -> str | None:
-    """None when every file matches the sidecar, else what is wrong (one line)."""
+def _check(folder: Path, side: dict) -> str | None:
+    """None when every file matches the sidecar, else what is wrong (one line). Sizes,
+    then xxh3 (0.4 s for a full-size UNet). An entry from before xxh3 was recorded is
+    checked by its sha256 once and its sidecar gains the xxh3 (best effort)."""
+    upgraded = False
     for name, want in side["files"].items():
         path = folder / name
         try:
@@ -150,20 +153,39 @@ def _check(folder: Path, side: dict, verify: bool) -> str | None:
             return f"{name} is missing"
         if size != want["size"]:
             return f"{name} has {size} bytes, expected {want['size']} (truncated?)"
-        if verify and sha256_file(path) != want["sha256"]:
-            return f"{name} does not match its sha256 (corrupt)"
+        fast = want.get(integrity.FAST)
+        if fast:
+            if integrity.fast_hash(path) != fast:
+                return f"{name} does not match its recorded hash (damaged)"
+            continue
+        sha, want[integrity.FAST] = integrity.file_hashes(path)
+        if sha != want["sha256"]:
+            return f"{name} does not match its recorded sha256 (damaged)"
+        upgraded = True
+    if upgraded:
+        with contextlib.suppress(OSError):
+            files.write_atomic(folder / SIDECAR, json.dumps(side, indent=2) + "\n")
     return None
 
 
-def lookup(key: CacheKey, cache_dir: Path | None = None, verify: bool = True) -> Path | None:
+def lookup(key: CacheKey, cache_dir: Path | None = None) -> Path | None:
     """The artifact's main file when cached and intact, else None.
 
-    A present but damaged artifact (size or, with `verify`, sha256 differs from its
-    sidecar) warns with CacheWarning and returns None so the caller rebuilds it.
-    `verify=False` checks sizes only (faster cold start for multi-GB plans)."""
+    A present but damaged artifact (its size or hash differs from its sidecar) warns
+    with CacheWarning and returns None so the caller rebuilds it."""
+    found, problem = find(key, cache_dir)
+    if problem:
+        warnings.warn(f"engine cache: {problem}; rebuilding it", CacheWarning, stacklevel=2)
+    return found
+
+
+def find(key: CacheKey, cache_dir: Path | None = None) -> tuple[Path | None, str | None]:
+    """(main file, None) when cached and intact; (None, None) when not cached; (None,
+    what is wrong) when present but damaged (no valid sidecar, a size or hash that
+    differs from it)."""
     folder = artifact_dir(key, cache_dir)
     if not folder.is_dir():
-        return None
+        return None, None
     side = _read_sidecar(folder)
     try:
         same = (side is not None and CacheKey(**side["key"]) == key
@@ -174,15 +196,19 @@ def lookup(key: CacheKey, cache_dir: Path | None = None, verify: bool = True) ->
     except (TypeError, KeyError):
         same = False
     if side is None or not same:
-        warnings.warn(f"engine cache: {folder} has no valid {SIDECAR}; rebuilding it",
-                      CacheWarning, stacklevel=2)
-        return None
-    problem = _check(folder, side, verify)
+        return None, f"{folder} has no valid {SIDECAR}"
+    problem = _check(folder, side)
     if problem:
-        warnings.warn(f"engine cache: {folder}: {problem}; rebuilding it",
-                      CacheWarning, stacklevel=2)
-        return None
-    return folder / side["main"]
+        return None, f"{folder}: {problem}"
+    _used(folder)
+    return folder / side["main"], None
+
+
+def _used(folder: Path) -> None:
+    """Mark an artifact used now (its sidecar's mtime): `prune` drops the least recently
+    used first. Best effort: a read-only cache is still usable."""
+    with contextlib.suppress(OSError):
+        os.utime(folder / SIDECAR)
 
 
 def entries(backend: str, graph: str,
@@ -212,27 +238,48 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def _listing(path: Path) -> dict:
+    sha, fast = integrity.file_hashes(path)
+    return {"size": path.stat().st_size, "sha256": sha, integrity.FAST: fast}
+
+
+def _remove_leftovers(final: Path) -> None:
+    """Remove the temporary folders of earlier builds of this artifact (a builder killed
+    mid-build leaves one as large as the graph). Called under the artifact's lock, so
+    none of them belongs to a live builder."""
+    for stale in final.parent.glob(f".{final.name}.*"):
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+
+
 def store(key: CacheKey, build: Callable[[Path], Path], cache_dir: Path | None = None,
           meta: Mapping | None = None, force: bool = False) -> Path:
+    """See `_store`: the artifact's main file."""
+    return _store(key, build, cache_dir, meta, force)[0]
+
+
+def _store(key: CacheKey, build: Callable[[Path], Path], cache_dir: Path | None = None,
+           meta: Mapping | None = None, force: bool = False) -> tuple[Path, bool]:
     """Build one artifact into the cache and return its main file.
 
     `build(folder)` writes the artifact's files into the empty temporary `folder` and
     returns the main one. Runs under the key's lock; if another process finished the
     same artifact while we waited, that one is returned without building again.
     `meta` (build options, timings) is recorded in the sidecar for humans; `force`
-    rebuilds even an intact artifact."""
+    rebuilds even an intact artifact. Returns (main file, built by this call)."""
     final = artifact_dir(key, cache_dir)
     with locked(key, cache_dir):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", CacheWarning)  # the caller already warned
             found = None if force else lookup(key, cache_dir)
         if found is not None:
-            return found
+            return found, False
+        final.parent.mkdir(parents=True, exist_ok=True)
+        _remove_leftovers(final)
         tmp = Path(tempfile.mkdtemp(prefix=f".{key.dirname}.", dir=final.parent))
         try:
             main = build(tmp)
-            listing = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)}
-                       for p in sorted(tmp.iterdir()) if p.is_file()}
+            listing = {p.name: _listing(p) for p in sorted(tmp.iterdir()) if p.is_file()}
             if main.parent != tmp or main.name not in listing:
                 raise ValueError(f"build for {key.dirname} returned {main}, not a file in {tmp}")
             side = {"version": SIDECAR_VERSION, "key": asdict(key), "main": main.name,
@@ -248,7 +295,10 @@ def store(key: CacheKey, build: Callable[[Path], Path], cache_dir: Path | None =
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-    return final / main.name
+    from runtime.cache_prune import enforce_cap  # it imports this module
+
+    enforce_cap(cache_dir, keep=final)
+    return final / main.name, True
 
 
 def fetch(key: CacheKey, build: Callable[[Path], Path], rebuild: bool = False
@@ -256,15 +306,18 @@ def fetch(key: CacheKey, build: Callable[[Path], Path], rebuild: bool = False
     """(artifact, what happened) for an artifact the runtime builds on first use (ORT's
     optimized CPU graph, OpenVINO's fp16 IR): "hit", else built now ("built", or
     "rebuilt" when the caller found the cached one damaged), or (None, "off (why)") when
-    the cache folder cannot be used (read-only, full): the caller runs without it. A hit
-    checks sizes only (hashing a multi-GB artifact at every start would cost what the
-    cache saves); a rebuild does not force, so `store`'s sha256 check under the lock
-    keeps a rebuild another process has just finished."""
+    the cache folder cannot be used (read-only, full): the caller runs without it. A
+    rebuild does not force, so `store`'s check under the lock keeps a rebuild another
+    process has just finished (reported as a hit, as is one built while we waited). A
+    damaged artifact found here is "rebuilt" too."""
     try:
-        found = None if rebuild else lookup(key, verify=False)
+        found, problem = (None, None) if rebuild else find(key)
         if found is not None:
             return found, "hit"
-        return store(key, build), "rebuilt" if rebuild else "built"
+        found, built = _store(key, build)
+        if not built:
+            return found, "hit"
+        return found, "rebuilt" if rebuild or problem else "built"
     except OSError as e:
         return None, f"off ({e.strerror or e})"
 
@@ -329,7 +382,7 @@ def tensorrt_key(entry: GraphEntry, profile: ShapeProfile, version: str, gpu: Gp
 
 
 def find_plan(entry: GraphEntry, shapes: Mapping[str, tuple[int, ...]] | None, version: str,
-              gpu: Gpu, cache_dir: Path | None = None, verify: bool = True) -> Path | None:
+              gpu: Gpu, cache_dir: Path | None = None) -> Path | None:
     """A cached plan for this graph, TensorRT version and GPU whose profile covers
     `shapes`: a static plan for exactly these shapes first, else the covering dynamic
     plan with the smallest max shape; among equals, one that is not refittable
@@ -352,7 +405,7 @@ def find_plan(entry: GraphEntry, shapes: Mapping[str, tuple[int, ...]] | None, v
         fits.append((key.shapes != static, size if shapes is not None else -size,
                      "refit" in key.options, key.options != ANY, key.dirname, key))
     for *_, key in sorted(fits, key=lambda f: f[:5]):
-        found = lookup(key, cache_dir, verify)
+        found = lookup(key, cache_dir)
         if found is not None:
             return found
     return None

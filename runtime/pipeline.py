@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime import backends
+from runtime import backends, integrity
 from runtime.args import first_line
 from runtime.bundle import (
     GRAPH_ORDER,
@@ -36,9 +36,10 @@ from runtime.bundle import (
     TOKENIZER_DIR,
     VAE_FACTOR,
     BundleError,
+    integrity_files,
+    mismatch,
     read_manifest,
     resolve_model,
-    verify_hashes,
 )
 from runtime.engine import Engine, EngineError, SpecMismatch
 from runtime.files import read_small
@@ -128,6 +129,7 @@ class LoadReport:
     graphs: dict[str, GraphLoad] = field(default_factory=dict)
     fallbacks: list[str] = field(default_factory=list)  # auto: the errors fallen back from
     seconds: float = 0.0  # the whole load, manifest to last engine
+    check: str = ""  # the bundle files' integrity check: what and how long
 
 
 def _finite(x: np.ndarray) -> bool:
@@ -243,6 +245,10 @@ class Pipeline:
         names = [n for n in GRAPH_ORDER if n in self.manifest.graphs
                  and (safety or n != "safety_checker")]
 
+        # hash the bundle's graph files on a thread beside the engine loads (xxh3: 0.4 s
+        # for a full-size UNet); its verdict is waited for before this returns, so a graph
+        # damaged or edited after export never makes an image
+        check = integrity.BundleCheck(integrity_files(self.bundle, self.manifest, names))
         report = LoadReport()
 
         def loaded(name: str, engine: Engine, seconds: float) -> None:
@@ -269,15 +275,33 @@ class Pipeline:
                                                      self.precision)
                 break
             except EngineError as e:
-                self._damaged(e, b)  # a damaged bundle graph or cached artifact: reported
+                self._checked(check)  # a damaged bundle graph: reported, not fallen back from
+                self._damaged(e, b)  # a graph or cached artifact that is not its spec: too
                 if i + 1 == len(tries):
                     raise
                 report.fallbacks.append(str(e))
                 self.log(f"{e}; falling back to {tries[i + 1]}")  # auto only
+        try:
+            self._checked(check)
+        except BaseException:
+            self.close()
+            raise
+        report.check = f"{len(check.files)} files match the manifest's {check.algorithm} " \
+                       f"({check.seconds:.2f} s, beside the loads)"
+        self.log(f"bundle check: {report.check}")
         self.backend = b
         report.backend, report.precision = b, self.precision
         report.seconds = self.load_seconds = time.perf_counter() - t0
         self.load_report = report
+
+    def _checked(self, check: integrity.BundleCheck) -> None:
+        """Wait for the bundle check; BundleError when a file is damaged or unreadable."""
+        try:
+            bad = check.result()
+        except OSError as e:
+            raise BundleError(f"cannot read bundle {self.bundle}: {first_line(e)}") from None
+        if bad is not None:
+            raise mismatch(bad)
 
     def _damaged(self, e: EngineError, backend: str) -> None:
         """Raise when a load failed because a file is damaged, rather than fall back: a
@@ -288,9 +312,7 @@ class Pipeline:
                      and e.source.resolve() == (self.bundle / graph.file).resolve())
         if in_bundle and isinstance(e, SpecMismatch):
             raise BundleError(f"corrupt bundle {self.bundle}: {e}; re-export it") from None
-        if in_bundle and e.unreadable:
-            verify_hashes(self.bundle, self.manifest, only=e.graph)  # BundleError if corrupt
-        elif isinstance(e, SpecMismatch):  # a cached plan or graph
+        if not in_bundle and isinstance(e, SpecMismatch):  # a cached plan or graph
             raise EngineError(f"{e}: a damaged engine cache entry; rebuild it with `python -m "
                               f"engines.build {self.bundle} --backend {backend} --force`"
                               ) from None

@@ -117,7 +117,7 @@ def test_a_cache_sidecar_cannot_point_outside_its_folder(tmp_path):
     side["files"][side["main"]] = {"size": 1, "sha256": "0" * 64}
     side_path.write_text(json.dumps(side))
     with pytest.warns(cache.CacheWarning):
-        assert cache.lookup(key, tmp_path, verify=False) is None
+        assert cache.lookup(key, tmp_path) is None
 
 
 def test_onnxruntime_is_pinned_to_versions_that_keep_external_data_inside():

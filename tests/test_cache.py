@@ -91,14 +91,61 @@ def test_truncated_artifact_warns_and_is_rebuilt(tmp_path):
     assert again == path and cache.lookup(KEY, tmp_path) == path
 
 
-def test_corrupt_bytes_found_by_hash_not_by_size(tmp_path):
+def test_corrupt_bytes_found_by_hash_not_by_size(tmp_path, monkeypatch):
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path))
     path = cache.store(KEY, _writer(), tmp_path)
     data = bytearray(path.read_bytes())
     data[5] ^= 0xFF
+    os.utime(path, ns=(0, 0))  # the mtime does not matter either
     path.write_bytes(bytes(data))
-    assert cache.lookup(KEY, tmp_path, verify=False) == path  # sizes only
+    with pytest.warns(cache.CacheWarning, match="recorded hash"):
+        assert cache.lookup(KEY, tmp_path) is None
+    # fetch (the runtime's build-on-first-use) rebuilds it, and says so
+    path.write_bytes(bytes(data))
+    found, status = cache.fetch(KEY, _writer())
+    assert status == "rebuilt" and found == path and cache.lookup(KEY, tmp_path) == path
+
+
+def test_an_entry_from_before_xxh3_is_checked_by_sha256_once(tmp_path):
+    path = cache.store(KEY, _writer(), tmp_path)
+    side = path.parent / cache.SIDECAR
+    d = json.loads(side.read_text())
+    fast = {n: f.pop("xxh3_128") for n, f in d["files"].items()}
+    side.write_text(json.dumps(d))
+    assert cache.lookup(KEY, tmp_path) == path  # sha256, then the sidecar gains xxh3
+    assert {n: f["xxh3_128"] for n, f in json.loads(side.read_text())["files"].items()} == fast
+    side.write_text(json.dumps(d))
+    path.write_bytes(b"y" * path.stat().st_size)
     with pytest.warns(cache.CacheWarning, match="sha256"):
         assert cache.lookup(KEY, tmp_path) is None
+
+
+def test_leftovers_of_a_killed_build_are_removed_by_the_next_build(tmp_path):
+    final = cache.artifact_dir(KEY, tmp_path)
+    final.parent.mkdir(parents=True)
+    dead = final.parent / f".{KEY.dirname}.abc123"  # a builder killed mid-build
+    dead.mkdir()
+    (dead / "unet.plan").write_bytes(b"x" * 4096)
+    other = final.parent / ".unet-0000000000000000.zz"  # another key's: not ours to touch
+    other.mkdir()
+    cache.store(KEY, _writer(), tmp_path)
+    assert not dead.exists() and other.exists()
+
+
+def test_a_build_finished_by_another_process_while_waiting_is_a_hit(tmp_path, monkeypatch):
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path))
+    key = dataclasses.replace(KEY, backend="ort-cpu")
+    cache.store(key, _writer())  # the other process's build, done while we waited
+    real_find = cache.find
+    calls = []
+
+    def find(k, cache_dir=None):  # our first look, before the lock, still missed it
+        calls.append(k)
+        return (None, None) if len(calls) == 1 else real_find(k, cache_dir)
+
+    monkeypatch.setattr(cache, "find", find)
+    found, status = cache.fetch(key, lambda folder: pytest.fail("built twice"))
+    assert status == "hit" and found is not None and len(calls) == 2
 
 
 def test_missing_or_foreign_sidecar_is_a_miss(tmp_path):

@@ -97,7 +97,7 @@ def _broken_bundles(tmp_path):
     m["graphs"]["unet"]["outputs"][0]["name"] = "not_noise_pred"
     (renamed / MANIFEST).write_text(json.dumps(m))
     return {"v99": (bad_version, "format version 99"), "corrupt": (corrupt, "corrupt"),
-            "renamed": (renamed, "do not match the manifest"),
+            "renamed": (renamed, "not this runtime's contract"),
             "badsched": (bad_sched, "scheduler_config.json"),
             "nounet": (missing_graph, "missing unet.onnx"), "badonnx": (bad_onnx, "unet")}
 

@@ -46,7 +46,7 @@ def test_engines_stage_imports_no_runtime_backend():
     from pathlib import Path
 
     shared = {"runtime.args", "runtime.bundle", "runtime.cache", "runtime.cuda", "runtime.files",
-              "runtime.tensorrt_env"}
+              "runtime.tensorrt_env", "runtime.cache_prune", "runtime.integrity"}
     used = set()
     for f in (Path(__file__).parent.parent / "engines").glob("*.py"):
         for node in ast.walk(ast.parse(f.read_text())):

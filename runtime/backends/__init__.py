@@ -133,16 +133,20 @@ class EngineSet:
         from runtime import cache
         from runtime.backends.ort import OrtEngine
 
-        key, fused = None, None
+        key, fused, damaged = None, None, None
         if use_cache and self.backend == "ort-cpu":
             # engines.build --backend ort-cpu's graph with the CPU fusions, when built
             with contextlib.suppress(OSError):  # an unreadable cache: the bundle's graph
-                fused = cache.lookup(cache.ort_cpu_fused_key(entry, path), verify=False)
+                fused, damaged = cache.find(cache.ort_cpu_fused_key(entry, path))
             key = cache.ort_cpu_key(entry, fused or path, fused=fused is not None)
         elif use_cache:
             key = cache.ort_cuda_key(entry)
-        return OrtEngine(entry.spec, path, self.backend, cache_key=key,
-                         cuda_graph=self.cuda_graph and name == "unet", source=fused)
+        engine = OrtEngine(entry.spec, path, self.backend, cache_key=key,
+                           cuda_graph=self.cuda_graph and name == "unet", source=fused)
+        if damaged:  # the bundle's graph runs instead; say how to get the fusions back
+            engine.cache_note = ("; the CPU-fused graph is damaged: rebuild it with "
+                                 "engines.build --backend ort-cpu --force")
+        return engine
 
     def graph_precision(self, name: str) -> str:
         return self.precision if self.precision != "bf16" or name in BF16_GRAPHS else "fp32"

@@ -68,6 +68,7 @@ class OrtEngine(Engine):
         self.backend = backend
         self.cache_key = cache_key
         self.cache_status = "off"
+        self.cache_note = ""  # appended to cache_status: e.g. a damaged CPU-fused graph
         self.cuda_graph = cuda_graph and backend == "ort-cuda"
         self.cuda_graph_status = "on" if self.cuda_graph else "off"
         self.max_graphs = max_graphs  # shape sets captured; more run without a graph
@@ -95,7 +96,7 @@ class OrtEngine(Engine):
             return None
         if self.cache_key.backend != "ort-cpu":  # ort-cuda graphs come from engines.build
             try:
-                found = cache.lookup(self.cache_key, verify=False)  # sizes only
+                found = cache.lookup(self.cache_key)
             except OSError as e:
                 found, self.cache_status = None, f"off ({e.strerror or e})"
                 return None
@@ -104,6 +105,7 @@ class OrtEngine(Engine):
         found, self.cache_status = cache.fetch(self.cache_key, self._optimize_into, rebuild)
         if found is not None and self.source != self.path:
             self.cache_status += " from the CPU-fused graph"
+        self.cache_status += self.cache_note
         return found
 
     def _session(self, path: Path, optimized: bool) -> ort.InferenceSession:

@@ -35,12 +35,11 @@ class CachedTensorRTEngine(TensorRTEngine):
 
     def __init__(self, entry: GraphEntry, profile: Profile,
                  device: TensorRTDevice | None = None, cache_dir: Path | None = None,
-                 cuda_graph: bool = False, verify: bool = True, keep_plans: int = 2):
+                 cuda_graph: bool = False, keep_plans: int = 2):
         super().__init__(entry.spec, Path(), device, cuda_graph)
         self.entry = entry
         self.profile = profile
         self.cache_dir = cache_dir
-        self.verify = verify  # sha256 every plan once per process (size only when False)
         self.found: dict[tuple, Path] = {}  # input shapes -> plan
         self.keep_plans = max(1, keep_plans)
         self.parked: dict[Path, tuple[Any, Any, int]] = {}  # plan -> engine, context, scratch
@@ -53,11 +52,10 @@ class CachedTensorRTEngine(TensorRTEngine):
             version = trt_version()
         except (CudaError, ImportError) as e:
             raise self.error(str(e), shapes) from None
-        return cache.find_plan(self.entry, shapes, version, self.device.info, self.cache_dir,
-                               self.verify)
+        return cache.find_plan(self.entry, shapes, version, self.device.info, self.cache_dir)
 
     def _lookup(self, shapes: Shapes) -> Path | None:
-        """The plan for these shapes, found (and sha256-checked) once per process."""
+        """The plan for these shapes, found (and hash-checked) once per process."""
         memo = tuple(sorted((k, tuple(v)) for k, v in shapes.items()))
         if memo not in self.found:
             path = self._find(shapes)

@@ -1,0 +1,95 @@
+"""Every file the runtime loads is checked against its recorded hash (runtime/integrity.py):
+bundle graphs on a thread beside the engine loads, cache artifacts at lookup."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import xxhash
+
+from runtime import integrity
+from runtime.bundle import MANIFEST, BundleError, demo_bundle
+from runtime.pipeline import Pipeline
+
+
+@pytest.mark.parametrize("size", [0, 1, integrity.CHUNK - 1, integrity.CHUNK + 7])
+def test_hashes_are_the_standard_ones(tmp_path, size):
+    data = os.urandom(size)
+    (tmp_path / "f").write_bytes(data)
+    sha, fast = integrity.file_hashes(tmp_path / "f")
+    assert sha == hashlib.sha256(data).hexdigest()
+    assert fast == integrity.fast_hash(tmp_path / "f") == xxhash.xxh3_128(data).hexdigest()
+
+
+def _damage_keeping_size_and_mtime(path):
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x55
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+@pytest.mark.parametrize("recorded", ["xxh3", "sha256 only"])
+def test_a_graph_damaged_after_the_cache_was_built_is_refused(tmp_path, monkeypatch, recorded):
+    """The ORT CPU cache is keyed on the graph's size and mtime: a graph damaged in
+    place with both kept would hit the cache and make a wrong image with exit 0."""
+    monkeypatch.setenv("SDRT_CACHE_DIR", str(tmp_path / "cache"))
+    bundle = tmp_path / "bundle"
+    shutil.copytree(demo_bundle(), bundle)
+    if recorded != "xxh3":  # a bundle exported before xxh3 was recorded
+        m = json.loads((bundle / MANIFEST).read_text())
+        for g in m["graphs"].values():
+            g.pop("xxh3")
+        (bundle / MANIFEST).write_text(json.dumps(m))
+    lines = []
+    with Pipeline(bundle, "ort-cpu", safety=False, log=lines.append) as pipe:
+        assert f"match the manifest's {'xxh3_128' if recorded == 'xxh3' else 'sha256'}" \
+            in pipe.load_report.check
+    assert any(x.startswith("bundle check: 3 files match") for x in lines), lines
+    _damage_keeping_size_and_mtime(bundle / "unet.onnx")
+    with pytest.raises(BundleError, match="unet.onnx does not match its hash"):
+        Pipeline(bundle, "ort-cpu", safety=False)
+    out = subprocess.run([sys.executable, "-m", "runtime.generate", "x", "--model", str(bundle),
+                          "--backend", "ort-cpu", "--output-dir", str(tmp_path / "out")],
+                         capture_output=True, text=True, env={**os.environ, "CI": "1"})
+    last = out.stderr.strip().splitlines()[-1]  # after the load log
+    assert out.returncode == 2 and out.stderr.count("error") == 1, out.stderr
+    assert last.startswith("error:") and "does not match its hash" in last
+    assert "Traceback" not in out.stderr and not (tmp_path / "out").exists()
+
+
+def test_an_unreadable_graph_is_one_line(tmp_path):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(demo_bundle(), bundle)
+    os.chmod(bundle / "vae_decoder.onnx", 0)
+    if os.access(bundle / "vae_decoder.onnx", os.R_OK):
+        pytest.skip("running as root: a file without read permission is still readable")
+    with pytest.raises(BundleError):
+        Pipeline(bundle, "ort-cpu", safety=False)
+
+
+def test_the_check_runs_beside_the_loads(monkeypatch):
+    """The check starts before the first engine loads and is waited for at the end."""
+    events = []
+    real = integrity.BundleCheck
+
+    class Spy(real):
+        def __init__(self, files):
+            events.append("check started")
+            super().__init__(files)
+
+        def result(self):
+            events.append("check waited for")
+            return super().result()
+
+    monkeypatch.setattr(integrity, "BundleCheck", Spy)
+    with Pipeline("demo", "ort-cpu", safety=False, log=events.append):
+        pass
+    assert events[0] == "check started" and events[-2] == "check waited for"
+    assert events[-1].startswith("bundle check:") and any("unet: loaded" in e for e in events)
