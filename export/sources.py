@@ -7,11 +7,12 @@ Every user mistake raises ExportError with one line that says what to do.
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from export.checks import check_diffusers_folder, model_kind
+from export.checks import REQUIRED, check_diffusers_folder, model_kind
 from export.configs import SD14, ModelConfig
 from export.errors import ExportError
 
@@ -123,14 +124,88 @@ def load_single_file(path: Path, *, allow_pickle: bool = False, config: ModelCon
                           pipe.vae.float().eval(), None, pipe.scheduler, None, str(path))
 
 
-def load_from_hub(repo_id: str, *, allow_pickle: bool = False, safety: bool = True) -> Components:
-    from huggingface_hub import snapshot_download
+# diffusers/transformers weight files, as diffusers' variant_compatible_siblings reads them
+# (diffusers/pipelines/pipeline_loading_utils.py): model[-00001-of-00002][.fp16].safetensors,
+# model.fp16-00001-of-00002.safetensors, and their index files (model.safetensors.index[.fp16].json,
+# legacy model.safetensors.fp16.index.json)
+_PREFIX = r"(?:diffusion_pytorch_model|model|pytorch_model)"
+_SHARD = r"\d{5}-of-\d{5}"
+_WEIGHT = re.compile(rf"{_PREFIX}(?:-{_SHARD})?(?:\.(?P<v>\w+?)(?:-{_SHARD})?)?\.(?P<fmt>safetensors|bin)")
+_INDEX = re.compile(rf"{_PREFIX}\.(?P<fmt>safetensors|bin)"
+                    rf"(?:\.index(?:\.(?P<v>\w+))?|\.(?P<lv>\w+)\.index)\.json")
+WEIGHTED = ("text_encoder", "unet", "vae", "safety_checker")  # the folders whose weights export loads
 
-    patterns = ["model_index.json", "*/config.json", "*/*.txt", "*/*.json", "*/*.safetensors"]
-    if allow_pickle:
-        patterns.append("*/*.bin")
+
+def _weight_kind(name: str) -> tuple[tuple[str | None, str], bool] | None:
+    """((variant or None, "safetensors" | "bin"), is an index file) for a weight file name."""
+    m = _WEIGHT.fullmatch(name)
+    if m:
+        return (m["v"], m["fmt"]), False
+    m = _INDEX.fullmatch(name)
+    return ((m["v"] or m["lv"], m["fmt"]), True) if m else None
+
+
+def hub_files(repo_id: str, names: list[str], *, allow_pickle: bool, safety: bool) -> list[str]:
+    """The files of a hub repo (`names`, as list_repo_files gives them) an export downloads.
+
+    model_index.json and the component folders export reads (safety_checker and
+    feature_extractor only with `safety`): their .json/.txt files and one weights choice
+    per folder, as diffusers picks it: the default (non-variant) weights, else the fp16
+    variant (diffusers' variant="fp16"); within that, safetensors, else .bin with
+    `allow_pickle`. Other variants (fp16 beside the default, ema, non_ema), top-level
+    checkpoints and other formats are left out. Raises ExportError (one line) where the
+    repo is not a usable SD v1.x diffusers model, before anything is downloaded.
+    """
+    folders: tuple[str, ...] = REQUIRED
+    if safety:
+        folders += ("safety_checker", "feature_extractor")
+    if "model_index.json" not in names:
+        raise ExportError(f"{repo_id} is not a diffusers model (no model_index.json)")
+    by_folder: dict[str, list[str]] = {}
+    for name in names:
+        folder, _, base = name.partition("/")
+        if folder in folders and base and "/" not in base:
+            by_folder.setdefault(folder, []).append(base)
+    missing = [d for d in REQUIRED if d not in by_folder]
+    if missing:
+        raise ExportError(f"{repo_id} is not a Stable Diffusion v1.x diffusers model "
+                          f"(missing {', '.join(missing)})")
+    formats = ("safetensors", "bin") if allow_pickle else ("safetensors",)
+    chosen = ["model_index.json"]
+    for folder, bases in by_folder.items():
+        kinds = {b: _weight_kind(b) for b in bases}
+        found = {k[0] for k in kinds.values() if k and not k[1]}  # weight files, not indexes
+        pick = next(((v, f) for v in (None, "fp16") for f in formats if (v, f) in found), None)
+        if pick is None and folder in WEIGHTED:
+            if any(f == "bin" and v in (None, "fp16") for v, f in found):
+                raise ExportError(f"{repo_id}/{folder} has only pickle weights (not safetensors); "
+                                  f"pass --allow-pickle if you trust this model")
+            raise ExportError(f"{repo_id}/{folder} has no default or fp16 weights that diffusers "
+                              f"loads (.safetensors or .bin); not a usable diffusers model")
+        for base, kind in kinds.items():
+            if kind[0] == pick if kind else base.endswith((".json", ".txt")):
+                chosen.append(f"{folder}/{base}")
+    return sorted(chosen)
+
+
+def _exact(name: str) -> str:
+    """An fnmatch pattern (snapshot_download's allow_patterns) that matches only `name`."""
+    return re.sub(r"([*?[])", r"[\1]", name)
+
+
+def load_from_hub(repo_id: str, *, allow_pickle: bool = False, safety: bool = True) -> Components:
+    """A hub repo in diffusers layout: lists its files, downloads only those hub_files picks
+    (at the listed commit, so the listing and the download agree), loads the folder."""
+    from huggingface_hub import HfApi, snapshot_download
+
     try:
-        folder = snapshot_download(repo_id, allow_patterns=patterns)
+        info = HfApi().model_info(repo_id)
+    except Exception as e:  # requests/httpx and huggingface_hub raise many types
+        raise ExportError(f"cannot list the files of {repo_id} on the hub: {_one_line(e)}") from None
+    names = [s.rfilename for s in info.siblings or ()]
+    files = hub_files(repo_id, names, allow_pickle=allow_pickle, safety=safety)
+    try:
+        folder = snapshot_download(repo_id, revision=info.sha, allow_patterns=[_exact(f) for f in files])
     except Exception as e:
         raise ExportError(f"cannot download {repo_id} from the hub: {_one_line(e)}") from None
     return load_diffusers_folder(Path(folder), allow_pickle=allow_pickle, safety=safety, model_id=repo_id)
