@@ -9,13 +9,16 @@ Imports neither torch nor any backend. POSIX only (fcntl), which covers Linux an
 Layout, one directory per artifact:
 
     CACHE/<backend>/<graph>-<digest16>/<file(s)>       e.g. tensorrt/unet-1f0c.../unet.plan
-    CACHE/<backend>/<graph>-<digest16>/sidecar.json    key + size + sha256 of every file
+    CACHE/<backend>/<graph>-<digest16>/sidecar.json    key; size, sha256, xxh3, stamp of each file
     CACHE/<backend>/<graph>-<digest16>.lock            flock'd while one process builds it
 
 An artifact is built in a temporary sibling directory, its sidecar written last, and
 the directory renamed into place, so a crash never leaves a partial artifact that a
-later lookup accepts. A lookup that finds sizes or hashes that do not match the
-sidecar warns (CacheWarning) and reports a miss, so the caller rebuilds.
+later lookup accepts; the next build of the same artifact removes a dead builder's
+temporary folder, and runtime/cache_prune.py trims the cache. A lookup that finds a
+size or hash that does not match the sidecar warns (CacheWarning) and reports a
+miss, so the caller rebuilds; files unchanged since they last matched (same stamp,
+runtime/integrity.py) are not hashed again.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, replace
@@ -128,6 +132,13 @@ def default_dir() -> Path:
     return Path(base) / "sdrt" / "engines"
 
 
+def verified_memo(bundle: Path) -> Path:
+    """Where runtime.integrity.BundleCheck remembers which of a bundle's files matched
+    their hashes (a bundle folder may be read-only, e.g. the demo inside the package)."""
+    name = hashlib.sha256(str(Path(bundle).resolve()).encode()).hexdigest()[:16]
+    return default_dir() / "verified" / f"{name}.json"
+
+
 def artifact_dir(key: CacheKey, cache_dir: Path | None = None) -> Path:
     return Path(cache_dir or default_dir()) / key.backend / key.dirname
 
@@ -140,29 +151,37 @@ def _read_sidecar(folder: Path) -> dict | None:
     return d if isinstance(d, dict) and d.get("version") == SIDECAR_VERSION else None
 
 
-def _check(folder: Path, side: dict) -> str | None:
-    """None when every file matches the sidecar, else what is wrong (one line). Sizes,
-    then xxh3 (0.4 s for a full-size UNet). An entry from before xxh3 was recorded is
-    checked by its sha256 once and its sidecar gains the xxh3 (best effort)."""
-    upgraded = False
+def _check(folder: Path, side: dict, full: bool = False) -> str | None:
+    """None when every file matches the sidecar, else what is wrong (one line).
+
+    Sizes always; then a file whose stamp (runtime.integrity.stamp) is the one recorded
+    when it last matched is not hashed again (`full` hashes anyway); others are hashed
+    with xxh3 (0.4 s for a full-size UNet), or sha256 for an entry from before xxh3 was
+    recorded, and the sidecar records what matched (best effort)."""
+    changed = False
     for name, want in side["files"].items():
         path = folder / name
         try:
-            size = path.stat().st_size
+            st = integrity.stamp(path)
         except OSError:
             return f"{name} is missing"
-        if size != want["size"]:
-            return f"{name} has {size} bytes, expected {want['size']} (truncated?)"
+        if st[0] != want["size"]:
+            return f"{name} has {st[0]} bytes, expected {want['size']} (truncated?)"
+        if want.get("stamp") == st and not full:
+            continue
+        started = time.time()
         fast = want.get(integrity.FAST)
         if fast:
             if integrity.fast_hash(path) != fast:
                 return f"{name} does not match its recorded hash (damaged)"
-            continue
-        sha, want[integrity.FAST] = integrity.file_hashes(path)
-        if sha != want["sha256"]:
-            return f"{name} does not match its recorded sha256 (damaged)"
-        upgraded = True
-    if upgraded:
+        else:
+            sha, want[integrity.FAST] = integrity.file_hashes(path)
+            if sha != want["sha256"]:
+                return f"{name} does not match its recorded sha256 (damaged)"
+            changed = True
+        if integrity.recordable(st, started):
+            want["stamp"], changed = st, True
+    if changed:
         with contextlib.suppress(OSError):
             files.write_atomic(folder / SIDECAR, json.dumps(side, indent=2) + "\n")
     return None
@@ -179,10 +198,11 @@ def lookup(key: CacheKey, cache_dir: Path | None = None) -> Path | None:
     return found
 
 
-def find(key: CacheKey, cache_dir: Path | None = None) -> tuple[Path | None, str | None]:
+def find(key: CacheKey, cache_dir: Path | None = None,
+         full: bool = False) -> tuple[Path | None, str | None]:
     """(main file, None) when cached and intact; (None, None) when not cached; (None,
     what is wrong) when present but damaged (no valid sidecar, a size or hash that
-    differs from it)."""
+    differs from it). `full`: hash every file even when unchanged since last checked."""
     folder = artifact_dir(key, cache_dir)
     if not folder.is_dir():
         return None, None
@@ -197,7 +217,7 @@ def find(key: CacheKey, cache_dir: Path | None = None) -> tuple[Path | None, str
         same = False
     if side is None or not same:
         return None, f"{folder} has no valid {SIDECAR}"
-    problem = _check(folder, side)
+    problem = _check(folder, side, full)
     if problem:
         return None, f"{folder}: {problem}"
     _used(folder)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime import backends, integrity
+from runtime import backends, cache, integrity
 from runtime.args import first_line
 from runtime.bundle import (
     GRAPH_ORDER,
@@ -245,10 +245,11 @@ class Pipeline:
         names = [n for n in GRAPH_ORDER if n in self.manifest.graphs
                  and (safety or n != "safety_checker")]
 
-        # hash the bundle's graph files on a thread beside the engine loads (xxh3: 0.4 s
-        # for a full-size UNet); its verdict is waited for before this returns, so a graph
-        # damaged or edited after export never makes an image
-        check = integrity.BundleCheck(integrity_files(self.bundle, self.manifest, names))
+        # check the bundle's graph files on a thread beside the engine loads (those changed
+        # since they last matched are hashed: xxh3, 0.4 s for a full-size UNet); its verdict
+        # is waited for before this returns, so a damaged or edited graph never makes an image
+        check = integrity.BundleCheck(integrity_files(self.bundle, self.manifest, names),
+                                      cache.verified_memo(self.bundle) if use_cache else None)
         report = LoadReport()
 
         def loaded(name: str, engine: Engine, seconds: float) -> None:
@@ -286,8 +287,7 @@ class Pipeline:
         except BaseException:
             self.close()
             raise
-        report.check = f"{len(check.files)} files match the manifest's {check.algorithm} " \
-                       f"({check.seconds:.2f} s, beside the loads)"
+        report.check = check.describe()
         self.log(f"bundle check: {report.check}")
         self.backend = b
         report.backend, report.precision = b, self.precision

@@ -249,3 +249,19 @@ def test_default_dir_env(monkeypatch, tmp_path):
     monkeypatch.delenv(cache.CACHE_ENV)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert cache.default_dir() == tmp_path / "xdg" / "sdrt" / "engines"
+
+
+def test_an_artifact_unchanged_since_it_matched_is_not_hashed_again(tmp_path, monkeypatch):
+    from runtime import integrity
+
+    monkeypatch.setattr(integrity, "RACY_SECONDS", 0.0)  # files written just now count
+    path = cache.store(KEY, _writer(), tmp_path)
+    assert cache.lookup(KEY, tmp_path) == path  # hashed once, stamp recorded
+    with monkeypatch.context() as m:
+        m.setattr(integrity, "fast_hash", lambda p: pytest.fail("hashed again"))
+        assert cache.lookup(KEY, tmp_path) == path
+    st = path.stat()
+    path.write_bytes(b"z" * st.st_size)  # any write changes the stamp (ctime)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.warns(cache.CacheWarning, match="recorded hash"):
+        assert cache.lookup(KEY, tmp_path) is None

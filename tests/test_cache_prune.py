@@ -93,3 +93,16 @@ def test_bad_arguments_are_one_line(tmp_path, capsys, argv, message):
         code = e.code
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_verify_hashes_everything_and_removes_the_damaged(tmp_path, capsys):
+    good, bad = _put(tmp_path, 0, 1000, 1), _put(tmp_path, 1, 1000, 1)
+    graph = bad / "unet.onnx"
+    st = graph.stat()
+    graph.write_bytes(b"y" * st.st_size)
+    os.utime(graph, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert main(["verify", "--cache-dir", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert f"damaged: {bad}" in out and "2 artifacts hashed, 1 damaged" in out
+    assert good.exists() and not bad.exists()
+    assert main(["verify", "--cache-dir", str(tmp_path)]) == 0

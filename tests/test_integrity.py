@@ -49,7 +49,7 @@ def test_a_graph_damaged_after_the_cache_was_built_is_refused(tmp_path, monkeypa
         (bundle / MANIFEST).write_text(json.dumps(m))
     lines = []
     with Pipeline(bundle, "ort-cpu", safety=False, log=lines.append) as pipe:
-        assert f"match the manifest's {'xxh3_128' if recorded == 'xxh3' else 'sha256'}" \
+        assert f"match the manifest ({'xxh3_128' if recorded == 'xxh3' else 'sha256'}" \
             in pipe.load_report.check
     assert any(x.startswith("bundle check: 3 files match") for x in lines), lines
     _damage_keeping_size_and_mtime(bundle / "unet.onnx")
@@ -80,9 +80,9 @@ def test_the_check_runs_beside_the_loads(monkeypatch):
     real = integrity.BundleCheck
 
     class Spy(real):
-        def __init__(self, files):
+        def __init__(self, *args):
             events.append("check started")
-            super().__init__(files)
+            super().__init__(*args)
 
         def result(self):
             events.append("check waited for")
@@ -93,3 +93,23 @@ def test_the_check_runs_beside_the_loads(monkeypatch):
         pass
     assert events[0] == "check started" and events[-2] == "check waited for"
     assert events[-1].startswith("bundle check:") and any("unet: loaded" in e for e in events)
+
+
+def test_a_file_unchanged_since_it_matched_is_not_hashed_again(tmp_path, monkeypatch):
+    """A warm start costs a stat per file: the memo in the engine cache remembers each
+    file's stamp; any write (same size, mtime put back) changes the ctime and re-hashes."""
+    monkeypatch.setenv("SDRT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(integrity, "RACY_SECONDS", 0.0)  # files written just now count
+    bundle = tmp_path / "bundle"
+    shutil.copytree(demo_bundle(), bundle)
+    with Pipeline(bundle, "ort-cpu", safety=False) as pipe:
+        assert "3 hashed" in pipe.load_report.check
+    Pipeline(bundle, "ort-cpu", safety=False).close()  # the cache's first lookups hash
+    monkeypatch.setattr(integrity, "fast_hash", lambda p: pytest.fail(f"hashed {p}"))
+    with Pipeline(bundle, "ort-cpu", safety=False) as pipe:
+        assert "0 hashed" in pipe.load_report.check and "3 unchanged" in pipe.load_report.check
+    monkeypatch.undo()
+    monkeypatch.setenv("SDRT_CACHE_DIR", str(tmp_path / "cache"))
+    _damage_keeping_size_and_mtime(bundle / "vae_decoder.onnx")
+    with pytest.raises(BundleError, match="vae_decoder.onnx does not match"):
+        Pipeline(bundle, "ort-cpu", safety=False)
