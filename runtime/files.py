@@ -7,12 +7,17 @@ POSIX only (fcntl), which covers Linux and Jetson.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+# os.link's errors where a file system has no hard links (vfat: EPERM; others: ENOTSUP,
+# EOPNOTSUPP, EMLINK, ENOSYS; EXDEV cannot happen, the temp file is in the same folder)
+NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS}
 
 
 def _write_temp(folder: Path, data: bytes | str, prefix: str, suffix: str = "") -> str:
@@ -63,19 +68,56 @@ def write_atomic(path: Path, data: bytes | str) -> None:
 def write_new_file(folder: Path, stem: str, suffix: str, data: bytes) -> Path:
     """Write `data` to folder/stem[-k]suffix, never overwriting and never half-written:
     os.link publishes the temp file under the first free name atomically (it fails
-    instead of replacing an existing file)."""
+    instead of replacing an existing file). Where the file system has no hard links
+    (FAT/exFAT SD cards on Jetsons: EPERM), the name is reserved empty with O_EXCL
+    and the temp file renamed over it: a reader may see it empty, never partial."""
     tmp = _write_temp(Path(folder), data, ".tmp-", suffix)
     try:
         for k in range(100_000):
             path = Path(folder) / (f"{stem}{'' if k == 0 else f'-{k}'}{suffix}")
             try:
-                os.link(tmp, path)
+                _publish(tmp, path)
                 return path
             except FileExistsError:
                 continue
         raise FileExistsError(f"no free file name for {Path(folder) / stem}{suffix}")
     finally:
-        os.unlink(tmp)
+        with contextlib.suppress(FileNotFoundError):  # renamed into place by the fallback
+            os.unlink(tmp)
+
+
+def _publish(tmp: str, path: Path) -> None:
+    """`tmp` under the new name `path`; FileExistsError when the name is taken."""
+    try:
+        os.link(tmp, path)
+        return
+    except FileExistsError:
+        raise
+    except OSError as e:
+        if e.errno not in NO_HARD_LINKS:
+            raise
+    os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666 & ~umask()))
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
+
+
+def write_all_new(folder: Path, files: list[tuple[str, str, bytes]]) -> list[Path]:
+    """write_new_file for each (stem, suffix, data), all or nothing: when one fails (a
+    full disk halfway through a batch), those already written are removed again."""
+    done: list[Path] = []
+    try:
+        for stem, suffix, data in files:
+            done.append(write_new_file(folder, stem, suffix, data))
+    except BaseException:
+        for p in done:
+            with contextlib.suppress(OSError):
+                os.unlink(p)
+        raise
+    return done
 
 
 @contextlib.contextmanager

@@ -19,7 +19,7 @@ from runtime.args import OneLineParser, first_line
 from runtime.backends import BACKENDS, PRECISIONS
 from runtime.bundle import LATENT_CHANNELS, VAE_FACTOR, BundleError, read_manifest, resolve_model
 from runtime.engine import EngineError
-from runtime.files import read_small, why_not_creatable, write_new_file
+from runtime.files import read_small, why_not_creatable, write_all_new
 from runtime.images import png_bytes
 from runtime.pipeline import (
     Pipeline,
@@ -111,13 +111,13 @@ def metadata(result: Result, args: argparse.Namespace, backend: str, precision: 
 
 def write_images(result: Result, args: argparse.Namespace, backend: str,
                  precision: str) -> list[Path]:
+    """Every image of the batch, or none: encoded first, then written; a write that
+    fails halfway removes those already written."""
     r = result.request
-    paths = []
-    for i, image in enumerate(result.images):
-        stem = f"{slug(r.prompts[0])}-{r.seed}" + (f"-{i}" if r.batch > 1 else "")
-        paths.append(write_new_file(args.output_dir, stem, ".png",
-                                    png_bytes(image, metadata(result, args, backend, precision, i))))
-    return paths
+    batch = [(f"{slug(r.prompts[0])}-{r.seed}" + (f"-{i}" if r.batch > 1 else ""), ".png",
+              png_bytes(image, metadata(result, args, backend, precision, i)))
+             for i, image in enumerate(result.images)]
+    return write_all_new(args.output_dir, batch)
 
 
 def progress_bar(total_hint: str):
