@@ -63,7 +63,10 @@ class VaeDecoder(torch.nn.Module):
 
 class SafetyChecker(torch.nn.Module):
     """StableDiffusionSafetyChecker.forward_onnx without its in-place blackout of the
-    images (the host blacks out flagged images): returns (has_nsfw, concept_scores)."""
+    images (the host blacks out flagged images). Returns its flags and the two score
+    matrices (cosine minus threshold, before any adjustment) from which the host applies
+    `forward`'s rule, which rounds each score to 3 decimals first (runtime/safety.py):
+    what diffusers' StableDiffusionPipeline calls."""
 
     def __init__(self, checker):
         super().__init__()
@@ -77,8 +80,9 @@ class SafetyChecker(torch.nn.Module):
         cos = cosine_distance(image_embeds, c.concept_embeds)  # [B, 17]
         special_care = torch.any(special_cos - c.special_care_embeds_weights > 0, dim=1)  # [B]
         adjustment = (special_care * 0.01).unsqueeze(1).expand(-1, cos.shape[1])  # [B, 17]
-        concept_scores = cos - c.concept_embeds_weights + adjustment  # [B, 17]
-        return torch.any(concept_scores > 0, dim=1), concept_scores  # [B] bool, [B, 17]
+        base = cos - c.concept_embeds_weights  # [B, 17]
+        special = special_cos - c.special_care_embeds_weights  # [B, 3]
+        return torch.any(base + adjustment > 0, dim=1), base, special  # [B] bool
 
 
 @dataclass(frozen=True)

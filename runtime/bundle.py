@@ -39,6 +39,7 @@ MAX_DIM = 1 << 16  # any fixed tensor axis or hidden width in a manifest (v1.x: 
 DTYPES = ("float32", "float16", "int32", "int64", "bool")  # numpy names a manifest may use
 AXES = ("B", "N", "h", "w", "H", "W")  # the named axes (module doc)
 SAFETY_CONCEPTS = 17  # StableDiffusionSafetyChecker: 17 concept (+ 3 special-care) embeddings
+SAFETY_SPECIAL = 3
 BOS = "<|startoftext|>"  # CLIP tokenizer's begin token, id 49406
 EOS = "<|endoftext|>"  # its end token, id 49407; also the pad and unknown token of v1.x
 
@@ -118,7 +119,11 @@ def _graphs(hidden: str = "C") -> dict[str, GraphSpec]:
         "safety_checker": GraphSpec(
             "safety_checker",
             (T("clip_input", "float32", ("B", 3, SAFETY_SIZE, SAFETY_SIZE)),),
-            (T("has_nsfw", "bool", ("B",)), T("concept_scores", "float32", ("B", "K"))),
+            # has_nsfw: forward_onnx's flags (unrounded); concept/special_scores: cosine
+            # minus threshold, from which the host applies forward's rounded rule
+            # (runtime/safety.py). Bundles before special_scores: has_nsfw is used.
+            (T("has_nsfw", "bool", ("B",)), T("concept_scores", "float32", ("B", "K")),
+             T("special_scores", "float32", ("B", SAFETY_SPECIAL))),
         ),
     }
 
@@ -139,6 +144,14 @@ def graph_spec(name: str, hidden: int, concepts: int = SAFETY_CONCEPTS) -> Graph
         return TensorSpec(t.name, t.dtype, tuple(fill.get(a, a) for a in t.shape))
 
     return GraphSpec(g.name, tuple(map(sub, g.inputs)), tuple(map(sub, g.outputs)))
+
+
+def legacy_safety_spec(name: str, concepts: int) -> GraphSpec | None:
+    """The safety checker of bundles exported before special_scores (its flags only)."""
+    if name != "safety_checker":
+        return None
+    g = graph_spec(name, 0, concepts)
+    return GraphSpec(name, g.inputs, g.outputs[:2])
 
 
 @dataclass(frozen=True)
@@ -349,10 +362,9 @@ def _graph_entry(path: Path, name: str, g: object, hidden: int) -> GraphEntry:
             raise _fail(path, f"{name}.{side} must be a list")
         ios.append(tuple(_tensor(path, name, t) for t in g[side]))
     spec = GraphSpec(name, ios[0], ios[1])
-    concepts = SAFETY_CONCEPTS
-    if name == "safety_checker" and spec.outputs and isinstance(spec.outputs[-1].shape[-1], int):
-        concepts = spec.outputs[-1].shape[-1]
-    if spec != graph_spec(name, hidden, concepts):
+    concepts = next((t.shape[-1] for t in spec.outputs if t.name == "concept_scores"
+                     and isinstance(t.shape[-1], int)), SAFETY_CONCEPTS)
+    if spec != graph_spec(name, hidden, concepts) and spec != legacy_safety_spec(name, concepts):
         raise _fail(path, f"{name}'s inputs/outputs are not this runtime's contract for it "
                           f"(names, dtypes, ranks)")
     external = g.get("external_data")

@@ -45,6 +45,7 @@ from runtime.engine import Engine, EngineError, SpecMismatch
 from runtime.files import read_small
 from runtime.images import clip_preprocess, postprocess
 from runtime.rng import TorchCPUGenerator
+from runtime.safety import flags_from_outputs
 from runtime.schedulers import SCHEDULERS, Schedule, make_schedule
 from runtime.tokenizer import ClipTokenizer
 
@@ -547,8 +548,7 @@ class Pipeline:
         checker = self.engines["safety_checker"]
         clip_input = clip_preprocess(images)  # [B, 3, 224, 224]
         checker.allocate({"clip_input": clip_input.shape})
-        out = checker.run({"clip_input": clip_input})
-        return [bool(f) for f in out["has_nsfw"]]
+        return flags_from_outputs(checker.run({"clip_input": clip_input}))
 
 
 def generate(prompt: str | Sequence[str], model: str | Path = "demo", backend: str = "auto",

@@ -97,9 +97,11 @@ def test_safety_checker_flags_and_scores_like_forward_onnx(demo_components, tmp_
     job = GraphJob(graph_spec("safety_checker", demo_components.hidden), SafetyChecker(checker).eval(),
                    (clip_input,))
     export_onnx(job, tmp_path / "s.onnx", 17)
-    has_nsfw, scores = ort_session(tmp_path / "s.onnx").run(None, {"clip_input": clip_input.numpy()})
+    has_nsfw, scores, special = ort_session(tmp_path / "s.onnx").run(
+        None, {"clip_input": clip_input.numpy()})
     np.testing.assert_array_equal(has_nsfw, flags.numpy())
     np.testing.assert_allclose(scores, (cos - checker.concept_embeds_weights).numpy(), atol=1e-5)
+    assert special.shape == (2, 3)
     assert bool((black[flags] == 0).all()) and bool((black[~flags] == 1).all())  # host's job
 
 
