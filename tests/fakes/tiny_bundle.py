@@ -83,12 +83,15 @@ def safety_checker(rng):
     nodes = [
         helper.make_node("GlobalAveragePool", ["clip_input"], ["p"]),  # [B, 3, 1, 1]
         helper.make_node("Flatten", ["p"], ["f"]),  # [B, 3]
-        helper.make_node("MatMul", ["f", "proj"], ["concept_scores"]),  # [B, K]
+        helper.make_node("MatMul", ["f", "proj"], ["cos"]),  # [B, K]
+        helper.make_node("Sub", ["cos", "threshold"], ["concept_scores"]),  # [B, K], all < 0
         helper.make_node("ReduceMax", ["concept_scores"], ["m"], axes=[1], keepdims=0),
-        helper.make_node("Greater", ["m", "threshold"], ["has_nsfw"]),  # [B] bool
+        helper.make_node("Greater", ["m", "zero"], ["has_nsfw"]),  # [B] bool
+        helper.make_node("MatMul", ["f", "special_proj"], ["special_scores"]),  # [B, 3]
     ]
     inits = {"proj": rng.standard_normal((3, CONCEPTS)).astype(np.float32),
-             "threshold": np.array(100.0, np.float32)}
+             "threshold": np.array(100.0, np.float32), "zero": np.array(0.0, np.float32),
+             "special_proj": np.full((3, 3), -100.0, np.float32)}  # never special care
     return spec, _model(spec, nodes, inits)
 
 
