@@ -458,11 +458,12 @@ def read_manifest(bundle: Path | str) -> Manifest:
                 raise BundleError(f"corrupt {path}: {e.spec.name}'s file {f!r} is not a file "
                                   f"name in the bundle; re-export the bundle")
             target = bundle / f
-            if not target.is_file():
-                raise BundleError(f"bundle {bundle} is missing {f}; re-export the bundle")
-            if not target.resolve().is_relative_to(inside):
+            if target.exists() and not target.resolve().is_relative_to(inside):
                 raise BundleError(f"bundle {bundle}: {f} links outside the bundle "
                                   f"({target.resolve()}); refusing to read it")
+            if not target.is_file():
+                raise BundleError(f"bundle {bundle} is missing {f}" + (
+                    " (not a regular file)" if target.exists() else "") + "; re-export the bundle")
     return manifest
 
 

@@ -47,6 +47,8 @@ from runtime.images import clip_preprocess, postprocess
 from runtime.rng import TorchCPUGenerator
 from runtime.safety import flags_from_outputs
 from runtime.schedulers import SCHEDULERS, Schedule, make_schedule
+from runtime.schedulers._tables import alphas_cumprod
+from runtime.schedulers._tables import resolve as resolve_config
 from runtime.tokenizer import ClipTokenizer
 
 StepHook = Callable[[int, float, np.ndarray], None]  # (call i, timestep, latents [B, 4, h, w])
@@ -239,6 +241,12 @@ class Pipeline:
             self.scheduler_config = {**config, "steps_offset": 1}
             if config.get("clip_sample") is True:
                 self.scheduler_config["clip_sample"] = False
+            # the noise tables every scheduler shares: a bad config fails here, not after
+            # every engine has loaded
+            try:
+                alphas_cumprod(resolve_config(self.scheduler_config, {}))
+            except (ValueError, TypeError, KeyError) as e:
+                raise ValueError(f"{SCHEDULER_CONFIG}: {first_line(e)}") from None
             self.tokenizer = ClipTokenizer(self.bundle / TOKENIZER_DIR)
         except Exception as e:  # OSError, JSON errors; tokenizers raises plain Exception
             raise BundleError(f"corrupt bundle {self.bundle}: {first_line(e)}; "
