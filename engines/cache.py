@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"  {a.folder.name}{note}")
             left = cache_prune.leftovers(root)
             for folder, n in left:
-                print(f"{'leftover':9} {'':15} {_human(n):>9}  {folder} (a build that died)")
+                print(f"{'leftover':9} {'':15} {_human(n):>9}  {folder} (a process that died)")
             total = sum(a.size for a in items) + sum(n for _, n in left)
             print(f"engine cache {root}: {len(items)} artifacts, {_human(total)}")
             return 0

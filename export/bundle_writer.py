@@ -2,17 +2,22 @@
 
 Everything goes into a temporary folder beside the output, which is renamed into place
 only when complete, so a failed or interrupted export never leaves a half-written or
-half-overwritten bundle.
+half-overwritten bundle. An export holds `.<out>.lock` beside the output while it runs,
+so the next export to the same output removes the temporary folders of one that was
+killed (as large as the model) and never those of one still running.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import platform
+import re
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -154,30 +159,64 @@ def export_bundle(components: Components, out_dir: str | os.PathLike, *, opset: 
         raise ExportError(f"the profile leaves out the model's default size "
                           f"{components.default_size}x{components.default_size}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        graphs = {}
-        for job in graph_jobs(components, safety):
-            entry, seconds = timed(lambda job=job: _write_graph(job, tmp, opset, external_data_threshold))
-            graphs[job.spec.name] = entry
-            ext = f" + {entry.external_data}" if entry.external_data else ""
-            log(f"{job.spec.name}: {entry.file}{ext} in {seconds:.1f} s, "
-                f"max abs error vs torch {entry.max_abs_error:.1e}")
-        _write_tokenizer(components, tmp / TOKENIZER_DIR)
-        (tmp / SCHEDULER_CONFIG).write_text(scheduler_config_json(components.scheduler))
-        size = components.default_size
-        Manifest(
-            source={"model": components.model_id, "hash": weights_sha256(components)},
-            hidden=components.hidden, graphs=graphs, profile=profile,
-            default_height=size, default_width=size, opset=opset, packages=package_versions(),
-            vae_scaling_factor=float(components.vae.config.scaling_factor),
-        ).write(tmp)
-        tmp.chmod(0o755)  # mkdtemp made it 0700
-        _replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with _only_export_to(out):
+        check_out(out, force)  # again: another export may have finished before we locked
+        _remove_leftovers(out)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+        try:
+            graphs = {}
+            for job in graph_jobs(components, safety):
+                entry, seconds = timed(lambda job=job: _write_graph(job, tmp, opset, external_data_threshold))
+                graphs[job.spec.name] = entry
+                ext = f" + {entry.external_data}" if entry.external_data else ""
+                log(f"{job.spec.name}: {entry.file}{ext} in {seconds:.1f} s, "
+                    f"max abs error vs torch {entry.max_abs_error:.1e}")
+            _write_tokenizer(components, tmp / TOKENIZER_DIR)
+            (tmp / SCHEDULER_CONFIG).write_text(scheduler_config_json(components.scheduler))
+            size = components.default_size
+            Manifest(
+                source={"model": components.model_id, "hash": weights_sha256(components)},
+                hidden=components.hidden, graphs=graphs, profile=profile,
+                default_height=size, default_width=size, opset=opset, packages=package_versions(),
+                vae_scaling_factor=float(components.vae.config.scaling_factor),
+            ).write(tmp)
+            tmp.chmod(0o755)  # mkdtemp made it 0700
+            _replace(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return out
+
+
+@contextlib.contextmanager
+def _only_export_to(out: Path) -> Iterator[None]:
+    """Hold an flock on `.<out>.lock` beside `out`, removed when done (a killed export's
+    stays, empty, until the next export to `out`); ExportError when another export to
+    `out` holds it, or held it and removed it while we opened it."""
+    lock = out.parent / f".{out.name}.lock"
+    with open(lock, "a+") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.stat(lock).st_ino != os.fstat(f.fileno()).st_ino:
+                raise BlockingIOError  # we locked a removed lock file: that export just ended
+        except (BlockingIOError, FileNotFoundError):
+            raise ExportError(f"another export to {out} is running; wait for it to finish "
+                              f"or choose another --out") from None
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)  # still held: whoever opens it next gets a new one
+
+
+def _remove_leftovers(out: Path) -> None:
+    """Remove what exports to `out` that died left beside it (kill -9, power loss): their
+    temporary `.<out>.<random>.tmp` and `.<out>.<random>.old` folders (tempfile's random
+    part has no dots, so another output's, `.<out>.v2.<random>.tmp`, never matches).
+    Called under `_only_export_to(out)`, so none belongs to a live export."""
+    stale = re.compile(rf"\.{re.escape(out.name)}\.[a-z0-9_]+\.(tmp|old)")
+    for p in out.parent.iterdir():
+        if stale.fullmatch(p.name) and p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def _replace(tmp: Path, out: Path) -> None:

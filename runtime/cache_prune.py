@@ -3,12 +3,14 @@
 - `artifacts`: every artifact folder with its size and when it was last used (the
   sidecar's mtime: runtime.cache.lookup touches it on every hit).
 - `leftovers`: temporary folders of builds that died (kill -9, power loss), found by
-  their lock being free; a full UNet's is several GB.
+  their lock being free (a full UNet's is several GB), and stale temp files of atomic
+  writes.
 - `prune`: remove leftovers, artifacts unused for longer than `older_than`, then the
   least recently used until the cache fits `max_size`. Each artifact is removed under
   its own lock, taken without waiting: one being built or rebuilt right now is skipped.
-- `enforce_cap`: `prune` to $SDRT_CACHE_MAX_SIZE (default 50 GB) after every build,
-  keeping the artifact just built and anything used in the last hour.
+- `enforce_cap`: after every build, remove leftovers and `prune` to
+  $SDRT_CACHE_MAX_SIZE (default 50 GB), keeping the artifact just built and anything
+  used in the last hour.
 
 A reader that already opened or mapped a removed artifact keeps it (POSIX unlink);
 the next lookup misses and rebuilds.
@@ -118,14 +120,23 @@ def _try_lock(folder: Path) -> Iterator[bool]:
 
 
 def leftovers(cache_dir: Path | None = None) -> list[tuple[Path, int]]:
-    """(folder, bytes) of temporary build folders whose builder is gone (lock free)."""
+    """(path, bytes) of what dead processes left: temporary build folders whose lock is
+    free, and temporary files of atomic writes (`.name.XXXX`: a sidecar's stamps, the
+    bundle-check memo) older than an hour (a live writer's exists for milliseconds)."""
     root = Path(cache_dir or cache.default_dir())
     out = []
-    for folder in root.glob("*/.*"):
-        if folder.is_dir() and not folder.is_symlink():
-            with _try_lock(folder) as mine:
+    old = time.time() - RECENT
+    for path in [*root.glob("*/.*"), *root.glob("*/*/.*")]:
+        if path.is_symlink():
+            continue
+        if path.is_dir() and path.parent.parent == root:
+            with _try_lock(path) as mine:
                 if mine:
-                    out.append((folder, _size(folder)))
+                    out.append((path, _size(path)))
+        elif path.is_file():
+            with contextlib.suppress(OSError):
+                if path.stat().st_mtime < old:
+                    out.append((path, path.stat().st_size))
     return out
 
 
@@ -143,6 +154,14 @@ def _remove(folder: Path) -> bool:
         return True
 
 
+def _unlink(path: Path) -> bool:
+    try:
+        path.unlink()
+        return True
+    except OSError:
+        return False
+
+
 def prune(cache_dir: Path | None = None, older_than: float | None = None,
           max_size: int | None = None, keep: Path | None = None, recent: float = 0.0,
           dry_run: bool = False) -> list[tuple[Path, int, str]]:
@@ -152,9 +171,9 @@ def prune(cache_dir: Path | None = None, older_than: float | None = None,
     `dry_run`, would be) removed."""
     now = time.time()
     removed = []
-    for folder, size in leftovers(cache_dir):
-        if dry_run or _remove(folder):
-            removed.append((folder, size, "left by a build that died"))
+    for path, size in leftovers(cache_dir):
+        if dry_run or (_remove(path) if path.is_dir() else _unlink(path)):
+            removed.append((path, size, "left by a process that died"))
     items = artifacts(cache_dir)
     total = sum(a.size for a in items)
     for a in items:  # least recently used first
@@ -188,10 +207,11 @@ def cap_from_env() -> int | None:
 
 
 def enforce_cap(cache_dir: Path | None = None, keep: Path | None = None) -> None:
-    """After a build: keep the cache under its cap (best effort, never raises OSError)."""
+    """After a build: remove what dead processes left (a killed UNet build leaves GBs,
+    and the next build of that artifact may never come), and keep the cache under its
+    cap. Best effort, never raises OSError."""
     cap = cap_from_env()
-    if cap is None:
-        return
     with contextlib.suppress(OSError):
-        if sum(a.size for a in artifacts(cache_dir)) > cap:
+        prune(cache_dir)  # leftovers only
+        if cap is not None and sum(a.size for a in artifacts(cache_dir)) > cap:
             prune(cache_dir, max_size=cap, keep=keep, recent=RECENT)

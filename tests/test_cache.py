@@ -126,9 +126,10 @@ def test_leftovers_of_a_killed_build_are_removed_by_the_next_build(tmp_path):
     dead = final.parent / f".{KEY.dirname}.abc123"  # a builder killed mid-build
     dead.mkdir()
     (dead / "unet.plan").write_bytes(b"x" * 4096)
-    other = final.parent / ".unet-0000000000000000.zz"  # another key's: not ours to touch
+    other = final.parent / ".unet-0000000000000000.zz"  # another key's, being built now
     other.mkdir()
-    cache.store(KEY, _writer(), tmp_path)
+    with files.locked(final.parent / "unet-0000000000000000.lock"):
+        cache.store(KEY, _writer(), tmp_path)
     assert not dead.exists() and other.exists()
 
 

@@ -52,7 +52,7 @@ def test_list_shows_artifacts_and_leftovers(tmp_path, capsys):
     (dead / "unet.onnx").write_bytes(b"x" * 5000)
     assert main(["list", "--cache-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "ort-cpu" in out and "used 2.0 d ago" in out and "a build that died" in out
+    assert "ort-cpu" in out and "used 2.0 d ago" in out and "a process that died" in out
     assert "1 artifacts" in out
     assert main(["prune", "--cache-dir", str(tmp_path)]) == 0  # leftovers only
     assert not dead.exists() and folder.exists()
@@ -106,3 +106,23 @@ def test_verify_hashes_everything_and_removes_the_damaged(tmp_path, capsys):
     assert f"damaged: {bad}" in out and "2 artifacts hashed, 1 damaged" in out
     assert good.exists() and not bad.exists()
     assert main(["verify", "--cache-dir", str(tmp_path)]) == 0
+
+
+def test_any_build_removes_what_dead_processes_left(tmp_path):
+    """A killed UNet build's temp folder goes at the next build of anything, and so do
+    an hour-old temp file of an atomic sidecar write and of the bundle-check memo."""
+    folder = _put(tmp_path, 0, 1000, 1)
+    dead = folder.parent / ".vae_decoder-0123456789abcdef.x1"
+    dead.mkdir()
+    (dead / "vae_decoder.onnx").write_bytes(b"x" * 5000)
+    stale = [folder / ".sidecar.json.ab12", tmp_path / "verified" / ".0011.json.cd34"]
+    fresh = folder / ".sidecar.json.ef56"  # being written right now: kept
+    for p in [*stale, fresh]:
+        p.parent.mkdir(exist_ok=True)
+        p.write_text("{")
+    hour_ago = time.time() - 2 * cache_prune.RECENT
+    for p in stale:
+        os.utime(p, (hour_ago, hour_ago))
+    _put(tmp_path, 1, 1000, 0)  # any build
+    assert not dead.exists() and not any(p.exists() for p in stale) and fresh.exists()
+    assert folder.exists()
