@@ -286,7 +286,7 @@ class Pipeline:
                 break
             except EngineError as e:
                 self._checked(check)  # a damaged bundle graph: reported, not fallen back from
-                self._damaged(e, b)  # a graph or cached artifact that is not its spec: too
+                self._damaged(e, b, last=i + 1 == len(tries))  # not its spec: reported too
                 if i + 1 == len(tries):
                     raise
                 report.fallbacks.append(str(e))
@@ -312,15 +312,21 @@ class Pipeline:
         if bad is not None:
             raise mismatch(bad)
 
-    def _damaged(self, e: EngineError, backend: str) -> None:
+    def _damaged(self, e: EngineError, backend: str, last: bool = False) -> None:
         """Raise when a load failed because a file is damaged, rather than fall back: a
         bundle graph that is corrupt (BundleError: another backend would fail on it too,
-        or run it wrongly), or a cached artifact whose tensors are not the graph's."""
+        or run it wrongly), or a cached artifact whose tensors are not the graph's. And
+        when the `last` backend to try cannot read a bundle graph that matches its hash
+        (e.g. its external data points outside the bundle, which the backends refuse):
+        a bundle this runtime cannot use, BundleError too."""
         graph = self.manifest.graphs.get(e.graph or "")
         in_bundle = (graph is not None and e.source is not None
                      and e.source.resolve() == (self.bundle / graph.file).resolve())
         if in_bundle and isinstance(e, SpecMismatch):
             raise BundleError(f"corrupt bundle {self.bundle}: {e}; re-export it") from None
+        if in_bundle and e.unreadable and last:
+            raise BundleError(f"{e}; the bundle's graph matches its manifest but cannot be "
+                              f"loaded: re-export the bundle") from None
         if not in_bundle and isinstance(e, SpecMismatch):  # a cached plan or graph
             raise EngineError(f"{e}: a damaged engine cache entry; rebuild it with `python -m "
                               f"engines.build {self.bundle} --backend {backend} --force`"

@@ -322,3 +322,38 @@ def test_a_damaged_cache_entry_is_rebuilt_and_the_image_is_right(tmp_path, monke
     assert "engine cache: rebuilt" in err or "engine cache: built" in err, err
     [png] = (tmp_path / "again").iterdir()
     assert png.read_bytes() == reference_png
+
+
+@pytest.mark.parametrize("backend", ["ort-cpu", "openvino"])
+def test_onnx_external_data_outside_the_bundle_is_never_read(tmp_path, capsys, monkeypatch,
+                                                             backend):
+    """A graph whose own external-data location leaves the bundle (its hash recorded, so
+    only the graph file says it): both backends refuse to read it, and the CLI says the
+    bundle cannot be used, in one line, exit 2 (onnxruntime >= 1.24 and OpenVINO check
+    the path; this test keeps them to it)."""
+    onnx = pytest.importorskip("onnx")
+    if backend == "openvino":
+        pytest.importorskip("openvino")
+    from runtime.integrity import file_hashes
+    from tests.fakes.tiny_bundle import make_bundle
+
+    monkeypatch.setenv("SDRT_CACHE_DIR", str(tmp_path / "cache"))
+    bundle = make_bundle(tmp_path / "bundle")
+    for name in (SCHED, "tokenizer"):
+        (shutil.copytree if name == "tokenizer" else shutil.copy)(demo_bundle() / name, bundle / name)
+    model = onnx.load(str(bundle / "unet.onnx"), load_external_data=False)
+    for t in model.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = "../outside.bin"
+    shutil.copy(bundle / "unet.onnx.data", tmp_path / "outside.bin")  # readable, if asked
+    onnx.save(model, str(bundle / "unet.onnx"))
+    _json(bundle / MANIFEST, lambda d: d["graphs"]["unet"].update(
+        zip(("sha256", "xxh3"), file_hashes(bundle / "unet.onnx"), strict=True)))
+    code = main(["x", "--model", str(bundle), "--backend", backend, "--steps", "1",
+                 "--output-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and err.count("error:") == 1 and "Traceback" not in err, err
+    assert last.startswith("error:") and "outside" in last and "cannot be loaded" in last, last
+    assert not (tmp_path / "out").exists()

@@ -37,13 +37,23 @@ from typing import Any
 import numpy as np
 
 from runtime import cache
-from runtime.args import first_line
+from runtime.args import first_line as _first_line
 from runtime.bundle import GraphSpec
 from runtime.engine import Engine, Shapes
 
 # ours -> (INFERENCE_PRECISION_HINT to ask, the element type it reads back as)
 PRECISIONS = {"fp32": ("f32", "'float32'"), "bf16": ("bf16", "'bfloat16'")}
 MAX_COMPILED = 3  # shape sets kept compiled per graph (e.g. CFG on/off, one other size)
+
+
+def first_line(e: BaseException) -> str:
+    """OpenVINO's message without its C++ source locations ("Exception from
+    src/...cpp:84:", "Check 'false' failed at ...", "Loading input model"): the line
+    that says what is wrong."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    useful = [ln for ln in lines if not ln.startswith(("Exception from ", "Check '"))
+              and ln != "Loading input model"]
+    return useful[-1] if useful else _first_line(e)
 
 
 def version() -> str | None:
