@@ -65,8 +65,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--phase", choices=("cache", "export", "both"), default="both")
     p.add_argument("--reference-runs", type=int, default=2, help="unkilled runs per phase "
                    "before the kills; the shortest sets the kill points (default 2)")
-    p.add_argument("--leftover-bytes", type=int, default=MB,
-                   help="a leftover over this size after recovery fails (default 1 MB)")
+    # The issue's bound is 1 MB, but the demo's VAE and safety-checker artifacts are
+    # 0.25 MB: a leftover temp folder of either must fail too. Stray temp files of atomic
+    # sidecar writes (about 1 KB, removed once an hour old) stay under it.
+    p.add_argument("--leftover-bytes", type=int, default=100_000,
+                   help="a leftover over this size after recovery fails (default 100 KB)")
     p.add_argument("--workdir", type=Path, help="keep the runs' folders here (default: a temp "
                    "folder, removed at the end)")
     p.add_argument("--json", type=Path, help="write every kill's record and the summary here")

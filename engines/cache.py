@@ -94,9 +94,13 @@ def _verify(root: Path) -> int:
         problem = "no valid sidecar" if side is None else None
         if side is not None:
             try:
-                _, problem = cache.find(cache.CacheKey(**side["key"]), root, full=True)
+                key = cache.CacheKey(**side["key"])
             except TypeError:
-                problem = "no valid sidecar"
+                key, problem = None, "no valid sidecar"
+            if key is not None and cache.artifact_dir(key, root) != a.folder:
+                problem = "its sidecar's key names another folder"
+            elif key is not None:
+                _, problem = cache.find(key, root, full=True)
         if problem:
             damaged += 1
             gone = cache_prune._remove(a.folder)

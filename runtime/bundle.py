@@ -370,6 +370,8 @@ def _graph_entry(path: Path, name: str, g: object, hidden: int) -> GraphEntry:
     external = g.get("external_data")
     if external is not None and not isinstance(external, str):
         raise _fail(path, f"{name}.external_data must be a file name, got {_short(external)}")
+    if external is not None and g.get("external_sha256") is None:  # else never hashed
+        raise _fail(path, f"{name}.external_data has no external_sha256")
     err = g.get("max_abs_error")
     if err is not None and (isinstance(err, bool) or not isinstance(err, (int, float))
                             or not 0 <= err < math.inf):
@@ -396,6 +398,21 @@ def _profile(path: Path, d: object) -> Profile:
         raise _fail(path, str(e)) from None
 
 
+def inside(bundle: Path, *names: str) -> Path:
+    """bundle/names..., refused (BundleError) when it resolves outside the bundle: a
+    symlinked manifest, config, tokenizer folder or file must never make the runtime
+    read another folder's files. The bundle folder itself may be a link."""
+    path = Path(bundle).joinpath(*names)
+    try:
+        target, root = path.resolve(), Path(bundle).resolve()
+    except (OSError, RuntimeError) as e:  # symlink loops
+        raise BundleError(f"bundle {bundle}: cannot resolve {path}: {first_line(e)}") from None
+    if not target.is_relative_to(root):
+        raise BundleError(f"bundle {bundle}: {'/'.join(names)} links outside the bundle "
+                          f"({target}); refusing to read it")
+    return path
+
+
 def read_manifest(bundle: Path | str) -> Manifest:
     """Parse and check `bundle/manifest.json` (every field's type and range, each graph
     against this runtime's contract, files inside the bundle); raise BundleError with a
@@ -407,6 +424,7 @@ def read_manifest(bundle: Path | str) -> Manifest:
     if not path.is_file():
         raise BundleError(f"{bundle} is not a bundle (no {MANIFEST}); create one with "
                           f"`python -m export --model MODEL --out {bundle}`")
+    inside(bundle, MANIFEST)
     try:
         d = json.loads(read_small(path, MAX_JSON_BYTES).decode())
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
@@ -449,7 +467,7 @@ def read_manifest(bundle: Path | str) -> Manifest:
         opset=_int(path, "opset", d.get("opset"), 7, 100), packages=d.get("packages", {}),
         vae_scaling="host", vae_scaling_factor=float(factor), format_version=version,
     )
-    inside = bundle.resolve()
+    root = bundle.resolve()
     for e in graphs.values():
         for f in filter(None, (e.file, e.external_data)):
             # a plain file name, and no symlink out of the bundle: a manifest or a link
@@ -458,7 +476,7 @@ def read_manifest(bundle: Path | str) -> Manifest:
                 raise BundleError(f"corrupt {path}: {e.spec.name}'s file {f!r} is not a file "
                                   f"name in the bundle; re-export the bundle")
             target = bundle / f
-            if target.exists() and not target.resolve().is_relative_to(inside):
+            if target.exists() and not target.resolve().is_relative_to(root):
                 raise BundleError(f"bundle {bundle}: {f} links outside the bundle "
                                   f"({target.resolve()}); refusing to read it")
             if not target.is_file():

@@ -143,12 +143,43 @@ def artifact_dir(key: CacheKey, cache_dir: Path | None = None) -> Path:
     return Path(cache_dir or default_dir()) / key.backend / key.dirname
 
 
+MAX_SIDECAR_BYTES = 1 << 20  # a few KB in practice
+
+
 def _read_sidecar(folder: Path) -> dict | None:
+    """The sidecar when it is a regular file of this version whose every field has the
+    type `find` relies on; None otherwise (a FIFO, /dev/zero, deep nesting, a files
+    entry that is not {size, sha256, ...}: a damaged entry, rebuilt)."""
     try:
-        d = json.loads((folder / SIDECAR).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        d = json.loads(files.read_small(folder / SIDECAR, MAX_SIDECAR_BYTES))
+    except (OSError, ValueError, RecursionError):  # JSON and UTF-8 errors are ValueErrors
         return None
-    return d if isinstance(d, dict) and d.get("version") == SIDECAR_VERSION else None
+    if not isinstance(d, dict) or d.get("version") != SIDECAR_VERSION:
+        return None
+    listing = d.get("files")
+    if (not isinstance(d.get("key"), dict) or not isinstance(d.get("main"), str)
+            or not isinstance(listing, dict)
+            or not all(_entry_ok(name, f) for name, f in listing.items())):
+        return None
+    return d
+
+
+def _is_hex(v: object, digits: int) -> bool:
+    return isinstance(v, str) and len(v) == digits and all(c in "0123456789abcdef" for c in v)
+
+
+def _entry_ok(name: object, f: object) -> bool:
+    """One sidecar files entry: a plain file name (never a path out of the folder) and
+    {size, sha256[, xxh3_128][, stamp]} of the right types."""
+    if not (isinstance(name, str) and Path(name).name == name and name not in (".", "..")):
+        return False
+    if not isinstance(f, dict) or not _is_hex(f.get("sha256"), 64):
+        return False
+    size, fast, st = f.get("size"), f.get(integrity.FAST), f.get("stamp")
+    return (isinstance(size, int) and not isinstance(size, bool) and size >= 0
+            and (fast is None or _is_hex(fast, 32))
+            and (st is None or (isinstance(st, list) and len(st) == 4
+                                and all(isinstance(v, int) for v in st))))
 
 
 def _check(folder: Path, side: dict, full: bool = False) -> str | None:
@@ -207,13 +238,9 @@ def find(key: CacheKey, cache_dir: Path | None = None,
     if not folder.is_dir():
         return None, None
     side = _read_sidecar(folder)
-    try:
-        same = (side is not None and CacheKey(**side["key"]) == key
-                and isinstance(side["files"], dict) and side["main"] in side["files"]
-                # plain names only: a sidecar must not point the runtime outside its folder
-                and all(isinstance(n, str) and Path(n).name == n and n not in (".", "..")
-                        for n in side["files"]))
-    except (TypeError, KeyError):
+    try:  # _read_sidecar checked the types and that every file name is plain
+        same = side is not None and CacheKey(**side["key"]) == key and side["main"] in side["files"]
+    except TypeError:  # key fields missing or unknown
         same = False
     if side is None or not same:
         return None, f"{folder} has no valid {SIDECAR}"
@@ -358,11 +385,11 @@ def ort_cuda_key(entry: GraphEntry, ort_version: str | None = None) -> CacheKey:
 
 
 def _graph_as_found(entry: GraphEntry, path: Path) -> str:
-    """The manifest's sha256 plus the bundle file's size and mtime: hashing a multi-GB
-    graph at every start would cost what the cache saves, and a graph edited or damaged
-    after export then misses the cache instead of being served stale."""
-    st = path.stat()
-    return f"{graph_sha256(entry)}@{st.st_size}:{st.st_mtime_ns}"
+    """The manifest's sha256 plus the bundle file's stamp (size, mtime, ctime, inode:
+    runtime.integrity.stamp). These artifacts are built at load, beside the bundle check:
+    one built from a damaged file must never be found again once the file is restored
+    (`cp -p` and `rsync -a` keep size and mtime, not ctime and inode)."""
+    return f"{graph_sha256(entry)}@{':'.join(map(str, integrity.stamp(path)))}"
 
 
 def ort_cpu_key(entry: GraphEntry, path: Path, ort_version: str | None = None,

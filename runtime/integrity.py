@@ -52,15 +52,18 @@ def stamp(path: Path) -> list[int]:
     """What changes whenever a file is written, replaced or copied (size, mtime, ctime,
     inode): a file whose stamp is the one recorded when it was hashed has not been
     written through the file system since, so it need not be hashed again (as git's
-    index). ctime cannot be set back by a user (os.utime sets it to now)."""
+    index). On Linux file systems ctime cannot be set back by a user (os.utime sets it
+    to now); on FAT/exFAT (no ctime, 2 s mtime) an edit that keeps size and mtime (touch
+    -d) is not seen: `engines.cache verify` hashes in full."""
     st = os.stat(path)
     return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
 
 
 def recordable(st: list[int], started: float) -> bool:
     """A stamp may be recorded only if the file last changed well before hashing began:
-    a write in the same clock tick right after the hash would leave the stamp equal."""
-    return st[2] < (started - RACY_SECONDS) * 1e9
+    a write in the same clock tick right after the hash would leave the stamp equal.
+    Both times count: on FAT/exFAT ctime is the creation time and mtime ticks in 2 s."""
+    return max(st[1], st[2]) < (started - RACY_SECONDS) * 1e9
 
 
 def fast_hash(path: Path) -> str:

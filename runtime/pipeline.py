@@ -36,6 +36,7 @@ from runtime.bundle import (
     TOKENIZER_DIR,
     VAE_FACTOR,
     BundleError,
+    inside,
     integrity_files,
     mismatch,
     read_manifest,
@@ -233,7 +234,7 @@ class Pipeline:
         except ValueError as e:
             raise UsageError(str(e)) from None
         try:
-            config = json.loads(read_small(self.bundle / SCHEDULER_CONFIG, MAX_JSON_BYTES))
+            config = json.loads(read_small(inside(self.bundle, SCHEDULER_CONFIG), MAX_JSON_BYTES))
             if not isinstance(config, dict):
                 raise ValueError("not a JSON object")
             # StableDiffusionPipeline.__init__ rewrites a deprecated clip_sample=True and any
@@ -245,9 +246,13 @@ class Pipeline:
             # every engine has loaded
             try:
                 alphas_cumprod(resolve_config(self.scheduler_config, {}))
-            except (ValueError, TypeError, KeyError) as e:
+            except Exception as e:  # anything a hostile config can make numpy raise
                 raise ValueError(f"{SCHEDULER_CONFIG}: {first_line(e)}") from None
+            for name in ("vocab.json", "merges.txt"):
+                inside(self.bundle, TOKENIZER_DIR, name)
             self.tokenizer = ClipTokenizer(self.bundle / TOKENIZER_DIR)
+        except BundleError:
+            raise
         except Exception as e:  # OSError, JSON errors; tokenizers raises plain Exception
             raise BundleError(f"corrupt bundle {self.bundle}: {first_line(e)}; "
                               f"re-export it") from None
@@ -425,7 +430,7 @@ class Pipeline:
                              f"got {steps}")
         try:
             return make_schedule(scheduler, self.scheduler_config, steps)
-        except (ValueError, TypeError, KeyError) as e:
+        except Exception as e:  # a config the shared check passed but this scheduler cannot use
             raise UsageError(f"scheduler {scheduler} cannot run {steps} steps with this model's "
                              f"scheduler_config.json: {e}") from None
 

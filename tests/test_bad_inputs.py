@@ -67,7 +67,8 @@ def replace_file(name: str, how: str) -> Callable[[Path, Path], list[str]]:
         elif how == "outside":
             outside = tmp / "outside" / Path(name).name
             outside.parent.mkdir(exist_ok=True)
-            shutil.copy(demo_bundle() / name, outside)
+            source = demo_bundle() / name
+            (shutil.copytree if source.is_dir() else shutil.copy)(source, outside)
             path.symlink_to(outside)
         elif how == "folder":
             path.mkdir()
@@ -217,6 +218,10 @@ CASES: dict[str, tuple[Callable[[Path, Path], list[str]], str]] = {
     "beta-schedule-unknown": (sched(beta_schedule="foo"), "beta_schedule"),
     "sched-garbage": (replace_file(SCHED, "garbage"), "corrupt bundle"),
     "sched-nested": (replace_file(SCHED, "nested"), "corrupt bundle"),
+    "trained-betas-short": (sched(trained_betas=[0.001] * 10), "trained_betas"),
+    "timestep-spacing-bogus": (sched(timestep_spacing="bogus"), "timestep_spacing"),
+    "beta-end-5": (sched(beta_end=5), "beta_end"),
+    "sched-links-outside": (replace_file(SCHED, "outside"), "links outside the bundle"),
     # -- tokenizer files ---------------------------------------------------------------
     "vocab-huge-id": (_vocab_ids, "corrupt bundle"),
     "vocab-not-object": (_vocab_not_object, "corrupt bundle"),
@@ -226,13 +231,17 @@ CASES: dict[str, tuple[Callable[[Path, Path], list[str]], str]] = {
     "manifest-fifo": (replace_file(MANIFEST, "fifo"), "not a bundle"),
     "manifest-dev-zero": (replace_file(MANIFEST, "zero"), "not a bundle"),
     "sched-fifo": (replace_file(SCHED, "fifo"), "not a regular file"),
-    "sched-dev-zero": (replace_file(SCHED, "zero"), "not a regular file"),
+    "sched-dev-zero": (replace_file(SCHED, "zero"), "links outside the bundle"),
     "graph-links-outside": (replace_file("unet.onnx", "outside"), "links outside the bundle"),
     "graph-dev-zero": (replace_file("vae_decoder.onnx", "zero"), "links outside the bundle"),
     "graph-fifo": (replace_file("vae_decoder.onnx", "fifo"), "not a regular file"),
     "graph-folder": (replace_file("unet.onnx", "folder"), "not a regular file"),
     "graph-deleted": (lambda b, t: [(b / "unet.onnx").unlink()][:0], "missing unet.onnx"),
     "vocab-fifo": (replace_file(VOCAB, "fifo"), "corrupt bundle"),
+    "vocab-links-outside": (replace_file(VOCAB, "outside"), "links outside the bundle"),
+    "tokenizer-folder-outside": (replace_file("tokenizer", "outside"), "links outside the bundle"),
+    "manifest-links-outside": (replace_file(MANIFEST, "outside"), "links outside the bundle"),
+    "external-without-hash": (unet(external_data="unet.onnx.data"), "no external_sha256"),
 }
 
 
@@ -291,6 +300,14 @@ CACHE_CASES: dict[str, Callable[[Path], None]] = {
     "artifact-truncated": _artifact(lambda p: p.write_bytes(p.read_bytes()[:100])),
     "artifact-missing": _artifact(Path.unlink),
     "artifact-fifo": _artifact(lambda p: [p.unlink(), os.mkfifo(p)]),
+    "sidecar-fifo": lambda folder: [(folder / "sidecar.json").unlink(),
+                                    os.mkfifo(folder / "sidecar.json")],
+    "sidecar-dev-zero": lambda folder: [(folder / "sidecar.json").unlink(),
+                                        (folder / "sidecar.json").symlink_to("/dev/zero")],
+    "sidecar-nested": lambda folder: (folder / "sidecar.json").write_text("[" * 100_000),
+    "sidecar-size-text": _sidecar(lambda d: d["files"]["unet.onnx"].update(size="big")),
+    "sidecar-entry-number": _sidecar(lambda d: d["files"].update({"unet.onnx": 5})),
+    "sidecar-no-sha256": _sidecar(lambda d: d["files"]["unet.onnx"].pop("sha256")),
 }
 
 

@@ -52,7 +52,7 @@ CASES = {  # name: (file, damage, message)
     "manifest-huge": (MANIFEST, huge, "more than 1048576 allowed"),
     "manifest-nested": (MANIFEST, nested, "corrupt"),
     "sched-fifo": (SCHED, fifo, "not a regular file"),
-    "sched-device": (SCHED, device, "not a regular file"),
+    "sched-device": (SCHED, device, "links outside the bundle"),
     "sched-huge": (SCHED, huge, "more than 1048576 allowed"),
     "sched-nested": (SCHED, nested, "corrupt bundle"),
     "sched-list": (SCHED, lambda p: p.write_text("[1, 2]"), "not a JSON object"),

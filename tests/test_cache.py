@@ -266,3 +266,17 @@ def test_an_artifact_unchanged_since_it_matched_is_not_hashed_again(tmp_path, mo
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
     with pytest.warns(cache.CacheWarning, match="recorded hash"):
         assert cache.lookup(KEY, tmp_path) is None
+
+
+def test_a_file_changed_moments_ago_is_hashed_but_its_stamp_not_recorded(tmp_path, monkeypatch):
+    """The racy case: a write in the same clock tick right after the hash would leave the
+    stamp equal, so a file changed within RACY_SECONDS of the check is hashed every time."""
+    from runtime import integrity
+
+    path = cache.store(KEY, _writer(), tmp_path)  # written just now
+    calls = []
+    real = integrity.fast_hash
+    monkeypatch.setattr(integrity, "fast_hash", lambda p: calls.append(p) or real(p))
+    assert cache.lookup(KEY, tmp_path) == path and cache.lookup(KEY, tmp_path) == path
+    assert len(calls) == 2  # hashed both times: no stamp was recorded
+    assert "stamp" not in json.loads((path.parent / cache.SIDECAR).read_text())["files"]["unet.plan"]

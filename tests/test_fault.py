@@ -68,7 +68,7 @@ def test_cache_leftovers_are_what_is_not_an_artifact_lock_or_memo(tmp_path):
                             "capability", "precision", "shapes")}
     (good / cache.SIDECAR).write_text(json.dumps({
         "version": cache.SIDECAR_VERSION, "key": key, "main": "unet.onnx",
-        "files": {"unet.onnx": {"size": 10}}}))
+        "files": {"unet.onnx": {"size": 10, "sha256": "0" * 64}}}))
     (backend / "unet-0123456789abcdef.lock").touch()
     (good / ".sidecar.json.abc123").write_text("half")  # a killed write_atomic
     dead = backend / ".unet-0123456789abcdef.k3x_9q2z"  # a killed builder's temp folder

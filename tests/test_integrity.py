@@ -113,3 +113,28 @@ def test_a_file_unchanged_since_it_matched_is_not_hashed_again(tmp_path, monkeyp
     _damage_keeping_size_and_mtime(bundle / "vae_decoder.onnx")
     with pytest.raises(BundleError, match="vae_decoder.onnx does not match"):
         Pipeline(bundle, "ort-cpu", safety=False)
+
+
+def test_an_artifact_built_from_a_damaged_graph_is_never_used_after_a_restore(tmp_path,
+                                                                             monkeypatch):
+    """ORT's optimized graph is built at load, beside the check: from a damaged graph it
+    is built too (the run then fails). Restoring the good file with `cp -p` keeps size
+    and mtime; the artifact key has ctime and inode too, so the damaged build is never
+    found again and the image is the good one."""
+    import numpy as np
+
+    monkeypatch.setenv("SDRT_CACHE_DIR", str(tmp_path / "cache"))
+    bundle = tmp_path / "bundle"
+    shutil.copytree(demo_bundle(), bundle)
+    with Pipeline(bundle, "ort-cpu", safety=False) as pipe:
+        want = pipe("x", steps=2, seed=3).images
+    good = tmp_path / "good.onnx"
+    shutil.copy2(bundle / "unet.onnx", good)
+    shutil.rmtree(tmp_path / "cache")
+    _damage_keeping_size_and_mtime(bundle / "unet.onnx")
+    with pytest.raises(BundleError):
+        Pipeline(bundle, "ort-cpu", safety=False)
+    subprocess.run(["cp", "-p", str(good), str(bundle / "unet.onnx")], check=True)
+    with Pipeline(bundle, "ort-cpu", safety=False) as pipe:
+        assert pipe.load_report.graphs["unet"].cache == "built"  # not the damaged one
+        np.testing.assert_array_equal(pipe("x", steps=2, seed=3).images, want)

@@ -32,6 +32,16 @@ def resolve(config: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str,
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_TRAIN_TIMESTEPS:
         raise ValueError(f"num_train_timesteps must be an integer in [1, {MAX_TRAIN_TIMESTEPS}], "
                          f"got {n!r}")
+    for k in ("beta_start", "beta_end"):
+        v = out[k]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
+            raise ValueError(f"{k} must be a number in (0, 1), got {v!r}")
+    betas = out["trained_betas"]
+    if betas is not None and (not isinstance(betas, list) or len(betas) != n or not all(
+            isinstance(b, (int, float)) and not isinstance(b, bool) and 0 < b < 1 for b in betas)):
+        raise ValueError(f"trained_betas must be {n} numbers in (0, 1) (num_train_timesteps)")
+    if out["timestep_spacing"] not in ("linspace", "leading", "trailing"):
+        raise ValueError(f"unsupported timestep_spacing {out['timestep_spacing']!r}")
     if out["rescale_betas_zero_snr"]:
         raise ValueError("rescale_betas_zero_snr=True is not supported by the numpy schedulers")
     if out["prediction_type"] not in ("epsilon", "v_prediction", "sample"):
