@@ -25,6 +25,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow pickle checkpoints (.ckpt/.bin), which can run code when loaded")
     p.add_argument("--seed", type=int, default=0, help="weights seed for demo / sd14-random")
+    p.add_argument("--variant", choices=("fp16",), default=None,
+                   help="hub ids: download the fp16 weights (half the download; the bundle is "
+                        "still fp32, converted from them); default: the default weights")
     p.add_argument("--min-size", type=int, help="smallest image side the bundle is for, in pixels "
                    "(default 256, demo 64; widened to the model's default size if needed)")
     p.add_argument("--max-size", type=int, help="largest image side, in pixels (default 1024, "
@@ -52,7 +55,10 @@ def main(argv: list[str] | None = None) -> int:
         check_opset(args.opset)
         check_seed(args.seed)
         check_profile_flags(args.min_size, args.max_size, args.max_batch)
-        model_kind(args.model, args.allow_pickle, not args.no_safety_checker)
+        if model_kind(args.model, args.allow_pickle, not args.no_safety_checker) != "hub" \
+                and args.variant:
+            raise ExportError(f"--variant picks which weights a hub export downloads; "
+                              f"{args.model} is not a hub id")
         t0 = time.perf_counter()
         quiet_libraries()
         from export.bundle_writer import export_bundle
@@ -61,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer warnings about shape-dependent Python code
             components = load_components(args.model, allow_pickle=args.allow_pickle,
-                                         safety=not args.no_safety_checker, seed=args.seed)
+                                         safety=not args.no_safety_checker, seed=args.seed,
+                                         variant=args.variant)
             log(f"loaded {args.model} in {time.perf_counter() - t0:.1f} s")
             out = export_bundle(components, args.out, opset=args.opset, force=args.force,
                                 min_size=args.min_size, max_size=args.max_size,

@@ -21,9 +21,13 @@ if TYPE_CHECKING:
 
 
 def load_components(model: str, *, allow_pickle: bool = False, safety: bool = True,
-                    seed: int = 0) -> Components:
-    """Components for a `--model` value (see module doc)."""
+                    seed: int = 0, variant: str | None = None) -> Components:
+    """Components for a `--model` value (see module doc); `variant` ("fp16"): which
+    weights a hub export downloads (hub ids only)."""
     kind = model_kind(model, allow_pickle, safety)
+    if variant is not None and kind != "hub":
+        raise ExportError(f"--variant picks which weights a hub export downloads; {model} is "
+                          f"not a hub id")
     if kind == "built-in":
         from export.components import build_components
 
@@ -33,7 +37,7 @@ def load_components(model: str, *, allow_pickle: bool = False, safety: bool = Tr
         return load_diffusers_folder(path, allow_pickle=allow_pickle, safety=safety)
     if kind == "file":
         return load_single_file(path, allow_pickle=allow_pickle)
-    return load_from_hub(model, allow_pickle=allow_pickle, safety=safety)
+    return load_from_hub(model, allow_pickle=allow_pickle, safety=safety, variant=variant)
 
 
 def load_diffusers_folder(path: Path, *, allow_pickle: bool = False, safety: bool = True,
@@ -145,14 +149,17 @@ def _weight_kind(name: str) -> tuple[tuple[str | None, str], bool] | None:
     return ((m["v"] or m["lv"], m["fmt"]), True) if m else None
 
 
-def hub_files(repo_id: str, names: list[str], *, allow_pickle: bool, safety: bool) -> list[str]:
+def hub_files(repo_id: str, names: list[str], *, allow_pickle: bool, safety: bool,
+              variant: str | None = None) -> list[str]:
     """The files of a hub repo (`names`, as list_repo_files gives them) an export downloads.
 
     model_index.json and the component folders export reads (safety_checker and
     feature_extractor only with `safety`): their .json/.txt files and one weights choice
     per folder, as diffusers picks it: the default (non-variant) weights, else the fp16
     variant (diffusers' variant="fp16"); within that, safetensors, else .bin with
-    `allow_pickle`. Other variants (fp16 beside the default, ema, non_ema), top-level
+    `allow_pickle`. `variant="fp16"` (export --variant fp16) prefers the fp16 weights
+    (half the download), falling back to the default per folder, as diffusers does.
+    Other variants (fp16 beside the default, ema, non_ema), top-level
     checkpoints and other formats are left out. Raises ExportError (one line) where the
     repo is not a usable SD v1.x diffusers model, before anything is downloaded.
     """
@@ -175,7 +182,8 @@ def hub_files(repo_id: str, names: list[str], *, allow_pickle: bool, safety: boo
     for folder, bases in by_folder.items():
         kinds = {b: _weight_kind(b) for b in bases}
         found = {k[0] for k in kinds.values() if k and not k[1]}  # weight files, not indexes
-        pick = next(((v, f) for v in (None, "fp16") for f in formats if (v, f) in found), None)
+        order = (variant, None) if variant else (None, "fp16")
+        pick = next(((v, f) for v in order for f in formats if (v, f) in found), None)
         if pick is None and folder in WEIGHTED:
             if any(f == "bin" and v in (None, "fp16") for v, f in found):
                 raise ExportError(f"{repo_id}/{folder} has only pickle weights (not safetensors); "
@@ -193,7 +201,8 @@ def _exact(name: str) -> str:
     return re.sub(r"([*?[])", r"[\1]", name)
 
 
-def load_from_hub(repo_id: str, *, allow_pickle: bool = False, safety: bool = True) -> Components:
+def load_from_hub(repo_id: str, *, allow_pickle: bool = False, safety: bool = True,
+                  variant: str | None = None) -> Components:
     """A hub repo in diffusers layout: lists its files, downloads only those hub_files picks
     (at the listed commit, so the listing and the download agree), loads the folder."""
     from huggingface_hub import HfApi, snapshot_download
@@ -203,7 +212,7 @@ def load_from_hub(repo_id: str, *, allow_pickle: bool = False, safety: bool = Tr
     except Exception as e:  # requests/httpx and huggingface_hub raise many types
         raise ExportError(f"cannot list the files of {repo_id} on the hub: {_one_line(e)}") from None
     names = [s.rfilename for s in info.siblings or ()]
-    files = hub_files(repo_id, names, allow_pickle=allow_pickle, safety=safety)
+    files = hub_files(repo_id, names, allow_pickle=allow_pickle, safety=safety, variant=variant)
     try:
         folder = snapshot_download(repo_id, revision=info.sha, allow_patterns=[_exact(f) for f in files])
     except Exception as e:

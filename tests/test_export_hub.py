@@ -242,3 +242,22 @@ def test_a_hub_repo_of_the_demo_weights_loads(demo_components, monkeypatch, tmp_
         want, have = getattr(c, name).state_dict(), getattr(got, name).state_dict()
         assert want.keys() == have.keys()
         assert all(torch.equal(want[k], have[k]) for k in want), name
+
+
+def test_asking_for_fp16_downloads_fp16_where_it_exists():
+    """export --variant fp16: the fp16 files only (half the download), the default
+    weights where a folder has no fp16, as diffusers' variant="fp16"."""
+    got = hub_files("r/m", SD14, allow_pickle=False, safety=True, variant="fp16")
+    assert "unet/diffusion_pytorch_model.fp16.safetensors" in got
+    assert "unet/diffusion_pytorch_model.safetensors" not in got
+    no_fp16_unet = [n for n in SD14 if not (n.startswith("unet/") and ".fp16." in n)]
+    got = hub_files("r/m", no_fp16_unet, allow_pickle=False, safety=True, variant="fp16")
+    assert "unet/diffusion_pytorch_model.safetensors" in got
+
+
+def test_variant_is_for_hub_ids_only(tmp_path, capsys):
+    from export.cli import main
+
+    assert main(["--model", "demo", "--out", str(tmp_path / "b"), "--variant", "fp16"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a hub id" in err and not (tmp_path / "b").exists()
