@@ -324,10 +324,15 @@ def _int(path: Path, what: str, v: object, lo: int, hi: int) -> int:
     return v
 
 
+def is_hex(v: object, digits: int) -> bool:
+    """A lowercase hex digest of `digits` digits (sha256: 64, xxh3-128: 32)."""
+    return isinstance(v, str) and len(v) == digits and all(c in "0123456789abcdef" for c in v)
+
+
 def _hex(path: Path, what: str, v: object, digits: int, optional: bool = True) -> str | None:
     if v is None and optional:
         return None
-    if not isinstance(v, str) or len(v) != digits or not all(c in "0123456789abcdef" for c in v):
+    if not is_hex(v, digits):
         raise _fail(path, f"{what} must be {digits} lowercase hex digits, got {_short(v)}")
     return v
 

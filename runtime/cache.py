@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Protocol
 
 from runtime import cpu, files, integrity
-from runtime.bundle import GraphEntry, GraphSpec
+from runtime.bundle import GraphEntry, GraphSpec, is_hex
 
 SIDECAR = "sidecar.json"
 CACHE_ENV = "SDRT_CACHE_DIR"
@@ -164,20 +164,16 @@ def _read_sidecar(folder: Path) -> dict | None:
     return d
 
 
-def _is_hex(v: object, digits: int) -> bool:
-    return isinstance(v, str) and len(v) == digits and all(c in "0123456789abcdef" for c in v)
-
-
 def _entry_ok(name: object, f: object) -> bool:
     """One sidecar files entry: a plain file name (never a path out of the folder) and
     {size, sha256[, xxh3_128][, stamp]} of the right types."""
     if not (isinstance(name, str) and Path(name).name == name and name not in (".", "..")):
         return False
-    if not isinstance(f, dict) or not _is_hex(f.get("sha256"), 64):
+    if not isinstance(f, dict) or not is_hex(f.get("sha256"), 64):
         return False
     size, fast, st = f.get("size"), f.get(integrity.FAST), f.get("stamp")
     return (isinstance(size, int) and not isinstance(size, bool) and size >= 0
-            and (fast is None or _is_hex(fast, 32))
+            and (fast is None or is_hex(fast, 32))
             and (st is None or (isinstance(st, list) and len(st) == 4
                                 and all(isinstance(v, int) for v in st))))
 
