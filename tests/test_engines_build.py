@@ -4,6 +4,7 @@ its one-line exit 2 where TensorRT is missing (the real situation on this machin
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -224,6 +225,10 @@ def test_cached_engine_picks_and_swaps_plans(bundle, tmp_path, monkeypatch):
     assert {type(d).__name__ for d in gpu.deserialized} == {"mmap"}  # mapped, not copied
     with pytest.raises(EngineError, match=r"no TensorRT 10.3.0 plan .* engines.build"):
         step(40)  # 320 px > the profile's 256
+    shutil.rmtree(static_plan.parent)  # pruned by another process; the dynamic plan covers it
+    e.parked.clear()
+    step(16)
+    assert e.path != static_plan
     e.release()
     device.release()
     assert gpu.device_mem == {}

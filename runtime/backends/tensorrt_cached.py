@@ -55,8 +55,11 @@ class CachedTensorRTEngine(TensorRTEngine):
         return cache.find_plan(self.entry, shapes, version, self.device.info, self.cache_dir)
 
     def _lookup(self, shapes: Shapes) -> Path | None:
-        """The plan for these shapes, found (and hash-checked) once per process."""
+        """The plan for these shapes, found (and hash-checked) once per process; found
+        again if it has gone since (another process's cache cap or prune removed it)."""
         memo = tuple(sorted((k, tuple(v)) for k, v in shapes.items()))
+        if memo in self.found and not self.found[memo].is_file():
+            del self.found[memo]
         if memo not in self.found:
             path = self._find(shapes)
             if path is None:
