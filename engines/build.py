@@ -233,7 +233,7 @@ def ort_jobs(opts: BuildOptions, manifest: Manifest) -> list[Job]:
                             lambda msg: print(f"warning: {msg}", file=sys.stderr),
                             lambda msg: print(msg, flush=True))
 
-        jobs.append((name, cache.ort_cpu_fused_key(entry, onnx_path, onnxruntime.__version__)
+        jobs.append((name, cache.ort_cpu_fused_key(entry, onnxruntime.__version__)
                      if cpu else cache.ort_cuda_key(entry, onnxruntime.__version__), build))
     return jobs
 

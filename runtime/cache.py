@@ -157,7 +157,9 @@ def _read_sidecar(folder: Path) -> dict | None:
     if not isinstance(d, dict) or d.get("version") != SIDECAR_VERSION:
         return None
     listing = d.get("files")
-    if (not isinstance(d.get("key"), dict) or not isinstance(d.get("main"), str)
+    key = d.get("key")
+    if (not isinstance(key, dict) or not all(isinstance(v, str) for v in key.values())
+            or not isinstance(d.get("main"), str)
             or not isinstance(listing, dict)
             or not all(_entry_ok(name, f) for name, f in listing.items())):
         return None
@@ -380,38 +382,35 @@ def ort_cuda_key(entry: GraphEntry, ort_version: str | None = None) -> CacheKey:
                     ANY, ANY, "fp16", ANY)
 
 
-def _graph_as_found(entry: GraphEntry, path: Path) -> str:
-    """The manifest's sha256 plus the bundle file's stamp (size, mtime, ctime, inode:
-    runtime.integrity.stamp). These artifacts are built at load, beside the bundle check:
-    one built from a damaged file must never be found again once the file is restored
-    (`cp -p` and `rsync -a` keep size and mtime, not ctime and inode)."""
-    return f"{graph_sha256(entry)}@{':'.join(map(str, integrity.stamp(path)))}"
-
-
-def ort_cpu_key(entry: GraphEntry, path: Path, ort_version: str | None = None,
+def ort_cpu_key(entry: GraphEntry, ort_version: str | None = None,
                 fused: bool = False) -> CacheKey:
     """Key of ORT's saved optimized fp32 graph: hardware specific, so the ISA is in it.
-    `fused`: optimized from engines.build's fused graph (ort_cpu_fused_key), not the bundle's."""
+    `fused`: optimized from engines.build's fused graph (ort_cpu_fused_key), not the bundle's.
+
+    This and openvino_key's artifacts are built at load, from a bundle graph checked
+    against its manifest hashes first (EngineSet's source check), so those hashes name
+    them: a graph damaged or edited later fails the bundle check, never meets a stale
+    artifact, and copying a bundle (new inode, ctime) keeps its artifacts."""
     if ort_version is None:
         import onnxruntime
 
         ort_version = onnxruntime.__version__
-    return CacheKey(entry.spec.name, _graph_as_found(entry, path), "ort-cpu", ort_version, ANY,
+    return CacheKey(entry.spec.name, graph_sha256(entry), "ort-cpu", ort_version, ANY,
                     cpu.isa(), "fp32-fused" if fused else "fp32", ANY)
 
 
-def ort_cpu_fused_key(entry: GraphEntry, path: Path, ort_version: str | None = None) -> CacheKey:
+def ort_cpu_fused_key(entry: GraphEntry, ort_version: str | None = None) -> CacheKey:
     """Key of the fp32 graph with onnxruntime's CPU fusions (engines.build --backend
-    ort-cpu): a graph rewrite, device independent, as ort_cuda_key's; the bundle file as
-    found (`path`) is in it, so an edited graph is not served its old fusion."""
-    return replace(ort_cuda_key(entry, ort_version), backend="ort-cpu", precision="fp32-fusions",
-                   graph_sha256=_graph_as_found(entry, path))
+    ort-cpu, which checks the bundle's hashes before building): a graph rewrite, device
+    independent, as ort_cuda_key's."""
+    return replace(ort_cuda_key(entry, ort_version), backend="ort-cpu", precision="fp32-fusions")
 
 
-def openvino_key(entry: GraphEntry, path: Path, ov_version: str) -> CacheKey:
+def openvino_key(entry: GraphEntry, ov_version: str) -> CacheKey:
     """Key of the OpenVINO IR with fp16-compressed weights that the bf16 graphs compile
-    from (a graph rewrite: device independent; the IR format follows OpenVINO's version)."""
-    return CacheKey(entry.spec.name, _graph_as_found(entry, path), "openvino", ov_version, ANY,
+    from (a graph rewrite: device independent; the IR format follows OpenVINO's version).
+    Built at load from a checked graph, as ort_cpu_key's."""
+    return CacheKey(entry.spec.name, graph_sha256(entry), "openvino", ov_version, ANY,
                     ANY, "fp16-weights", ANY)
 
 

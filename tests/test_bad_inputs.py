@@ -308,6 +308,7 @@ CACHE_CASES: dict[str, Callable[[Path], None]] = {
     "sidecar-size-text": _sidecar(lambda d: d["files"]["unet.onnx"].update(size="big")),
     "sidecar-entry-number": _sidecar(lambda d: d["files"].update({"unet.onnx": 5})),
     "sidecar-no-sha256": _sidecar(lambda d: d["files"]["unet.onnx"].pop("sha256")),
+    "sidecar-key-number": _sidecar(lambda d: d["key"].update(shapes=5)),
 }
 
 

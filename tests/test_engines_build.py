@@ -225,8 +225,12 @@ def test_cached_engine_picks_and_swaps_plans(bundle, tmp_path, monkeypatch):
     assert {type(d).__name__ for d in gpu.deserialized} == {"mmap"}  # mapped, not copied
     with pytest.raises(EngineError, match=r"no TensorRT 10.3.0 plan .* engines.build"):
         step(40)  # 320 px > the profile's 256
-    shutil.rmtree(static_plan.parent)  # pruned by another process; the dynamic plan covers it
-    e.parked.clear()
+    shutil.rmtree(static_plan.parent)  # pruned by another process while parked in memory
+    step(24)
+    step(16)  # still in memory: used, not looked for again
+    assert e.path == static_plan and len(gpu.calls("deserialize_cuda_engine")) == 2
+    step(24)
+    e.parked.clear()  # dropped from memory too: found again, the dynamic plan covers it
     step(16)
     assert e.path != static_plan
     e.release()

@@ -138,3 +138,36 @@ def test_an_artifact_built_from_a_damaged_graph_is_never_used_after_a_restore(tm
     with Pipeline(bundle, "ort-cpu", safety=False) as pipe:
         assert pipe.load_report.graphs["unet"].cache == "built"  # not the damaged one
         np.testing.assert_array_equal(pipe("x", steps=2, seed=3).images, want)
+
+
+@pytest.mark.parametrize("backend", ["ort-cpu", "openvino"])
+def test_no_artifact_is_built_from_damaged_external_data(tmp_path, monkeypatch, backend):
+    """The artifacts built at load (ORT's optimized graph, OpenVINO's fp16 IR) are keyed
+    on the manifest's hashes, so they are built only after the graph and its external
+    data matched them: damaged weights (same size) leave nothing in the cache, and the
+    restored bundle draws the undamaged image."""
+    import numpy as np
+
+    from runtime.bundle import SCHEDULER_CONFIG, TOKENIZER_DIR
+    from tests.fakes.tiny_bundle import make_bundle
+
+    if backend == "openvino":
+        pytest.importorskip("openvino")
+    bundle = make_bundle(tmp_path / "bundle")  # its UNet keeps its weights in unet.onnx.data
+    shutil.copy(demo_bundle() / SCHEDULER_CONFIG, bundle)
+    shutil.copytree(demo_bundle() / TOKENIZER_DIR, bundle / TOKENIZER_DIR)
+    kw = {"precision": "bf16"} if backend == "openvino" else {}
+    monkeypatch.setenv("SDRT_CACHE_DIR", str(tmp_path / "reference-cache"))  # same path: IR
+    with Pipeline(bundle, backend, safety=False, **kw) as pipe:
+        want = pipe("x", steps=2, seed=3).images
+    monkeypatch.setenv("SDRT_CACHE_DIR", str(tmp_path / "cache"))
+    good = tmp_path / "good.data"
+    shutil.copy2(bundle / "unet.onnx.data", good)
+    _damage_keeping_size_and_mtime(bundle / "unet.onnx.data")
+    with pytest.raises(BundleError, match="unet.onnx.data does not match its hash"):
+        Pipeline(bundle, backend, safety=False, **kw)
+    built = [p.name for p in (tmp_path / "cache").glob("*/unet-*") if p.is_dir()]
+    assert built == [], built  # nothing made from the damaged weights
+    shutil.copy(good, bundle / "unet.onnx.data")  # restored: new inode and ctime, same key
+    with Pipeline(bundle, backend, safety=False, **kw) as pipe:
+        np.testing.assert_array_equal(pipe("x", steps=2, seed=3).images, want)

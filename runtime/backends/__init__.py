@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from runtime import cpu
-from runtime.bundle import GraphEntry, Manifest
+from runtime.bundle import GraphEntry, Manifest, verify_hashes
 from runtime.engine import Engine, EngineError
 
 BACKENDS = ("auto", "tensorrt", "ort-cuda", "openvino", "ort-cpu")
@@ -137,16 +137,24 @@ class EngineSet:
         if use_cache and self.backend == "ort-cpu":
             # engines.build --backend ort-cpu's graph with the CPU fusions, when built
             with contextlib.suppress(OSError):  # an unreadable cache: the bundle's graph
-                fused, damaged = cache.find(cache.ort_cpu_fused_key(entry, path))
-            key = cache.ort_cpu_key(entry, fused or path, fused=fused is not None)
+                fused, damaged = cache.find(cache.ort_cpu_fused_key(entry))
+            key = cache.ort_cpu_key(entry, fused=fused is not None)
         elif use_cache:
             key = cache.ort_cuda_key(entry)
         engine = OrtEngine(entry.spec, path, self.backend, cache_key=key,
-                           cuda_graph=self.cuda_graph and name == "unet", source=fused)
+                           cuda_graph=self.cuda_graph and name == "unet", source=fused,
+                           check_source=None if fused else self._check_source(bundle, manifest, name))
         if damaged:  # the bundle's graph runs instead; say how to get the fusions back
             engine.cache_note = ("; the CPU-fused graph is damaged: rebuild it with "
                                  "engines.build --backend ort-cpu --force")
         return engine
+
+    @staticmethod
+    def _check_source(bundle: Path, manifest: Manifest, name: str) -> Callable[[], None]:
+        """What an engine calls before it builds a cached artifact from the bundle's
+        graph: hash the graph and its external data against the manifest (BundleError),
+        so no artifact is ever made from a damaged file (their keys trust the hashes)."""
+        return lambda: verify_hashes(bundle, manifest, only=name)
 
     def graph_precision(self, name: str) -> str:
         return self.precision if self.precision != "bf16" or name in BF16_GRAPHS else "fp32"
@@ -165,9 +173,10 @@ class EngineSet:
             from runtime import cache
             from runtime.backends.openvino import version
 
-            key = cache.openvino_key(entry, path, version() or "?")
+            key = cache.openvino_key(entry, version() or "?")
         return OpenVinoEngine(entry.spec, path, self.graph_precision(name), warm_shapes=warm,
-                              cache_key=key)
+                              cache_key=key, check_source=self._check_source(
+                                  path.parent, manifest, name))
 
     def release(self) -> None:
         """Engines first, then what they share."""

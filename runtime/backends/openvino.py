@@ -30,7 +30,7 @@ MAX_COMPILED (each bf16 UNet shape holds about 2 GiB).
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -94,10 +94,13 @@ class OpenVinoEngine(Engine):
 
     def __init__(self, spec: GraphSpec, path: Path, precision: str = "fp32",
                  warm_shapes: Shapes | None = None, max_compiled: int = MAX_COMPILED,
-                 cache_key: cache.CacheKey | None = None):
+                 cache_key: cache.CacheKey | None = None,
+                 check_source: Callable[[], None] | None = None):
         """`warm_shapes`: compiled in load() (the shapes the first call will most likely
         use), so a graph that does not compile fails at load. `cache_key` (bf16 only):
-        compile from the fp16-weight IR cached under it, written on first use."""
+        compile from the fp16-weight IR cached under it, written on first use, after
+        `check_source` (the bundle graph's hash check) passed."""
+        self.check_source = check_source
         super().__init__(spec, path)
         self.cache_key = cache_key if precision == "bf16" else None
         self.warm_shapes = warm_shapes
@@ -147,6 +150,8 @@ class OpenVinoEngine(Engine):
         import openvino as ov
 
         out = folder / f"{self.name}.xml"  # + .bin, the weights in fp16
+        if self.check_source is not None:
+            self.check_source()  # the IR's key trusts the manifest's hashes
         try:
             ov.save_model(self.core.read_model(str(self.path)), str(out), compress_to_fp16=True)
         except RuntimeError as e:  # a full disk, or a graph it cannot read: no IR, the ONNX

@@ -12,6 +12,7 @@ per set of shapes and replayed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -58,10 +59,13 @@ class OrtEngine(Engine):
     def __init__(self, spec: GraphSpec, path: Path, backend: str = "ort-cpu",
                  cache_key: cache.CacheKey | None = None,
                  cuda_graph: bool = False, max_graphs: int = MAX_GRAPHS,
-                 source: Path | None = None):
+                 source: Path | None = None, check_source: Callable[[], None] | None = None):
         """`source` (ort-cpu): the graph to optimize and run instead of the bundle's
-        `path`, e.g. engines.build's graph with onnxruntime's CPU fusions."""
+        `path`, e.g. engines.build's graph with onnxruntime's CPU fusions.
+        `check_source`: called before the optimized graph is built from the bundle's
+        graph (its hash check; raises when the file is damaged)."""
         super().__init__(spec, path)
+        self.check_source = check_source
         self.source = Path(source) if source is not None else self.path
         if backend not in PROVIDERS:
             raise ValueError(f"unknown ONNX Runtime backend {backend!r}")
@@ -86,6 +90,8 @@ class OrtEngine(Engine):
     def _optimize_into(self, folder: Path) -> Path:
         """Run ORT's optimizer on the bundle graph and save the result into `folder`."""
         out = folder / self.path.name
+        if self.check_source is not None and self.source == self.path:
+            self.check_source()  # the artifact's key trusts the manifest's hashes
         ort.InferenceSession(str(self.source), session_options(optimized_out=out),
                              providers=[PROVIDERS[self.backend]])
         return out

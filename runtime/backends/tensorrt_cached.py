@@ -56,9 +56,13 @@ class CachedTensorRTEngine(TensorRTEngine):
 
     def _lookup(self, shapes: Shapes) -> Path | None:
         """The plan for these shapes, found (and hash-checked) once per process; found
-        again if it has gone since (another process's cache cap or prune removed it)."""
+        again if its file has gone since (another process's cache cap or prune removed
+        it) and it is not in memory (loaded or parked) any more."""
         memo = tuple(sorted((k, tuple(v)) for k, v in shapes.items()))
-        if memo in self.found and not self.found[memo].is_file():
+        known = self.found.get(memo)
+        in_memory = known is not None and (
+            known in self.parked or (known == self.path and self.engine is not None))
+        if known is not None and not in_memory and not known.is_file():
             del self.found[memo]
         if memo not in self.found:
             path = self._find(shapes)
