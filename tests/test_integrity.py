@@ -117,10 +117,10 @@ def test_a_file_unchanged_since_it_matched_is_not_hashed_again(tmp_path, monkeyp
 
 def test_an_artifact_built_from_a_damaged_graph_is_never_used_after_a_restore(tmp_path,
                                                                              monkeypatch):
-    """ORT's optimized graph is built at load, beside the check: from a damaged graph it
-    is built too (the run then fails). Restoring the good file with `cp -p` keeps size
-    and mtime; the artifact key has ctime and inode too, so the damaged build is never
-    found again and the image is the good one."""
+    """ORT's optimized graph is built at load, and only after its source matched the
+    manifest's hashes: nothing is built from a damaged graph, so restoring the good
+    file with `cp -p` (size and mtime kept) meets no artifact made from the damage and
+    the image is the good one."""
     import numpy as np
 
     monkeypatch.setenv("SDRT_CACHE_DIR", str(tmp_path / "cache"))
