@@ -41,8 +41,11 @@ def load_components(model: str, *, allow_pickle: bool = False, safety: bool = Tr
 
 
 def load_diffusers_folder(path: Path, *, allow_pickle: bool = False, safety: bool = True,
-                          model_id: str | None = None) -> Components:
-    """A diffusers StableDiffusionPipeline folder (model_index.json + component folders)."""
+                          model_id: str | None = None,
+                          variants: dict[str, str | None] | None = None) -> Components:
+    """A diffusers StableDiffusionPipeline folder (model_index.json + component folders).
+    `variants` (component -> weights variant, None: the default weights) overrides what
+    the folder's files suggest: a hub snapshot folder also keeps files fetched earlier."""
     import diffusers
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
@@ -50,7 +53,8 @@ def load_diffusers_folder(path: Path, *, allow_pickle: bool = False, safety: boo
 
     from export.components import Components
 
-    variants, use_checker = check_diffusers_folder(path, allow_pickle, safety)
+    found, use_checker = check_diffusers_folder(path, allow_pickle, safety)
+    variants = {**found, **(variants or {})}
     try:
         sched_cfg = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
         scheduler_cls = getattr(diffusers, sched_cfg["_class_name"])
@@ -217,4 +221,11 @@ def load_from_hub(repo_id: str, *, allow_pickle: bool = False, safety: bool = Tr
         folder = snapshot_download(repo_id, revision=info.sha, allow_patterns=[_exact(f) for f in files])
     except Exception as e:
         raise ExportError(f"cannot download {repo_id} from the hub: {_one_line(e)}") from None
-    return load_diffusers_folder(Path(folder), allow_pickle=allow_pickle, safety=safety, model_id=repo_id)
+    chosen = {}  # the variant hub_files picked per component, whatever else the folder holds
+    for name in files:
+        folder_name, _, base = name.partition("/")
+        kind = _weight_kind(base)
+        if kind is not None and not kind[1]:
+            chosen[folder_name] = kind[0][0]
+    return load_diffusers_folder(Path(folder), allow_pickle=allow_pickle, safety=safety,
+                                 model_id=repo_id, variants=chosen)

@@ -184,7 +184,9 @@ def test_load_from_hub_downloads_exactly_the_chosen_files(monkeypatch, tmp_path)
     selected = sorted(filter_repo_objects(SD14 + odd, allow_patterns=patterns))
     assert selected == without_safety(CONFIGS + DEFAULT_ST + odd[:1])
     assert loaded == [(tmp_path / "snap", {"allow_pickle": False, "safety": False,
-                                           "model_id": "CompVis/stable-diffusion-v1-4"})]
+                                           "model_id": "CompVis/stable-diffusion-v1-4",
+                                           "variants": {"text_encoder": None, "unet": None,
+                                                        "vae": None}})]
 
 
 def test_hub_errors_are_one_line(monkeypatch, tmp_path):
@@ -261,3 +263,31 @@ def test_variant_is_for_hub_ids_only(tmp_path, capsys):
     assert main(["--model", "demo", "--out", str(tmp_path / "b"), "--variant", "fp16"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not a hub id" in err and not (tmp_path / "b").exists()
+
+
+def test_asked_for_fp16_the_fp16_weights_load_even_beside_earlier_downloads(
+        demo_components, monkeypatch, tmp_path):
+    """A hub snapshot folder keeps files fetched before: after a default-weights export,
+    --variant fp16 must still load the fp16 files, not what else lies there."""
+    pytest.importorskip("torch")
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPImageProcessor, CLIPTokenizer
+
+    from export.clip_vocab import write_tokenizer_files
+
+    c = demo_components
+    write_tokenizer_files(tmp_path / "tok")
+    tokenizer = CLIPTokenizer(str(tmp_path / "tok" / "vocab.json"), str(tmp_path / "tok" / "merges.txt"))
+    pipe = StableDiffusionPipeline(c.vae, c.text_encoder, tokenizer, c.unet, c.scheduler,
+                                   c.safety_checker, CLIPImageProcessor())
+    repo = tmp_path / "repo"
+    pipe.save_pretrained(repo, variant="fp16")
+    pipe.save_pretrained(repo)
+    FakeHub(monkeypatch, repo, tmp_path / "snap")
+    sources.load_from_hub("r/demo")  # the default weights, now in the snapshot folder
+    seen = {}
+    real = sources.load_diffusers_folder
+    monkeypatch.setattr(sources, "load_diffusers_folder",
+                        lambda *a, **kw: seen.update(kw["variants"]) or real(*a, **kw))
+    sources.load_from_hub("r/demo", variant="fp16")
+    assert seen == {"text_encoder": "fp16", "unet": "fp16", "vae": "fp16", "safety_checker": "fp16"}
