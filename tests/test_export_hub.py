@@ -211,25 +211,32 @@ def test_hub_errors_are_one_line(monkeypatch, tmp_path):
     assert "\n" not in str(e.value) and hub.calls == []  # refused before any download
 
 
-@pytest.mark.parametrize("fp16_only", [False, True])
-def test_a_hub_repo_of_the_demo_weights_loads(demo_components, monkeypatch, tmp_path, fp16_only):
-    """A repo saved by diffusers with default and fp16 variants (and a broken non_ema decoy,
-    a top-level .ckpt) loads from the downloaded subset with the demo's weights."""
-    torch = pytest.importorskip("torch")
+def _demo_repo(c, tmp_path, default: bool = True):
+    """A hub repo saved by diffusers from the demo weights: the fp16 variant, and the
+    default weights too unless `default` is False."""
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPImageProcessor, CLIPTokenizer
 
     from export.clip_vocab import write_tokenizer_files
 
-    c = demo_components
     write_tokenizer_files(tmp_path / "tok")
     tokenizer = CLIPTokenizer(str(tmp_path / "tok" / "vocab.json"), str(tmp_path / "tok" / "merges.txt"))
     pipe = StableDiffusionPipeline(c.vae, c.text_encoder, tokenizer, c.unet, c.scheduler,
                                    c.safety_checker, CLIPImageProcessor())
     repo = tmp_path / "repo"
     pipe.save_pretrained(repo, variant="fp16")
-    if not fp16_only:
+    if default:
         pipe.save_pretrained(repo)
+    return repo
+
+
+@pytest.mark.parametrize("fp16_only", [False, True])
+def test_a_hub_repo_of_the_demo_weights_loads(demo_components, monkeypatch, tmp_path, fp16_only):
+    """A repo saved by diffusers with default and fp16 variants (and a broken non_ema decoy,
+    a top-level .ckpt) loads from the downloaded subset with the demo's weights."""
+    torch = pytest.importorskip("torch")
+    c = demo_components
+    repo = _demo_repo(c, tmp_path, default=not fp16_only)
     (repo / "unet" / "diffusion_pytorch_model.non_ema.safetensors").write_bytes(b"not weights")
     (repo / "sd.ckpt").write_bytes(b"not weights")
     hub = FakeHub(monkeypatch, repo, tmp_path / "snap")
@@ -270,20 +277,7 @@ def test_asked_for_fp16_the_fp16_weights_load_even_beside_earlier_downloads(
     """A hub snapshot folder keeps files fetched before: after a default-weights export,
     --variant fp16 must still load the fp16 files, not what else lies there."""
     pytest.importorskip("torch")
-    from diffusers import StableDiffusionPipeline
-    from transformers import CLIPImageProcessor, CLIPTokenizer
-
-    from export.clip_vocab import write_tokenizer_files
-
-    c = demo_components
-    write_tokenizer_files(tmp_path / "tok")
-    tokenizer = CLIPTokenizer(str(tmp_path / "tok" / "vocab.json"), str(tmp_path / "tok" / "merges.txt"))
-    pipe = StableDiffusionPipeline(c.vae, c.text_encoder, tokenizer, c.unet, c.scheduler,
-                                   c.safety_checker, CLIPImageProcessor())
-    repo = tmp_path / "repo"
-    pipe.save_pretrained(repo, variant="fp16")
-    pipe.save_pretrained(repo)
-    FakeHub(monkeypatch, repo, tmp_path / "snap")
+    FakeHub(monkeypatch, _demo_repo(demo_components, tmp_path), tmp_path / "snap")
     sources.load_from_hub("r/demo")  # the default weights, now in the snapshot folder
     seen = {}
     real = sources.load_diffusers_folder
