@@ -12,6 +12,10 @@ missing keys take that class's defaults) and returns a frozen ``Schedule``
         eps = unet(sched.scale_model_input(x, i, out=unet_input), t)
         x = sched.step(state, i, eps, x, rng, out=x)   # in place; allocates nothing
 
+img2img and inpainting start part-way: ``start = sched.start_index(strength)``,
+``sched.add_noise(image_latents, noise, start, out)``, ``sched.new_state(shape, rng,
+start)``, then calls ``start .. calls - 1`` (runtime/schedulers/base.py).
+
 ``step`` writes into ``out`` (which may be ``sample``), never keeps a reference to
 ``model_output`` (the caller may reuse that buffer) and never writes into it.
 ``scale_model_input`` may return ``sample`` itself (PNDM, DDIM, DPM++).

@@ -99,6 +99,13 @@ def train_sigmas(ac: np.ndarray) -> np.ndarray:
     return np.sqrt((F32(1.0) - ac) / ac)
 
 
+def ddpm_noise_scales(ac: np.ndarray, ts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[calls] float32 (sqrt(a_t), sqrt(1 - a_t)) at each call's timestep t: add_noise of
+    scheduling_ddpm.py (PNDM and DDIM copy it), in torch's float32 arithmetic."""
+    a = ac.astype(F32)[np.asarray(ts, np.int64)]
+    return np.sqrt(a), np.sqrt(F32(1.0) - a)
+
+
 def karras(sigma_min: float, sigma_max: float, steps: int) -> np.ndarray:
     """Karras et al. 2022 eq. 5, rho = 7 (scheduling_euler_discrete.py _convert_to_karras)."""
     ramp = np.linspace(0, 1, steps)

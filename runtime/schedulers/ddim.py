@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from runtime.schedulers._tables import F32, alphas_cumprod, frozen, resolve, spaced_timesteps
-from runtime.schedulers.base import Schedule, State, linear_step
+from runtime.schedulers._tables import alphas_cumprod, ddpm_noise_scales, frozen, resolve, spaced_timesteps
+from runtime.schedulers.base import F32, Schedule, State, linear_step
 
 DEFAULTS = {"clip_sample": True, "clip_sample_range": 1.0, "set_alpha_to_one": True,
             "thresholding": False, "timestep_spacing": "leading"}
@@ -18,6 +18,7 @@ DEFAULTS = {"clip_sample": True, "clip_sample_range": 1.0, "set_alpha_to_one": T
 
 @dataclass(frozen=True)
 class DDIMSchedule(Schedule):
+    clip: float | None  # clip_sample_range when clip_sample, else None
     # x0 = x0_s * x + x0_m * out; eps = eps_s * x + eps_m * out; prev = sqrt(a') x0 + dir * eps
     x0_s: np.ndarray
     x0_m: np.ndarray
@@ -25,12 +26,11 @@ class DDIMSchedule(Schedule):
     eps_m: np.ndarray
     sqrt_a_prev: np.ndarray
     direction: np.ndarray
-    clip: float | None  # clip_sample_range when clip_sample, else None
     sample_coeff: np.ndarray  # without clipping: prev = sample_coeff * x + output_coeff * out
     output_coeff: np.ndarray
 
-    def new_state(self, shape: tuple[int, ...], rng: Any = None) -> State:
-        return State(shape, scratch=2)
+    def _state(self, shape: tuple[int, ...], rng: Any, start: int) -> State:
+        return State(shape, scratch=2, start=start)
 
     def step(self, state: State, i: int, model_output: np.ndarray, sample: np.ndarray,
              rng: Any, out: np.ndarray) -> np.ndarray:
@@ -76,5 +76,6 @@ def make(name: str, config: dict, steps: int) -> DDIMSchedule:
     folded = (sqrt_a_prev * x0_s + direction * eps_s, sqrt_a_prev * x0_m + direction * eps_m)
     tables = [c.astype(F32) for c in (*coeffs, sqrt_a_prev, direction)]
     clip = float(cfg["clip_sample_range"]) if cfg["clip_sample"] else None
-    return DDIMSchedule(name, *frozen(ts.astype(F32)), 1.0, *frozen(*tables), clip,
-                        *frozen(*(c.astype(F32) for c in folded)))
+    ts32, signal, noise = frozen(ts.astype(F32), *ddpm_noise_scales(ac, ts))
+    return DDIMSchedule(name, ts32, 1.0, steps, signal, noise, clip,
+                        *frozen(*tables, *(c.astype(F32) for c in folded)))

@@ -32,8 +32,8 @@ DEFAULTS = {"solver_order": 2, "thresholding": False, "algorithm_type": "dpmsolv
 class DPMState(State):
     """Two data-prediction buffers: this step's and the previous step's x0."""
 
-    def __init__(self, shape: tuple[int, ...]):
-        super().__init__(shape)
+    def __init__(self, shape: tuple[int, ...], start: int):
+        super().__init__(shape, start=start)
         self.x0 = np.empty(self.shape, F32)
         self.prev_x0 = np.empty(self.shape, F32)
 
@@ -46,9 +46,10 @@ class DPMSchedule(Schedule):
     sample_coeff: np.ndarray  # [calls] f32: prev = sample_coeff x + c0 x0 + c1 x0_prev
     c0: np.ndarray
     c1: np.ndarray
+    c0_first: np.ndarray  # [calls] f32: c0 of a first-order step (c1 = 0), a run's first
 
-    def new_state(self, shape: tuple[int, ...], rng: Any = None) -> DPMState:
-        return DPMState(shape)
+    def _state(self, shape: tuple[int, ...], rng: Any, start: int) -> DPMState:
+        return DPMState(shape, start)
 
     def step(self, state: DPMState, i: int, model_output: np.ndarray, sample: np.ndarray,
              rng: Any, out: np.ndarray) -> np.ndarray:
@@ -56,10 +57,11 @@ class DPMSchedule(Schedule):
         np.multiply(model_output, self.x0_m[i], out=x0)
         np.multiply(sample, self.x0_s[i], out=tmp)
         x0 += tmp
+        first = i == state.start  # diffusers' lower_order_nums == 0: no x0_prev yet
         np.multiply(sample, self.sample_coeff[i], out=tmp)  # before `out` may overwrite sample
-        np.multiply(x0, self.c0[i], out=out)
+        np.multiply(x0, self.c0_first[i] if first else self.c0[i], out=out)
         out += tmp
-        if self.c1[i] != 0:
+        if not first and self.c1[i] != 0:
             np.multiply(state.prev_x0, self.c1[i], out=tmp)
             out += tmp
         state.x0, state.prev_x0 = state.prev_x0, x0
@@ -115,21 +117,25 @@ def make(name: str, config: dict, steps: int) -> DPMSchedule:
         lam = -np.log(s)  # log(alpha_t) - log(sigma_t); +inf at sigma = 0
     x0_s, x0_m = x0_coefficients(cfg["prediction_type"], s[:-1])
     x0_s = x0_s / alpha[:-1]  # x0_coefficients is for x / alpha (Karras scaling)
-    sample_coeff, c0, c1 = np.zeros(calls), np.zeros(calls), np.zeros(calls)
+    sample_coeff, c0, c1, c0_first = (np.zeros(calls) for _ in range(4))
     with np.errstate(divide="ignore", invalid="ignore"):  # h = 0: Karras end at sigma_min
         for i in range(calls):
             h = lam[i + 1] - lam[i]
             em1 = np.expm1(-h)  # exp(-h) - 1
             sample_coeff[i] = s[i + 1] * alpha[i + 1] / (s[i] * alpha[i])
+            c0_first[i] = -alpha[i + 1] * em1
             final = i == calls - 1 and (cfg["euler_at_final"] or cfg["final_sigmas_type"] == "zero"
                                         or (cfg["lower_order_final"] and calls < 15))
             if cfg["solver_order"] == 1 or i == 0 or final:  # DPM-Solver++ eq. 5, first order
-                c0[i] = -alpha[i + 1] * em1
+                c0[i] = c0_first[i]
                 continue
             r = (lam[i] - lam[i - 1]) / h  # r0 = h_0 / h; D1 = (x0 - x0_prev) / r0
             d1 = -0.5 * alpha[i + 1] * em1 if solver == "midpoint" else alpha[i + 1] * (em1 / h + 1)
             c0[i] = -alpha[i + 1] * em1 + d1 / r
             c1[i] = -d1 / r
-    tables = (x0_s, x0_m, sample_coeff, c0, c1)
-    ts32, sigmas = frozen(ts.astype(F32), sigmas)
-    return DPMSchedule(name, ts32, 1.0, sigmas, *frozen(*(a.astype(F32) for a in tables)))
+    tables = (x0_s, x0_m, sample_coeff, c0, c1, c0_first)
+    # add_noise: alpha_t x + sigma_t n in float32 (_sigma_to_alpha_sigma_t, add_noise)
+    sigma = sigmas[:-1]  # [calls] float32
+    alpha_t = F32(1.0) / np.sqrt(sigma**2 + F32(1.0))
+    return DPMSchedule(name, frozen(ts.astype(F32))[0], 1.0, steps, *frozen(
+        alpha_t, sigma * alpha_t, sigmas, *(a.astype(F32) for a in tables)))

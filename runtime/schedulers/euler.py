@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime.schedulers._tables import F32, discrete_sigmas, frozen, resolve, x0_coefficients
+from runtime.schedulers._tables import discrete_sigmas, resolve, x0_coefficients
 from runtime.schedulers.base import SigmaSchedule, State, linear_step
 
 DEFAULTS = {"interpolation_type": "linear", "use_karras_sigmas": False,
@@ -36,6 +36,4 @@ def make(name: str, config: dict, steps: int) -> EulerSchedule:
     p, q = x0_coefficients(cfg["prediction_type"], sigma)
     # x_next = x + (x - x0) / sigma * dt   (Karras 2022 eq. 6, one Euler step)
     sample_coeff, output_coeff = 1 + (1 - p) * dt / sigma, -q * dt / sigma
-    tables = frozen(ts, sigmas, *(a.astype(F32) for a in (1 / np.sqrt(sigma**2 + 1),
-                                                            sample_coeff, output_coeff)))
-    return EulerSchedule(name, tables[0], init, *tables[1:])
+    return EulerSchedule.build(name, steps, ts, sigmas, init, sample_coeff, output_coeff)

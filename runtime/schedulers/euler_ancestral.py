@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime.schedulers._tables import F32, discrete_sigmas, frozen, resolve, x0_coefficients
+from runtime.schedulers._tables import discrete_sigmas, resolve, x0_coefficients
 from runtime.schedulers.base import SigmaSchedule, State
 
 DEFAULTS: dict = {}
@@ -21,18 +21,18 @@ PREDRAW_BYTES = 32 << 20  # noise of all steps drawn up front up to this size
 
 
 class AncestralState(State):
-    """Scratch, and the noise of every step drawn at once (so the loop allocates nothing)
-    when that continues the generator's stream exactly: torch's CPU randn works in
-    blocks of 16 values, so for a step size that is a multiple of 16 (any [B, 4, h, w]
-    with h, w multiples of 2) one [calls, B, 4, h, w] draw equals `calls` draws of
-    [B, 4, h, w] in a row. Past PREDRAW_BYTES (e.g. 1000 steps at 1024x1024) each step
-    draws its own."""
+    """Scratch, and the noise of every step of the run (calls start .. calls - 1) drawn at
+    once (so the loop allocates nothing) when that continues the generator's stream
+    exactly: torch's CPU randn works in blocks of 16 values, so for a step size that is a
+    multiple of 16 (any [B, 4, h, w] with h, w multiples of 2) one [draws, B, 4, h, w]
+    draw equals `draws` draws of [B, 4, h, w] in a row. Past PREDRAW_BYTES (e.g. 1000
+    steps at 1024x1024) each step draws its own."""
 
-    def __init__(self, shape: tuple[int, ...], calls: int, rng: Any):
-        super().__init__(shape)
-        size = math.prod(shape)
-        fits = size % 16 == 0 and calls * size * 4 <= PREDRAW_BYTES
-        self.noise = rng.randn((calls, *shape)) if fits else None  # [calls, B, 4, h, w]
+    def __init__(self, shape: tuple[int, ...], calls: int, rng: Any, start: int):
+        super().__init__(shape, start=start)
+        size, draws = math.prod(shape), calls - start  # one draw per call of this run
+        fits = size % 16 == 0 and draws * size * 4 <= PREDRAW_BYTES
+        self.noise = rng.randn((draws, *shape)) if fits else None  # [draws, B, 4, h, w]
 
 
 @dataclass(frozen=True)
@@ -41,8 +41,8 @@ class EulerAncestralSchedule(SigmaSchedule):
     output_coeff: np.ndarray
     sigma_up: np.ndarray
 
-    def new_state(self, shape: tuple[int, ...], rng: Any = None) -> AncestralState:
-        return AncestralState(shape, len(self.timesteps), rng)
+    def _state(self, shape: tuple[int, ...], rng: Any, start: int) -> AncestralState:
+        return AncestralState(shape, len(self.timesteps), rng, start)
 
     def step(self, state: AncestralState, i: int, model_output: np.ndarray,
              sample: np.ndarray, rng: Any, out: np.ndarray) -> np.ndarray:
@@ -51,7 +51,7 @@ class EulerAncestralSchedule(SigmaSchedule):
         np.multiply(sample, self.sample_coeff[i], out=out)
         tmp += out
         # [B, 4, h, w]: one draw for the whole batch, from the run's generator
-        noise = state.noise[i] if state.noise is not None else rng.randn(model_output.shape)
+        noise = state.noise[i - state.start] if state.noise is not None else rng.randn(model_output.shape)
         np.multiply(noise, self.sigma_up[i], out=out)
         out += tmp
         return out
@@ -70,6 +70,4 @@ def make(name: str, config: dict, steps: int) -> EulerAncestralSchedule:
     p, q = x0_coefficients(cfg["prediction_type"], sigma)
     dt = down - sigma
     sample_coeff, output_coeff = 1 + (1 - p) * dt / sigma, -q * dt / sigma
-    tables = frozen(ts, sigmas, *(a.astype(F32) for a in (1 / np.sqrt(sigma**2 + 1),
-                                                            sample_coeff, output_coeff, up)))
-    return EulerAncestralSchedule(name, tables[0], init, *tables[1:])
+    return EulerAncestralSchedule.build(name, steps, ts, sigmas, init, sample_coeff, output_coeff, up)

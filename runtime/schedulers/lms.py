@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime.schedulers._tables import F32, discrete_sigmas, frozen, resolve, x0_coefficients
+from runtime.schedulers._tables import F32, discrete_sigmas, resolve, x0_coefficients
 from runtime.schedulers.base import SigmaSchedule, State
 
 DEFAULTS = {"use_karras_sigmas": False, "use_exponential_sigmas": False,
@@ -21,8 +21,8 @@ ORDER = 4  # LMSDiscreteScheduler.step(order=4), what the pipelines use
 class LMSState(State):
     """Per-run history of derivatives (x - x0) / sigma: a ring of ORDER buffers."""
 
-    def __init__(self, shape: tuple[int, ...]):
-        super().__init__(shape)
+    def __init__(self, shape: tuple[int, ...], start: int):
+        super().__init__(shape, start=start)
         self.ring = [np.empty(self.shape, F32) for _ in range(ORDER)]
         self.count = 0  # derivatives written so far; the newest is ring[(count - 1) % ORDER]
 
@@ -33,8 +33,8 @@ class LMSSchedule(SigmaSchedule):
     deriv_m: np.ndarray
     coeffs: np.ndarray  # [calls, ORDER] float32: weight of the k-th newest derivative
 
-    def new_state(self, shape: tuple[int, ...], rng: Any = None) -> LMSState:
-        return LMSState(shape)
+    def _state(self, shape: tuple[int, ...], rng: Any, start: int) -> LMSState:
+        return LMSState(shape, start)
 
     def step(self, state: LMSState, i: int, model_output: np.ndarray, sample: np.ndarray,
              rng: Any, out: np.ndarray) -> np.ndarray:
@@ -47,7 +47,10 @@ class LMSSchedule(SigmaSchedule):
         state.count += 1
         if out is not sample:
             np.copyto(out, sample)
-        for k in range(min(state.count, ORDER)):  # newest first
+        # newest first. coeffs[i] has order min(i + 1, ORDER) from the absolute index; a run
+        # that starts part-way has fewer derivatives, and diffusers' zip() then uses just
+        # the first weights of that higher-order rule: so do we
+        for k in range(min(state.count, ORDER)):
             np.multiply(state.ring[(state.count - 1 - k) % ORDER], self.coeffs[i, k], out=tmp)
             out += tmp
         return out  # [B, 4, h, w] float32
@@ -77,6 +80,5 @@ def make(name: str, config: dict, steps: int) -> LMSSchedule:
     s = sigmas.astype(np.float64)
     sigma = s[:-1]
     p, q = x0_coefficients(cfg["prediction_type"], sigma)
-    tables = frozen(ts, sigmas, *(a.astype(F32) for a in (
-        1 / np.sqrt(sigma**2 + 1), (1 - p) / sigma, -q / sigma, _lms_coefficients(s, steps))))
-    return LMSSchedule(name, tables[0], init, *tables[1:])
+    return LMSSchedule.build(name, steps, ts, sigmas, init, (1 - p) / sigma, -q / sigma,
+                             _lms_coefficients(s, steps))
