@@ -37,6 +37,7 @@ from runtime import cache
 from runtime.args import OneLineParser, first_line, usage_error
 from runtime.bundle import (
     GRAPH_ORDER,
+    MAX_TOKENS,
     BundleError,
     Manifest,
     Profile,
@@ -62,29 +63,35 @@ def _bhw(text: str, flag: str) -> tuple[int, int, int]:
     return b, h, w
 
 
-def _profile(rows: dict[str, tuple[int, int, int]]) -> Profile:
+def _profile(rows: dict[str, tuple[int, int, int]],
+             tokens: tuple[int, int, int] = (MAX_TOKENS,) * 3) -> Profile:
     try:
-        return Profile(*zip(rows["min"], rows["opt"], rows["max"], strict=True))
+        batch, height, width = zip(rows["min"], rows["opt"], rows["max"], strict=True)
+        return Profile(batch, height, width, tokens)
     except ValueError as e:
         raise UsageError(str(e)) from None
 
 
 def choose_profiles(manifest: Manifest, static: bool, lo: str | None, opt: str | None,
-                    hi: str | None, sizes: tuple[int | None, int | None, int | None] = (
-                        None, None, None)) -> tuple[Profile, Profile | None]:
+                    hi: str | None, sizes: tuple[int | None, ...] = (None, None, None, None)
+                    ) -> tuple[Profile, Profile | None]:
     """(dynamic profile, static profile or None): the manifest's profile with flag
-    overrides, `sizes` = --min-size, --max-size, --max-batch (pixels, images; as export's,
-    opt kept at the default size) then --min/--max/--opt as BATCHxHEIGHTxWIDTH; the
+    overrides, `sizes` = --min-size, --max-size, --max-batch, --max-tokens (pixels, images,
+    text tokens; as export's, opt kept at the default size) then --min/--max/--opt as
+    BATCHxHEIGHTxWIDTH; the
     bundle's default size must stay inside. Static is min = opt = max = --opt, by
-    default batch 1 at the manifest's default size (512x512 for v1.x)."""
+    default batch 1 at the manifest's default size (512x512 for v1.x), and 77 text tokens
+    (one prompt chunk: longer prompts need a dynamic plan)."""
     default = (manifest.default_height, manifest.default_width)
     p = manifest.profile
     if any(v is not None for v in sizes):
         if static:
-            raise UsageError("--min-size/--max-size/--max-batch shape a dynamic profile; "
-                             "--static builds one shape, given by --opt")
+            raise UsageError("--min-size/--max-size/--max-batch/--max-tokens shape a dynamic "
+                             "profile; --static builds one shape, given by --opt")
         try:
-            p = fit_profile(min(default), *sizes, base=manifest.profile)
+            lo_size, hi_size, batch, tokens = (*sizes, None, None, None, None)[:4]
+            p = fit_profile(min(default), lo_size, hi_size, batch, base=manifest.profile,
+                            max_tokens=tokens)
         except ValueError as e:
             raise UsageError(str(e)) from None
     rows = {"min": (p.batch[0], p.height[0], p.width[0]),
@@ -97,7 +104,7 @@ def choose_profiles(manifest: Manifest, static: bool, lo: str | None, opt: str |
     rows["opt"] = (min(max(b1, b0), b2), min(max(h1, h0), h2), min(max(w1, w0), w2))  # inside
     if static:  # --opt names the one shape; the text encoder keeps the dynamic rows
         one = _bhw(opt, "--opt") if opt else (1, *default)
-        return _profile(rows), _profile({"min": one, "opt": one, "max": one})
+        return _profile(rows, p.tokens), _profile({"min": one, "opt": one, "max": one})
     if opt is not None:
         rows["opt"] = _bhw(opt, "--opt")
     if not (rows["min"][1] <= default[0] <= rows["max"][1]
@@ -105,7 +112,7 @@ def choose_profiles(manifest: Manifest, static: bool, lo: str | None, opt: str |
         raise UsageError(f"the profile {rows['min'][1]}x{rows['min'][2]}..{rows['max'][1]}x"
                          f"{rows['max'][2]} leaves out the bundle's default size "
                          f"{default[0]}x{default[1]}; widen --min/--max")
-    return _profile(rows), None
+    return _profile(rows, p.tokens), None
 
 
 def parse_args(argv: list[str] | None) -> tuple[BuildOptions, bool]:
@@ -121,6 +128,8 @@ def parse_args(argv: list[str] | None) -> tuple[BuildOptions, bool]:
     ap.add_argument("--min-size", type=int, help="smallest image side in pixels (both sides)")
     ap.add_argument("--max-size", type=int, help="largest image side in pixels, e.g. 1024")
     ap.add_argument("--max-batch", type=int, help="most images per call, e.g. 4")
+    ap.add_argument("--max-tokens", type=int, help="longest prompt the UNet takes, in tokens: "
+                    "77 per chunk of 75 words-pieces, e.g. 231 (default: the bundle's profile)")
     ap.add_argument("--graphs", help="comma-separated subset, e.g. unet,vae_decoder")
     ap.add_argument("--workspace-gb", type=float, help="TensorRT tactic memory limit (GiB)")
     ap.add_argument("--opt-level", type=int, choices=range(6), metavar="0-5",
@@ -150,7 +159,7 @@ def parse_args(argv: list[str] | None) -> tuple[BuildOptions, bool]:
     if a.workspace_gb is not None and a.workspace_gb <= 0:
         raise UsageError("--workspace-gb must be positive")
     profile, static = choose_profiles(manifest, a.static, a.min, a.opt, a.max,
-                                      (a.min_size, a.max_size, a.max_batch))
+                                      (a.min_size, a.max_size, a.max_batch, a.max_tokens))
     opts = BuildOptions(
         bundle=bundle, backend=a.backend, graphs=graphs, profile=profile, static=static,
         cache_dir=a.cache_dir, no_build=a.no_build, force=a.force,

@@ -31,6 +31,7 @@ MODEL_TYPES = {
     "text_encoder": "clip",
     "unet": "unet",
     "vae_decoder": "vae",
+    "vae_encoder": "vae",
     "safety_checker": "unet",
 }
 

@@ -32,6 +32,8 @@ from export.errors import ExportError
 from export.graphs import GraphJob, check_io, export_onnx, graph_jobs, max_abs_error, ort_session, timed
 from export.tokenizer_files import copy_tokenizer
 from runtime.bundle import (
+    INPAINT_CHANNELS,
+    LATENT_CHANNELS,
     SCHEDULER_CONFIG,
     TOKENIZER_DIR,
     GraphEntry,
@@ -148,6 +150,10 @@ def export_bundle(components: Components, out_dir: str | os.PathLike, *, opset: 
     """
     out = Path(out_dir).absolute()
     check_out(out, force)
+    channels = components.unet.config.in_channels
+    if channels not in (LATENT_CHANNELS, INPAINT_CHANNELS):
+        raise ExportError(f"the UNet takes {channels} input channels; this runtime runs "
+                          f"{LATENT_CHANNELS} (text-to-image) or {INPAINT_CHANNELS} (inpainting)")
     check_opset(opset)
     if profile is None:
         cfg = CONFIGS.get(components.model_id)

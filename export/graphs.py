@@ -25,6 +25,7 @@ from runtime.bundle import (
     MAX_TOKENS,
     SAFETY_CONCEPTS,
     SAFETY_SIZE,
+    VAE_FACTOR,
     GraphSpec,
     graph_spec,
 )
@@ -46,7 +47,7 @@ class UNet(torch.nn.Module):
         super().__init__()
         self.unet = unet
 
-    def forward(self, sample, timestep, encoder_hidden_states):  # [N, 4, h, w], [1], [N, 77, C]
+    def forward(self, sample, timestep, encoder_hidden_states):  # [N, U, h, w], [1], [N, T, C]
         return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]  # [N, 4, h, w]
 
 
@@ -59,6 +60,19 @@ class VaeDecoder(torch.nn.Module):
 
     def forward(self, latent):  # [B, 4, h, w]
         return self.vae.decode(latent, return_dict=False)[0]  # [B, 3, 8h, 8w]
+
+
+class VaeEncoder(torch.nn.Module):
+    """image in [-1, 1] -> the posterior's parameters (mean and log-variance stacked, as
+    diffusers' DiagonalGaussianDistribution takes them); the host clamps the log-variance
+    and draws the sample from the seed's stream, where diffusers' latent_dist.sample does."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, image):  # [B, 3, H, W]
+        return self.vae.encode(image, return_dict=False)[0].parameters  # [B, 8, H/8, W/8]
 
 
 class SafetyChecker(torch.nn.Module):
@@ -114,13 +128,17 @@ def sample_inputs(name: str, c: Components, batch: int = 1, latent: tuple[int, i
     if name == "unet":
         h, w = latent or (side + 1, side + 1)
         n = 2 * batch  # classifier-free guidance batch
-        return (torch.randn(n, LATENT_CHANNELS, h, w, generator=g),  # [N, 4, h, w]
+        # two prompt chunks: the text axis T is dynamic (long prompts), so trace off 77
+        return (torch.randn(n, c.unet.config.in_channels, h, w, generator=g),  # [N, U, h, w]
                 torch.tensor([981.0]),  # [1] float32
-                torch.randn(n, MAX_TOKENS, c.hidden, generator=g))  # [N, 77, C]
+                torch.randn(n, 2 * MAX_TOKENS, c.hidden, generator=g))  # [N, T, C]
     if name == "vae_decoder":
         h, w = latent or (side, side)
         return (torch.randn(batch, LATENT_CHANNELS, h, w, generator=g)
                 / float(c.vae.config.scaling_factor),)  # [B, 4, h, w], as the host scales it
+    if name == "vae_encoder":
+        h, w = latent or (side, side)
+        return (torch.rand(batch, 3, h * VAE_FACTOR, w * VAE_FACTOR, generator=g) * 2 - 1,)  # [B, 3, H, W]
     if name == "safety_checker":
         return (torch.rand(batch, 3, SAFETY_SIZE, SAFETY_SIZE, generator=g) * 4 - 2,)  # [B, 3, 224, 224]
     raise KeyError(name)
@@ -130,10 +148,11 @@ def graph_jobs(c: Components, safety: bool = True) -> list[GraphJob]:
     """The graphs of a bundle in runtime.bundle.GRAPH_ORDER."""
     concepts = c.safety_checker.concept_embeds.shape[0] if c.safety_checker is not None else SAFETY_CONCEPTS
     wrappers = {"text_encoder": lambda: TextEncoder(c.text_encoder), "unet": lambda: UNet(c.unet),
-                "vae_decoder": lambda: VaeDecoder(c.vae)}
+                "vae_decoder": lambda: VaeDecoder(c.vae), "vae_encoder": lambda: VaeEncoder(c.vae)}
     if safety and c.safety_checker is not None:
         wrappers["safety_checker"] = lambda: SafetyChecker(c.safety_checker)
-    return [GraphJob(graph_spec(name, c.hidden, concepts), make().eval(), sample_inputs(name, c))
+    return [GraphJob(graph_spec(name, c.hidden, concepts, c.unet.config.in_channels),
+                     make().eval(), sample_inputs(name, c))
             for name, make in wrappers.items()]
 
 

@@ -7,6 +7,13 @@ written here once.
 Named axes:  B   images per call (batch of the text encoder, VAE, safety checker)
              N   UNet batch: 2B with classifier-free guidance, B without
              h,w latent height/width (H/8, W/8);  H,W image height/width
+             T   text tokens the UNet attends to: 77 per prompt chunk (77k; long prompts)
+
+Model facts filled in per bundle: C text hidden width (768 for v1.x), K safety concepts,
+U UNet input channels (4; 9 for inpainting UNets: latents, mask, masked-image latents).
+
+Format 1.1 (`format_minor` 1) added the VAE encoder (img2img, inpainting) and the T axis;
+1.0 bundles still load: their UNet takes exactly 77 tokens and they have no encoder.
 """
 
 from __future__ import annotations
@@ -23,12 +30,14 @@ from runtime.args import first_line
 from runtime.files import read_small, write_atomic
 
 FORMAT_VERSION = 1
+FORMAT_MINOR = 1  # 1.1: vae_encoder graph, the UNet's text axis T, unet_channels U
 MANIFEST = "manifest.json"
 SCHEDULER_CONFIG = "scheduler_config.json"
 TOKENIZER_DIR = "tokenizer"
 
 MAX_TOKENS = 77  # CLIP's context length
 LATENT_CHANNELS = 4
+INPAINT_CHANNELS = 9  # sd-v1-5-inpainting's UNet: latents 4 + mask 1 + masked-image latents 4
 VAE_FACTOR = 8  # pixels per latent cell
 SAFETY_SIZE = 224  # CLIP ViT-L/14 image size
 VAE_SCALING_FACTOR = 0.18215  # v1.x; the host divides latents by it before the decoder
@@ -37,7 +46,7 @@ MAX_SIDE = 8192  # px: a sanity bound on image sides (profiles, and any size a b
 MAX_BATCH = 64  # images per call, likewise
 MAX_DIM = 1 << 16  # any fixed tensor axis or hidden width in a manifest (v1.x: 768 at most)
 DTYPES = ("float32", "float16", "int32", "int64", "bool")  # numpy names a manifest may use
-AXES = ("B", "N", "h", "w", "H", "W")  # the named axes (module doc)
+AXES = ("B", "N", "h", "w", "H", "W", "T")  # the named axes (module doc)
 SAFETY_CONCEPTS = 17  # StableDiffusionSafetyChecker: 17 concept (+ 3 special-care) embeddings
 SAFETY_SPECIAL = 3
 BOS = "<|startoftext|>"  # CLIP tokenizer's begin token, id 49406
@@ -82,6 +91,8 @@ class GraphSpec:
         for small, big in (("h", "H"), ("w", "W")):
             if small in axes:
                 axes.setdefault(big, axes[small] * VAE_FACTOR)
+            elif big in axes:
+                axes[small] = axes[big] // VAE_FACTOR
         return {t.name: tuple(axes[a] if isinstance(a, str) else a for a in t.shape)
                 for t in self.outputs}
 
@@ -105,9 +116,9 @@ def _graphs(hidden: str = "C") -> dict[str, GraphSpec]:
         "unet": GraphSpec(
             "unet",
             (
-                T("sample", "float32", ("N", L, "h", "w")),
+                T("sample", "float32", ("N", "U", "h", "w")),
                 T("timestep", "float32", (1,)),
-                T("encoder_hidden_states", "float32", ("N", MAX_TOKENS, hidden)),
+                T("encoder_hidden_states", "float32", ("N", "T", hidden)),
             ),
             (T("noise_pred", "float32", ("N", L, "h", "w")),),
         ),
@@ -115,6 +126,13 @@ def _graphs(hidden: str = "C") -> dict[str, GraphSpec]:
             "vae_decoder",
             (T("latent", "float32", ("B", L, "h", "w")),),
             (T("image", "float32", ("B", 3, "H", "W")),),  # in [-1, 1]
+        ),
+        "vae_encoder": GraphSpec(
+            "vae_encoder",
+            (T("image", "float32", ("B", 3, "H", "W")),),  # in [-1, 1]
+            # the posterior's mean and log-variance stacked (diffusers' `moments`, before
+            # DiagonalGaussianDistribution): the host draws the sample with the seed's stream
+            (T("latent_parameters", "float32", ("B", 2 * L, "h", "w")),),
         ),
         "safety_checker": GraphSpec(
             "safety_checker",
@@ -128,54 +146,70 @@ def _graphs(hidden: str = "C") -> dict[str, GraphSpec]:
     }
 
 
-# The hidden width C (768 for v1.x) and concept count K are model facts: the manifest
-# records concrete values in each tensor's shape; GRAPHS keeps them symbolic.
+# The hidden width C (768 for v1.x), concept count K and UNet input channels U are model
+# facts: the manifest records concrete values in each tensor's shape; GRAPHS keeps them
+# symbolic.
 GRAPHS: dict[str, GraphSpec] = _graphs()
-GRAPH_ORDER = ("text_encoder", "unet", "vae_decoder", "safety_checker")
+GRAPH_ORDER = ("text_encoder", "unet", "vae_decoder", "vae_encoder", "safety_checker")
 REQUIRED_GRAPHS = ("text_encoder", "unet", "vae_decoder")
 
 
-def graph_spec(name: str, hidden: int, concepts: int = SAFETY_CONCEPTS) -> GraphSpec:
-    """GRAPHS[name] with the model's hidden width C and concept count K filled in."""
-    g = GRAPHS[name]
-    fill = {"C": hidden, "K": concepts}
-
+def _filled(g: GraphSpec, fill: dict[str, int]) -> GraphSpec:
     def sub(t: TensorSpec) -> TensorSpec:
         return TensorSpec(t.name, t.dtype, tuple(fill.get(a, a) for a in t.shape))
 
     return GraphSpec(g.name, tuple(map(sub, g.inputs)), tuple(map(sub, g.outputs)))
 
 
-def legacy_safety_spec(name: str, concepts: int) -> GraphSpec | None:
-    """The safety checker of bundles exported before special_scores (its flags only)."""
-    if name != "safety_checker":
-        return None
-    g = graph_spec(name, 0, concepts)
-    return GraphSpec(name, g.inputs, g.outputs[:2])
+def graph_spec(name: str, hidden: int, concepts: int = SAFETY_CONCEPTS,
+               unet_channels: int = LATENT_CHANNELS) -> GraphSpec:
+    """GRAPHS[name] with the model's hidden width C, concept count K and UNet input
+    channels U filled in."""
+    return _filled(GRAPHS[name], {"C": hidden, "K": concepts, "U": unet_channels})
+
+
+def legacy_specs(name: str, hidden: int, concepts: int, unet_channels: int) -> list[GraphSpec]:
+    """The specs older bundles recorded, which this runtime still runs: the safety
+    checker before special_scores (its flags only), the 1.0 UNet with exactly 77 tokens."""
+    g = graph_spec(name, hidden, concepts, unet_channels)
+    if name == "safety_checker":
+        return [GraphSpec(name, g.inputs, g.outputs[:2])]
+    if name == "unet":
+        return [_filled(g, {"T": MAX_TOKENS})]
+    return []
+
+
+MAX_PROMPT_CHUNKS = 8  # 600 tokens per prompt at most: far past any real prompt, bounds memory
 
 
 @dataclass(frozen=True)
 class Profile:
-    """Min/opt/max of images per call and image size in pixels (multiples of 8)."""
+    """Min/opt/max of images per call, image size in pixels (multiples of 8) and the
+    UNet's text tokens (multiples of 77: one long-prompt chunk each)."""
 
     batch: tuple[int, int, int] = (1, 1, 4)
     height: tuple[int, int, int] = (256, 512, 1024)
     width: tuple[int, int, int] = (256, 512, 1024)
+    tokens: tuple[int, int, int] = (MAX_TOKENS, MAX_TOKENS, 3 * MAX_TOKENS)
 
     def __post_init__(self) -> None:
-        for name in ("batch", "height", "width"):
+        for name in ("batch", "height", "width", "tokens"):
             lo, opt, hi = getattr(self, name)
             if not (1 <= lo <= opt <= hi):
                 raise ValueError(f"profile {name} must satisfy 1 <= min <= opt <= max: {lo, opt, hi}")
         for v in (*self.height, *self.width):
             if v % VAE_FACTOR:
                 raise ValueError(f"profile sizes must be multiples of {VAE_FACTOR}: {v}")
+        for v in self.tokens:
+            if v % MAX_TOKENS or v > MAX_PROMPT_CHUNKS * MAX_TOKENS:
+                raise ValueError(f"profile tokens must be multiples of {MAX_TOKENS} up to "
+                                 f"{MAX_PROMPT_CHUNKS * MAX_TOKENS}: {v}")
 
     def axes(self, which: int, cfg: bool = True) -> dict[str, int]:
         """Named-axis values at min (0), opt (1) or max (2); N is 2B when `cfg`."""
         b, hh, ww = self.batch[which], self.height[which], self.width[which]
         return {"B": b, "N": 2 * b if cfg else b, "H": hh, "W": ww,
-                "h": hh // VAE_FACTOR, "w": ww // VAE_FACTOR}
+                "h": hh // VAE_FACTOR, "w": ww // VAE_FACTOR, "T": self.tokens[which]}
 
     def shapes(self, spec: GraphSpec) -> dict[str, dict[str, list[int]]]:
         """Per-input min/opt/max shapes. With guidance the UNet runs N = 2B and the text
@@ -197,23 +231,33 @@ class Profile:
                    ((batch, self.batch), (height, self.height), (width, self.width)))
 
     def to_json(self) -> dict:
-        return {"batch": list(self.batch), "height": list(self.height), "width": list(self.width)}
+        return {"batch": list(self.batch), "height": list(self.height), "width": list(self.width),
+                "tokens": list(self.tokens)}
 
     @staticmethod
     def from_json(d: dict) -> Profile:
-        return Profile(tuple(d["batch"]), tuple(d["height"]), tuple(d["width"]))
+        return Profile(tuple(d["batch"]), tuple(d["height"]), tuple(d["width"]),
+                       tuple(d.get("tokens", Profile.tokens)))
 
 
 def fit_profile(default: int, min_size: int | None = None, max_size: int | None = None,
-                max_batch: int | None = None, base: Profile | None = None) -> Profile:
+                max_batch: int | None = None, base: Profile | None = None,
+                max_tokens: int | None = None) -> Profile:
     """The shape profile of a model whose default image side is `default` px: sides from
     `min_size` to `max_size`, 1 to `max_batch` images per call (each defaulting to
     `base`'s, Profile() if none, a bound not given moving to stay on its side of the
     other), opt at the default size and batch 1. A default size outside the bounds
     widens the bounds that were not given. ValueError (one line, naming the flags of
     export and engines.build) for bounds that are not multiples of 8 in [8, MAX_SIDE],
-    a batch outside [1, MAX_BATCH], or a given bound that excludes the default size."""
+    a batch outside [1, MAX_BATCH], or a given bound that excludes the default size.
+    `max_tokens`: the UNet's longest text (77 per long-prompt chunk; base's if None)."""
     base = base or Profile()
+    tokens = base.tokens[2] if max_tokens is None else max_tokens
+    top = MAX_PROMPT_CHUNKS * MAX_TOKENS
+    if (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens % MAX_TOKENS
+            or not MAX_TOKENS <= tokens <= top):
+        raise ValueError(f"--max-tokens must be a multiple of {MAX_TOKENS} in [{MAX_TOKENS}, "
+                         f"{top}] (one prompt chunk is {MAX_TOKENS} tokens), got {tokens!r}")
     lo = base.height[0] if min_size is None else min_size
     hi = base.height[2] if max_size is None else max_size
     batch = base.batch[2] if max_batch is None else max_batch
@@ -237,7 +281,8 @@ def fit_profile(default: int, min_size: int | None = None, max_size: int | None 
         raise ValueError(f"--max-size {max_size} is below the model's default size "
                          f"{default}x{default}; the profile must contain it")
     lo, hi = min(lo, default), max(hi, default)
-    return Profile((1, 1, batch), (lo, default, hi), (lo, default, hi))
+    return Profile((1, 1, batch), (lo, default, hi), (lo, default, hi),
+                   (MAX_TOKENS, MAX_TOKENS, tokens))
 
 
 @dataclass(frozen=True)
@@ -270,10 +315,25 @@ class Manifest:
     vae_scaling: str = "host"  # the host multiplies latents by 1/vae_scaling_factor
     vae_scaling_factor: float = VAE_SCALING_FACTOR
     format_version: int = FORMAT_VERSION
+    format_minor: int = FORMAT_MINOR  # 0: written before 1.1 (module doc)
+
+    @property
+    def unet_channels(self) -> int:
+        """U: 4, or 9 for an inpainting UNet (latents, mask, masked-image latents)."""
+        return int(self.graphs["unet"].spec.inputs[0].shape[1])
+
+    @property
+    def max_text_tokens(self) -> int | None:
+        """The most text tokens the UNet takes: 77 for a 1.0 bundle (its text axis is
+        fixed), None (any multiple of 77) since 1.1; engines built for a profile may
+        take fewer (Engine.refuses)."""
+        t = self.graphs["unet"].spec.inputs[2].shape[1]
+        return t if isinstance(t, int) else None
 
     def to_json(self) -> dict:
         return {
             "format_version": self.format_version,
+            "format_minor": self.format_minor,
             "source": self.source,
             "packages": self.packages,
             "opset": self.opset,
@@ -369,7 +429,10 @@ def _graph_entry(path: Path, name: str, g: object, hidden: int) -> GraphEntry:
     spec = GraphSpec(name, ios[0], ios[1])
     concepts = next((t.shape[-1] for t in spec.outputs if t.name == "concept_scores"
                      and isinstance(t.shape[-1], int)), SAFETY_CONCEPTS)
-    if spec != graph_spec(name, hidden, concepts) and spec != legacy_safety_spec(name, concepts):
+    channels = next((t.shape[1] for t in spec.inputs if name == "unet" and t.name == "sample"
+                     and len(t.shape) > 1 and t.shape[1] == INPAINT_CHANNELS), LATENT_CHANNELS)
+    if spec not in (graph_spec(name, hidden, concepts, channels),
+                    *legacy_specs(name, hidden, concepts, channels)):
         raise _fail(path, f"{name}'s inputs/outputs are not this runtime's contract for it "
                           f"(names, dtypes, ranks)")
     external = g.get("external_data")
@@ -392,7 +455,12 @@ def _profile(path: Path, d: object) -> Profile:
     if not isinstance(d, dict):
         raise _fail(path, "profile must be an object")
     rows = []
-    for name, hi in (("batch", MAX_BATCH), ("height", MAX_SIDE), ("width", MAX_SIDE)):
+    limits = (("batch", MAX_BATCH), ("height", MAX_SIDE), ("width", MAX_SIDE),
+              ("tokens", MAX_PROMPT_CHUNKS * MAX_TOKENS))
+    for name, hi in limits:
+        if name == "tokens" and "tokens" not in d:  # format 1.0: the UNet takes 77 only
+            rows.append((MAX_TOKENS,) * 3)
+            continue
         row = d.get(name)
         if not isinstance(row, list) or len(row) != 3:
             raise _fail(path, f"profile.{name} must be [min, opt, max], got {_short(row)}")
@@ -471,6 +539,7 @@ def read_manifest(bundle: Path | str) -> Manifest:
         default_height=default_height, default_width=default_width,
         opset=_int(path, "opset", d.get("opset"), 7, 100), packages=d.get("packages", {}),
         vae_scaling="host", vae_scaling_factor=float(factor), format_version=version,
+        format_minor=_int(path, "format_minor", d.get("format_minor", 0), 0, 1 << 20),
     )
     root = bundle.resolve()
     for e in graphs.values():

@@ -1,4 +1,8 @@
-"""`python -m runtime.generate "prompt"`: text to PNG files, from the command line.
+"""`python -m runtime.generate "prompt"`: text (and an image) to PNG files, from the command line.
+
+Prompts take AUTOMATIC1111's syntax and any length: `(word)` x1.1, `[word]` /1.1,
+`(word:1.3)`, `BREAK`. `--init-image FILE --strength S` runs img2img; add `--mask FILE`
+(white = repaint) for inpainting. PNGs carry A1111's `parameters` text.
 
 Bad input exits 2 with one line on stderr and writes nothing; a failing engine or
 stage exits 1 with one line. PNGs never overwrite existing files.
@@ -14,13 +18,22 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from PIL.Image import Image
 
 from runtime.args import OneLineParser, first_line
 from runtime.backends import BACKENDS, PRECISIONS
-from runtime.bundle import LATENT_CHANNELS, VAE_FACTOR, BundleError, read_manifest, resolve_model
+from runtime.bundle import (
+    LATENT_CHANNELS,
+    MAX_PROMPT_CHUNKS,
+    VAE_FACTOR,
+    BundleError,
+    read_manifest,
+    resolve_model,
+)
 from runtime.engine import EngineError
 from runtime.files import read_small, why_not_creatable, write_all_new
-from runtime.images import png_bytes
+from runtime.images import load_image, png_bytes
+from runtime.metadata import A1111_SAMPLERS, parameters_text
 from runtime.pipeline import (
     Pipeline,
     Result,
@@ -53,6 +66,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "with torch.Generator('cpu').manual_seed(seed); random when omitted")
     p.add_argument("--latents", type=Path, default=None,
                    help="initial latents, a .npy of shape [batch, 4, height/8, width/8]")
+    p.add_argument("--init-image", type=Path, default=None,
+                   help="img2img: start from this image (output at its size, rounded down to "
+                        "multiples of 8, unless --height/--width are given)")
+    p.add_argument("--strength", type=float, default=None,
+                   help="img2img/inpainting: how much to change the image, (0, 1]; 0.5 runs "
+                        "half the steps (default 0.8; inpainting 1.0)")
+    p.add_argument("--mask", type=Path, default=None,
+                   help="inpainting: white repaints, black keeps (needs --init-image)")
     p.add_argument("--output-dir", type=Path, default=Path("outputs"))
     p.add_argument("--no-safety", action="store_true", help="skip the safety checker")
     return p.parse_args(argv)
@@ -87,6 +108,21 @@ def load_latents(path: Path) -> np.ndarray:
         raise UsageError(f"cannot read latents {path}: {first_line(e)}") from None
 
 
+def read_images(args: argparse.Namespace) -> tuple[Image | None, Image | None]:
+    """--init-image and --mask, decoded (UsageError with one line for a bad file)."""
+    if args.mask is not None and args.init_image is None:
+        raise UsageError("--mask needs --init-image (the image to paint into)")
+    if args.strength is not None and args.init_image is None:
+        raise UsageError("--strength needs --init-image")
+    if args.strength is not None and not 0 < args.strength <= 1:
+        raise UsageError(f"--strength must be in (0, 1], got {args.strength:g}")
+    try:
+        return tuple(None if f is None else load_image(f)  # type: ignore[return-value]
+                     for f in (args.init_image, args.mask))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
 def slug(text: str, n: int = 40) -> str:
     s = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:n].strip("-")
     return s or "image"
@@ -95,9 +131,10 @@ def slug(text: str, n: int = 40) -> str:
 def metadata(result: Result, args: argparse.Namespace, backend: str, precision: str,
              index: int) -> dict[str, str]:
     r = result.request
+    prompt = r.prompts[index // r.images_per_prompt]
+    negative = r.negative_prompts[index // r.images_per_prompt]
     meta = {
-        "prompt": r.prompts[index // r.images_per_prompt],
-        "negative_prompt": r.negative_prompts[index // r.images_per_prompt],
+        "prompt": prompt, "negative_prompt": negative,
         "seed": str(r.seed), "batch_index": str(index), "steps": str(r.steps),
         "scheduler": r.scheduler, "guidance_scale": f"{r.guidance_scale:g}",
         "size": f"{r.width}x{r.height}", "model": str(args.model), "backend": backend,
@@ -106,6 +143,20 @@ def metadata(result: Result, args: argparse.Namespace, backend: str, precision: 
     }
     if r.latents is not None:
         meta["latents"] = str(args.latents)
+    if r.image is not None:
+        meta.update({"mode": r.mode, "init_image": str(args.init_image),
+                     "strength": f"{r.strength:g}"})
+        if args.mask is not None:
+            meta["mask"] = str(args.mask)
+    meta["parameters"] = parameters_text(prompt, negative, {
+        "Steps": r.steps, "Sampler": A1111_SAMPLERS[r.scheduler],
+        "CFG scale": f"{r.guidance_scale:g}", "Seed": r.seed, "Size": f"{r.width}x{r.height}",
+        "Model": Path(str(args.model)).name,
+        "Batch size": r.batch if r.batch > 1 else None,
+        "Batch pos": index if r.batch > 1 else None,
+        "Denoising strength": f"{r.strength:g}" if r.strength is not None else None,
+        "Mask": "inpainting" if r.mask is not None else None,
+        "Version": "sdrt"})
     return meta
 
 
@@ -152,12 +203,14 @@ def main(argv: list[str] | None = None) -> int:
             latents = check_latents(load_latents(args.latents),
                                     (args.batch_size, LATENT_CHANNELS, h // VAE_FACTOR,
                                      w // VAE_FACTOR))
+        image, mask = read_images(args)  # before loading: a bad file costs no model load
         with Pipeline(args.model, args.backend, safety=not args.no_safety,
                       precision=args.precision, log=say) as pipe:
             req = pipe.request(args.prompt, args.negative_prompt, steps=args.steps,
                                scheduler=args.scheduler, guidance_scale=args.guidance_scale,
                                height=args.height, width=args.width, batch_size=args.batch_size,
-                               seed=seed, latents=latents, safety=not args.no_safety)
+                               seed=seed, latents=latents, safety=not args.no_safety,
+                               image=image, mask=mask, strength=args.strength)
             prepare_output_dir(args.output_dir)
             say(f"model: {pipe.bundle} (loaded in {pipe.load_seconds:.2f} s)")
             if args.no_safety:
@@ -180,13 +233,18 @@ def main(argv: list[str] | None = None) -> int:
         say("interrupted")
         return 130
     r = result.request
+    limit = (f"{MAX_PROMPT_CHUNKS * 75} tokens" if pipe.manifest.max_text_tokens is None else
+             "75 tokens (this bundle predates long prompts: re-export it)")
     for what, dropped in (("prompt", result.dropped_tokens),
                           ("negative prompt", result.dropped_negative_tokens)):
         if dropped and dropped[0]:
-            say(f"warning: the {what} is longer than 77 tokens; its last {dropped[0]} "
+            say(f"warning: the {what} is longer than {limit}; its last {dropped[0]} "
                 f"tokens were dropped")
-    say(f"{r.batch} image(s) {r.width}x{r.height}, {r.scheduler} {r.steps} steps, guidance "
-        f"{r.guidance_scale:g}, seed {r.seed}, backend {pipe.backend} {pipe.precision}")
+    chunks = r.text_tokens // 77
+    mode = "" if r.image is None else f"{r.mode} at strength {r.strength:g}, "
+    say(f"{r.batch} image(s) {r.width}x{r.height}, {mode}{r.scheduler} {r.steps} steps "
+        f"({r.unet_calls} UNet calls), guidance {r.guidance_scale:g}, seed {r.seed}, "
+        f"text {chunks} chunk(s) of 77 tokens, backend {pipe.backend} {pipe.precision}")
     timings = {"load": pipe.load_seconds, **result.timings}
     say("time: " + ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()))
     for i, flagged in enumerate(result.nsfw):

@@ -1,4 +1,5 @@
-"""Image post-processing, the safety checker's CLIP preprocessing, and PNG writing.
+"""Image post-processing, the safety checker's CLIP preprocessing, PNG writing, and the
+img2img / inpainting inputs (init image, mask).
 
 Both conversions reproduce what diffusers' StableDiffusionPipeline does, so our
 pixels and our NSFW flags equal its own:
@@ -11,11 +12,15 @@ pixels and our NSFW flags equal its own:
 from __future__ import annotations
 
 import io
+import os
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, PngImagePlugin
 
-from runtime.bundle import SAFETY_SIZE
+from runtime.args import first_line
+from runtime.bundle import MAX_SIDE, SAFETY_SIZE, VAE_FACTOR
+from runtime.files import read_small
 
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
@@ -56,3 +61,62 @@ def png_bytes(image: np.ndarray, metadata: dict[str, str]) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="PNG", pnginfo=info)
     return buf.getvalue()
+
+
+# -- img2img and inpainting inputs: diffusers' VaeImageProcessor.preprocess, PIL path -----
+
+MAX_IMAGE_BYTES = 256 << 20  # an init image or mask file (a 8192x8192 PNG is ~200 MB at worst)
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """An image file for --init-image / --mask, decoded; ValueError with one line when it
+    is not an image, is too large, or PIL cannot decode it."""
+    try:
+        img = Image.open(io.BytesIO(read_small(Path(path), MAX_IMAGE_BYTES)))  # a regular file
+        if max(img.size) > MAX_SIDE:  # before decoding: a decompression bomb costs nothing here
+            raise ValueError(f"{img.size[0]}x{img.size[1]} is larger than {MAX_SIDE} px a side")
+        img.load()
+    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
+        raise ValueError(f"cannot read image {path}: {first_line(e)}") from None
+    return img
+
+
+def as_pil(image: Image.Image | np.ndarray, what: str) -> Image.Image:
+    """A PIL image, or a [H, W, 3] / [H, W] uint8 array as one."""
+    if isinstance(image, Image.Image):
+        return image
+    a = np.asarray(image)
+    if a.dtype != np.uint8 or a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (1, 3)):
+        raise ValueError(f"{what} must be a PIL image or a uint8 array [H, W, 3] or [H, W], "
+                         f"got {a.dtype}{list(a.shape)}")
+    return Image.fromarray(a[..., 0] if a.ndim == 3 and a.shape[2] == 1 else a)
+
+
+def default_size(image: Image.Image) -> tuple[int, int]:
+    """(height, width): the image's, rounded down to multiples of 8, as diffusers'
+    get_default_height_width (img2img's output size when none is asked for)."""
+    w, h = image.size
+    return h - h % VAE_FACTOR, w - w % VAE_FACTOR
+
+
+def _resized(image: Image.Image, height: int, width: int) -> Image.Image:
+    # VaeImageProcessor.resize, resize_mode "default": Lanczos to exactly (width, height)
+    if image.size == (width, height):
+        return image
+    return image.resize((width, height), resample=Image.Resampling.LANCZOS)
+
+
+def image_input(image: Image.Image, height: int, width: int) -> np.ndarray:
+    """The VAE encoder's input: [1, 3, H, W] float32 in [-1, 1] (resized, then converted
+    to RGB: diffusers resizes first, and its img2img needs RGB; other modes are converted
+    here instead of failing)."""
+    x = np.asarray(_resized(image, height, width).convert("RGB"))  # [H, W, 3] uint8
+    x = x.astype(np.float32) / np.float32(255.0)  # pil_to_numpy
+    return (np.float32(2.0) * x - np.float32(1.0)).transpose(2, 0, 1)[None].copy()  # normalize
+
+
+def mask_input(mask: Image.Image, height: int, width: int) -> np.ndarray:
+    """The inpainting mask: [1, 1, H, W] float32, 1 where to paint (white), 0 where to keep:
+    the mask processor's resize, grayscale, /255, then binarize at 0.5."""
+    x = np.asarray(_resized(mask, height, width).convert("L")).astype(np.float32) / np.float32(255.0)
+    return (x >= np.float32(0.5)).astype(np.float32)[None, None]

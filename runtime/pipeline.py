@@ -17,18 +17,21 @@ import secrets
 import shlex
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+from PIL.Image import Image
 
 from runtime import backends, cache, integrity
 from runtime.args import first_line
 from runtime.bundle import (
     GRAPH_ORDER,
+    INPAINT_CHANNELS,
     LATENT_CHANNELS,
     MAX_BATCH,
     MAX_JSON_BYTES,
+    MAX_PROMPT_CHUNKS,
     MAX_SIDE,
     MAX_TOKENS,
     SAFETY_SIZE,
@@ -44,7 +47,8 @@ from runtime.bundle import (
 )
 from runtime.engine import Engine, EngineError, SpecMismatch
 from runtime.files import read_small
-from runtime.images import clip_preprocess, postprocess
+from runtime.images import as_pil, clip_preprocess, default_size, image_input, mask_input, postprocess
+from runtime.prompts import PromptTokens, emphasize, encode_prompt, pad_chunks
 from runtime.rng import TorchCPUGenerator
 from runtime.safety import flags_from_outputs
 from runtime.schedulers import SCHEDULERS, Schedule, make_schedule
@@ -67,7 +71,7 @@ class StageError(RuntimeError):
 class Request:
     """One generation call's parameters, validated."""
 
-    prompts: tuple[str, ...]  # one per distinct prompt
+    prompts: tuple[str, ...]  # one per distinct prompt ("" each when prompt_embeds are given)
     negative_prompts: tuple[str, ...]  # same length as prompts
     images_per_prompt: int
     steps: int
@@ -79,6 +83,19 @@ class Request:
     latents: np.ndarray | None  # [B, 4, h, w] float32, or None to draw from `seed`
     safety: bool
     schedule: Schedule  # the scheduler's tables for these steps
+    # the text: A1111 chunks of 77 ids (prompts, then negative prompts with guidance), all
+    # at the call's chunk count k, and their emphasis weights; or embeddings given as is
+    text_ids: np.ndarray | None = None  # [P, k, 77] int32
+    text_weights: np.ndarray | None = None  # [P, k, 77] float32
+    dropped: tuple[int, ...] = ()  # per text of text_ids: tokens past the last chunk allowed
+    prompt_embeds: np.ndarray | None = None  # [prompts, T, C] float32 (diffusers' prompt_embeds)
+    negative_prompt_embeds: np.ndarray | None = None  # [prompts, T, C], with guidance
+    # img2img / inpainting: the init image and mask at the output size, the strength, and
+    # the first UNet call (diffusers' get_timesteps: strength 0.5 runs about half the calls)
+    image: np.ndarray | None = None  # [1, 3, H, W] float32 in [-1, 1]
+    mask: np.ndarray | None = None  # [1, 1, H, W] float32: 1 = paint, 0 = keep
+    strength: float | None = None
+    start: int = 0
 
     @property
     def batch(self) -> int:  # B: images in this call
@@ -91,6 +108,21 @@ class Request:
     @property
     def latent_shape(self) -> tuple[int, int, int, int]:
         return (self.batch, LATENT_CHANNELS, self.height // VAE_FACTOR, self.width // VAE_FACTOR)
+
+    @property
+    def text_tokens(self) -> int:  # T: the UNet's text axis, 77 per chunk
+        if self.prompt_embeds is not None:
+            return int(self.prompt_embeds.shape[1])
+        assert self.text_ids is not None
+        return self.text_ids.shape[1] * MAX_TOKENS
+
+    @property
+    def unet_calls(self) -> int:  # UNet calls this request runs (per batch)
+        return len(self.schedule.timesteps) - self.start
+
+    @property
+    def mode(self) -> str:
+        return "inpaint" if self.mask is not None else "img2img" if self.image is not None else "txt2img"
 
 
 @dataclass
@@ -207,6 +239,19 @@ def check_latents(latents: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     if not np.isfinite(latents).all():
         raise UsageError("latents contain NaN or inf values (in float32)")
     return latents
+
+
+@dataclass
+class Init:
+    """The denoising loop's starting point: latents, and for inpainting the mask and
+    masked-image latents (the 9-channel UNet's extra input) or, for a 4-channel UNet,
+    the image's latents and the noise the blend after every step re-noises them with."""
+
+    latents: np.ndarray  # [B, 4, h, w] float32
+    mask: np.ndarray | None = None  # [B, 1, h, w]: 1 = paint
+    masked_latents: np.ndarray | None = None  # [B, 4, h, w]
+    image_latents: np.ndarray | None = None  # [B, 4, h, w]; only for the 4-channel blend
+    noise: np.ndarray | None = None  # [B, 4, h, w]; likewise
 
 
 class Pipeline:
@@ -357,22 +402,43 @@ class Pipeline:
 
     # -- validation -------------------------------------------------------------------
 
-    def request(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None,
+    def request(self, prompt: str | Sequence[str] | None = None,
+                negative_prompt: str | Sequence[str] | None = None,
                 *, steps: int = 50, scheduler: str = "pndm", guidance_scale: float = 7.5,
                 height: int | None = None, width: int | None = None, batch_size: int = 1,
                 seed: int | None = None, latents: np.ndarray | None = None,
-                safety: bool | None = None) -> Request:
-        """Validate parameters against the bundle; raise UsageError with one line."""
-        prompts = (prompt,) if isinstance(prompt, str) else tuple(prompt)
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise UsageError("prompt must be a string or a non-empty list of strings")
+                safety: bool | None = None, image: Image | np.ndarray | None = None,
+                mask: Image | np.ndarray | None = None, strength: float | None = None,
+                prompt_embeds: np.ndarray | None = None,
+                negative_prompt_embeds: np.ndarray | None = None) -> Request:
+        """Validate parameters against the bundle; raise UsageError with one line.
+
+        Prompts take A1111's syntax: `(word)` x1.1, `[word]` /1.1, `(word:1.3)`, `BREAK`,
+        and any length (77 tokens a chunk; runtime/prompts.py). Or give `prompt_embeds`
+        [prompts, T, C] (and `negative_prompt_embeds`) as diffusers takes them.
+        `image` (a PIL image or [H, W, 3] uint8): img2img from it at `strength` (default
+        0.8), the output at its size rounded down to multiples of 8 unless height/width are
+        given; with `mask` (white = repaint): inpainting, strength default 1.0, output at
+        the model's default size unless given, as diffusers' pipelines do."""
+        m = self.manifest
+        if prompt_embeds is not None:
+            if prompt is not None:
+                raise UsageError("pass a prompt or prompt_embeds, not both")
+            prompt_embeds = self._check_embeds("prompt_embeds", prompt_embeds, None)
+            prompts: tuple[str, ...] = ("",) * len(prompt_embeds)
+        else:
+            prompts = (prompt,) if isinstance(prompt, str) else tuple(prompt or ())
+            if not prompts or not all(isinstance(p, str) for p in prompts):
+                raise UsageError("prompt must be a string or a non-empty list of strings")
         neg = negative_prompt if negative_prompt is not None else ""
         for text in (*prompts, *((neg,) if isinstance(neg, str) else neg)):
             check_text(text)
         negs = (neg,) * len(prompts) if isinstance(neg, str) else tuple(neg)
         if len(negs) != len(prompts):
             raise UsageError(f"{len(negs)} negative prompts for {len(prompts)} prompts")
-        m = self.manifest
+        pil, pil_mask = self._check_images(image, mask, latents)
+        if pil is not None and height is None and width is None and pil_mask is None:
+            height, width = default_size(pil)  # img2img: the image's size (diffusers)
         height = m.default_height if height is None else height
         width = m.default_width if width is None else width
         seed = check_settings(steps, scheduler, guidance_scale, batch_size, seed, height, width)
@@ -383,22 +449,120 @@ class Pipeline:
         safety = self.has_safety_checker if safety is None else safety
         if safety and not self.has_safety_checker:
             safety = False  # the bundle has none, or it was not loaded
+        cfg = guidance_scale > 1
+        text: dict = {}
+        if prompt_embeds is not None:
+            text["prompt_embeds"] = prompt_embeds
+            if negative_prompt_embeds is not None:
+                text["negative_prompt_embeds"] = self._check_embeds(
+                    "negative_prompt_embeds", negative_prompt_embeds, prompt_embeds.shape)
+            if cfg and negative_prompt_embeds is None and prompt_embeds.shape[1] % MAX_TOKENS:
+                raise UsageError("prompt_embeds whose length is not a multiple of 77 need "
+                                 "negative_prompt_embeds of the same shape (with guidance)")
+        elif negative_prompt_embeds is not None:
+            raise UsageError("negative_prompt_embeds need prompt_embeds")
+        if prompt_embeds is None:
+            text.update(self._tokens(prompts + (negs if cfg else ()), None))
+        elif cfg and negative_prompt_embeds is None:  # negative prompts at the embeds' length
+            text.update(self._tokens(negs, prompt_embeds.shape[1] // MAX_TOKENS))
+            if text["text_ids"].shape[1] * MAX_TOKENS != prompt_embeds.shape[1]:
+                raise UsageError(f"the negative prompt is longer than prompt_embeds' "
+                                 f"{prompt_embeds.shape[1]} tokens; pass negative_prompt_embeds")
         req = Request(prompts, negs, batch_size, steps, scheduler, float(guidance_scale),
-                      height, width, seed, None, safety, schedule)
+                      height, width, seed, None, safety, schedule, **text)
         if latents is not None:
-            req = Request(**{**req.__dict__, "latents": check_latents(latents, req.latent_shape)})
+            req = replace(req, latents=check_latents(latents, req.latent_shape))
+        if pil is not None:
+            req = self._with_images(req, pil, pil_mask, strength)
+        elif strength is not None:
+            raise UsageError("strength needs an init image (img2img or inpainting)")
         self._check_profiles(req)
         return req
+
+    def _check_embeds(self, what: str, x: np.ndarray, shape: tuple[int, ...] | None) -> np.ndarray:
+        """prompt_embeds-like input as float32 [P, T, C], finite; `shape` to match exactly."""
+        x = np.asarray(x)
+        c, top = self.manifest.hidden, MAX_PROMPT_CHUNKS * MAX_TOKENS
+        ok = (x.ndim == 3 and np.issubdtype(x.dtype, np.floating) and 1 <= x.shape[0] <= MAX_BATCH
+              and 1 <= x.shape[1] <= top and x.shape[2] == c)
+        if not ok or (shape is not None and x.shape != shape):
+            want = list(shape) if shape is not None else f"[prompts, tokens <= {top}, {c}]"
+            raise UsageError(f"{what} must be a float array of shape {want}, "
+                             f"got {x.dtype}{list(x.shape)}")
+        if self.manifest.max_text_tokens not in (None, x.shape[1]):
+            raise UsageError(f"{what}: this bundle's UNet takes exactly {MAX_TOKENS} tokens "
+                             f"(exported before long prompts); re-export it")
+        with np.errstate(over="ignore"):
+            x = x.astype(np.float32)
+        if not np.isfinite(x).all():
+            raise UsageError(f"{what} contain NaN or inf values (in float32)")
+        return x
+
+    def _tokens(self, texts: tuple[str, ...], pad_to: int | None) -> dict:
+        """A1111 chunks of every text at one chunk count (the longest text's; `pad_to`
+        at least: the prompt_embeds' when only negative prompts are encoded here)."""
+        top = MAX_PROMPT_CHUNKS if self.manifest.max_text_tokens is None else 1
+        try:
+            empty = encode_prompt(self.tokenizer, "", 1)
+            encoded = [encode_prompt(self.tokenizer, t, top) for t in texts]
+            ids, weights = pad_chunks(encoded + [PromptTokens(
+                np.repeat(empty.ids, pad_to or 1, 0), np.repeat(empty.weights, pad_to or 1, 0), 0)],
+                empty)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        return {"text_ids": ids[:-1], "text_weights": weights[:-1],
+                "dropped": tuple(p.dropped for p in encoded)}
+
+    def _check_images(self, image, mask, latents) -> tuple[Image | None, Image | None]:
+        """The init image and mask as PIL images, and what this bundle can do with them."""
+        m = self.manifest
+        inpainting = m.unet_channels == INPAINT_CHANNELS
+        if image is None:
+            if mask is not None:
+                raise UsageError("a mask needs an init image to paint into")
+            if inpainting:
+                raise UsageError("this is an inpainting model (its UNet takes 9 channels): "
+                                 "give an init image and a mask")
+            return None, None
+        if latents is not None:
+            raise UsageError("latents cannot be given with an init image (img2img draws them)")
+        if "vae_encoder" not in m.graphs:
+            raise UsageError(f"this bundle has no VAE encoder (format 1.{m.format_minor}): "
+                             f"img2img and inpainting need a re-export with `python -m export`")
+        if inpainting and mask is None:
+            raise UsageError("this is an inpainting model: give a mask with the init image")
+        try:
+            return as_pil(image, "image"), (None if mask is None else as_pil(mask, "mask"))
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+
+    def _with_images(self, req: Request, image: Image, mask: Image | None,
+                     strength: float | None) -> Request:
+        """`req` with the preprocessed image (and mask), strength and first UNet call."""
+        strength = (1.0 if mask is not None else 0.8) if strength is None else strength
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+            raise UsageError(f"strength must be a number in (0, 1], got {strength!r}")
+        start = req.schedule.start_index(float(strength))
+        if start >= len(req.schedule.timesteps):
+            raise UsageError(f"strength {strength:g} with {req.steps} steps leaves no denoising "
+                             f"step; raise the strength or the steps")
+        h, w = req.height, req.width
+        return replace(req, image=image_input(image, h, w),
+                       mask=None if mask is None else mask_input(mask, h, w),
+                       strength=float(strength), start=start)
 
     def graph_shapes(self, req: Request) -> dict[str, dict[str, tuple[int, ...]]]:
         """The input shapes each graph runs at for `req` (what the stages allocate)."""
         b, (_, c, h, w) = req.batch, req.latent_shape
         n = 2 * b if req.cfg else b  # UNet batch: [uncond; cond] with guidance
-        p = len(req.prompts) * (2 if req.cfg else 1)  # prompts, then negative prompts
-        shapes = {"text_encoder": {"input_ids": (p, MAX_TOKENS)},
-                  "unet": {"sample": (n, c, h, w), "timestep": (1,),
-                           "encoder_hidden_states": (n, MAX_TOKENS, self.manifest.hidden)},
-                  "vae_decoder": {"latent": (b, c, h, w)}}
+        shapes: dict[str, dict[str, tuple[int, ...]]] = {}
+        if req.text_ids is not None:  # one call per chunk: [P, 77], prompts then negatives
+            shapes["text_encoder"] = {"input_ids": (len(req.text_ids), MAX_TOKENS)}
+        shapes["unet"] = {"sample": (n, self.manifest.unet_channels, h, w), "timestep": (1,),
+                          "encoder_hidden_states": (n, req.text_tokens, self.manifest.hidden)}
+        shapes["vae_decoder"] = {"latent": (b, c, h, w)}
+        if req.image is not None:  # the init image (and the masked image), one at a time
+            shapes["vae_encoder"] = {"image": (1, 3, req.height, req.width)}
         if req.safety:
             shapes["safety_checker"] = {"clip_input": (b, 3, SAFETY_SIZE, SAFETY_SIZE)}
         return shapes
@@ -414,10 +578,12 @@ class Pipeline:
                 side = max(req.height, req.width, prof.height[2], prof.width[2])
                 small = min(req.height, req.width, prof.height[0], prof.width[0])
                 raise UsageError(
-                    f"{self.backend}: {req.height}x{req.width}, {req.batch} image(s) per call: "
+                    f"{self.backend}: {req.height}x{req.width}, {req.batch} image(s) per call, "
+                    f"{req.text_tokens} text tokens: "
                     f"{why}; build plans that cover it with `python -m engines.build "
                     f"{shlex.quote(str(self.bundle))} --backend {self.backend} --min-size {small} --max-size "
-                    f"{side} --max-batch {max(req.batch, prof.batch[2])}`")
+                    f"{side} --max-batch {max(req.batch, prof.batch[2])} --max-tokens "
+                    f"{max(req.text_tokens, prof.tokens[2])}`")
 
     def _schedule(self, scheduler: str, steps: int) -> Schedule:
         """The scheduler's frozen tables, built before any work so bad settings fail early."""
@@ -456,11 +622,17 @@ class Pipeline:
         t_start = time.perf_counter()
 
         t = time.perf_counter()
-        cond, uncond, dropped = self._encode(req)  # [B, 77, C] each (uncond None without CFG)
+        cond, uncond = self._encode(req)  # [B, T, C] each (uncond None without CFG)
         timings["text_encoder"] = time.perf_counter() - t
 
+        rng = TorchCPUGenerator(req.seed)
         t = time.perf_counter()
-        latents, unet_calls, step_ends = self._denoise(req, cond, uncond, progress,
+        init = self._init_latents(req, rng)  # img2img / inpainting: draws from rng first
+        if req.image is not None:
+            timings["vae_encoder"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        latents, unet_calls, step_ends = self._denoise(req, cond, uncond, init, rng, progress,
                                                        on_step_end)  # [B, 4, h, w]
         timings["denoise"] = time.perf_counter() - t
         timings["unet"] = float(unet_calls.sum())
@@ -478,56 +650,123 @@ class Pipeline:
             images[np.asarray(nsfw)] = 0  # diffusers: flagged images become black
             timings["safety_checker"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t_start
-        n = len(req.prompts)
-        return Result(images, nsfw, req, timings, dropped_tokens=dropped[:n],
-                      dropped_negative_tokens=dropped[n:], safety_checked=req.safety,
+        n = len(req.prompts) if req.prompt_embeds is None else 0  # texts encoded: prompts first
+        return Result(images, nsfw, req, timings, dropped_tokens=list(req.dropped[:n]),
+                      dropped_negative_tokens=list(req.dropped[n:]), safety_checked=req.safety,
                       unet_calls=unet_calls, step_ends=step_ends, decoded=decoded)
 
-    def _encode(self, req: Request) -> tuple[np.ndarray, np.ndarray | None, list[int]]:
-        """Prompt (and negative prompt) embeddings, each repeated per image: [B, 77, C],
-        and the tokens truncation dropped from each text."""
-        texts = list(req.prompts) + (list(req.negative_prompts) if req.cfg else [])
-        ids, dropped = self.tokenizer.encode(texts)  # [P, 77] int32
+    def _text_hidden(self, req: Request) -> np.ndarray:
+        """The text encoder's output for every text of `req.text_ids`, its chunks side by
+        side with their emphasis applied: [P, 77k, C]. One call per chunk ([P, 77] ids)
+        keeps the encoder's batch what a short prompt gives (its engine's profile)."""
+        ids, weights = req.text_ids, req.text_weights  # [P, k, 77]
+        assert ids is not None and weights is not None
+        p, k, _ = ids.shape
         enc = self.engines["text_encoder"]
-        enc.allocate({"input_ids": ids.shape})
-        hidden = enc.run({"input_ids": ids})["last_hidden_state"].copy()  # [P, 77, C]
+        enc.allocate({"input_ids": (p, MAX_TOKENS)})
+        hidden = np.empty((p, k * MAX_TOKENS, self.manifest.hidden), np.float32)  # [P, 77k, C]
+        for j in range(k):
+            out = enc.run({"input_ids": np.ascontiguousarray(ids[:, j])})["last_hidden_state"]
+            # a chunk whose weights are all 1 comes back bit for bit (plain prompts = diffusers)
+            hidden[:, j * MAX_TOKENS:(j + 1) * MAX_TOKENS] = emphasize(out, weights[:, j])
         _check_finite("text encoder", hidden)
-        n, k = len(req.prompts), req.images_per_prompt
-        cond = np.repeat(hidden[:n], k, axis=0)  # diffusers repeats each prompt k times in a row
-        uncond = np.repeat(hidden[n:], k, axis=0) if req.cfg else None
-        return cond, uncond, dropped  # dropped: prompts', then negative prompts' (with CFG)
+        return hidden
 
-    def _denoise(self, req: Request, cond: np.ndarray, uncond: np.ndarray | None,
-                 progress: Callable[[int, int], None] | None, on_step_end: StepHook | None
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _encode(self, req: Request) -> tuple[np.ndarray, np.ndarray | None]:
+        """Prompt (and negative prompt) embeddings, each repeated per image: [B, T, C]."""
+        hidden = self._text_hidden(req) if req.text_ids is not None else None
+        n, k = len(req.prompts), req.images_per_prompt
+        if req.prompt_embeds is not None:
+            prompts, negatives = req.prompt_embeds, hidden
+        else:
+            assert hidden is not None
+            prompts, negatives = hidden[:n], hidden[n:]
+        if req.negative_prompt_embeds is not None:
+            negatives = req.negative_prompt_embeds
+        cond = np.repeat(prompts, k, axis=0)  # diffusers repeats each prompt k times in a row
+        uncond = np.repeat(negatives, k, axis=0) if req.cfg else None
+        return cond, uncond
+
+    def _encode_image(self, image: np.ndarray, rng: TorchCPUGenerator) -> np.ndarray:
+        """diffusers' `scaling_factor * vae.encode(image).latent_dist.sample(generator)`:
+        [1, 3, H, W] in [-1, 1] -> [1, 4, h, w], drawing [1, 4, h, w] normals from rng."""
+        vae = self.engines["vae_encoder"]
+        vae.allocate({"image": image.shape})
+        params = vae.run({"image": image})["latent_parameters"]  # [1, 8, h, w]
+        _check_finite("vae encoder", params)
+        mean, logvar = params[:, :LATENT_CHANNELS], params[:, LATENT_CHANNELS:]
+        std = np.exp(np.float32(0.5) * np.clip(logvar, np.float32(-30.0), np.float32(20.0)))
+        sample = mean + std * rng.randn(mean.shape)  # DiagonalGaussianDistribution.sample
+        return (np.float32(self.manifest.vae_scaling_factor) * sample).astype(np.float32)
+
+    def _init_latents(self, req: Request, rng: TorchCPUGenerator) -> Init:
+        """The starting latents and, for inpainting, what every step needs, drawing from
+        rng in diffusers' order: the image's latent sample, the noise, the masked image's."""
+        shape, sched = req.latent_shape, req.schedule
+        latents = np.empty(shape, np.float32)  # [B, 4, h, w], updated in place every step
+        if req.image is None:  # diffusers' prepare_latents: one randn over the whole batch
+            drawn = req.latents if req.latents is not None else rng.randn(shape)
+            np.multiply(drawn, np.float32(sched.init_noise_sigma), out=latents)
+            return Init(latents)
+        inpaint = req.mask is not None
+        nine = self.manifest.unet_channels == INPAINT_CHANNELS
+        pure = inpaint and req.strength == 1.0  # inpainting from pure noise (is_strength_max)
+        image_latents = None
+        if not pure or not nine:  # the 4-channel blend needs the image's latents always
+            image_latents = np.repeat(self._encode_image(req.image, rng), shape[0], axis=0)
+        noise = rng.randn(shape)  # [B, 4, h, w]
+        if pure:
+            np.multiply(noise, np.float32(sched.init_noise_sigma), out=latents)
+        else:
+            assert image_latents is not None
+            sched.add_noise(image_latents, noise, req.start, out=latents)
+        if not inpaint:
+            return Init(latents)
+        assert req.mask is not None
+        masked = self._encode_image(req.image * (req.mask < 0.5), rng)  # [1, 4, h, w]
+        # the mask at latent size: interpolate(mode="nearest") by 8 takes every 8th pixel
+        small = req.mask[:, :, ::VAE_FACTOR, ::VAE_FACTOR]  # [1, 1, h, w]
+        blend = None if nine else (image_latents, noise)  # a 4-channel UNet's blend
+        return Init(latents, np.repeat(small, shape[0], 0), np.repeat(masked, shape[0], 0),
+                    *(blend or (None, None)))
+
+    def _denoise(self, req: Request, cond: np.ndarray, uncond: np.ndarray | None, init: Init,
+                 rng: TorchCPUGenerator, progress: Callable[[int, int], None] | None,
+                 on_step_end: StepHook | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(final latents [B, 4, h, w], seconds of each UNet call, when each step ended).
         Everything the loop touches is allocated before it: the loop allocates nothing."""
-        sched = req.schedule
-        rng = TorchCPUGenerator(req.seed)
-        b, shape = req.batch, req.latent_shape
-        # diffusers' prepare_latents: one randn over the whole batch on the CPU generator
-        latents = np.empty(shape, np.float32)  # [B, 4, h, w], updated in place every step
-        drawn = req.latents if req.latents is not None else rng.randn(shape)
-        np.multiply(drawn, np.float32(sched.init_noise_sigma), out=latents)
-        state = sched.new_state(shape, rng)  # after the draw: Euler ancestral continues rng
+        sched, start = req.schedule, req.start
+        latents, b, shape = init.latents, req.batch, req.latent_shape
+        state = sched.new_state(shape, rng, start)  # after the draws: Euler a continues rng
 
         unet = self.engines["unet"]
         unet_shapes = self.graph_shapes(req)["unet"]
         unet.allocate(unet_shapes)
         n = unet_shapes["sample"][0]  # UNet batch: [uncond; cond] with guidance, 2B
         unet.set_constant("encoder_hidden_states",
-                          np.concatenate([uncond, cond]) if req.cfg else cond)  # [N, 77, C]
-        sample = np.empty((n, *shape[1:]), np.float32)  # [N, 4, h, w]
-        first, second = sample[:b], sample[b:]  # [B, 4, h, w] views: uncond, cond halves
+                          np.concatenate([uncond, cond]) if req.cfg else cond)  # [N, T, C]
+        sample = np.empty(unet_shapes["sample"], np.float32)  # [N, U, h, w]
+        if sample.shape[1] == INPAINT_CHANNELS:  # [latents, mask, masked-image latents]
+            assert init.mask is not None and init.masked_latents is not None
+            for half in range(n // b):  # the same mask and masked image for both CFG halves
+                sample[half * b:(half + 1) * b, LATENT_CHANNELS] = init.mask[:, 0]
+                sample[half * b:(half + 1) * b, LATENT_CHANNELS + 1:] = init.masked_latents
+        # [B, 4, h, w] views: the uncond and cond halves' latent channels
+        first, second = sample[:b, :LATENT_CHANNELS], sample[b:, :LATENT_CHANNELS]
+        blend = init.image_latents is not None  # 4-channel inpainting (Init says)
+        if blend:
+            keep = (np.float32(1.0) - init.mask).astype(np.float32)  # [B, 1, h, w]
+            renoised = np.empty(shape, np.float32)
         timestep = np.empty((1,), np.float32)
         feeds = {"sample": sample, "timestep": timestep}
         guided = np.empty(shape, np.float32)  # [B, 4, h, w]
         g = np.float32(req.guidance_scale)
-        calls = len(sched.timesteps)
+        total = len(sched.timesteps)
+        calls = total - start
         unet_calls, step_ends = np.zeros(calls), np.zeros(calls)
         # inf/NaN from a broken engine is reported by the checks below, not as numpy warnings
         with np.errstate(over="ignore", invalid="ignore"):
-            for i in range(calls):
+            for c, i in enumerate(range(start, total)):  # c: this run's call, i: the schedule's
                 x = sched.scale_model_input(latents, i, first)  # into the UNet's input, or latents
                 if x is not first:
                     np.copyto(first, x)
@@ -536,23 +775,31 @@ class Pipeline:
                 timestep[0] = sched.timesteps[i]
                 t0 = time.perf_counter()
                 noise = unet.run(feeds)["noise_pred"]  # [N, 4, h, w]
-                unet_calls[i] = time.perf_counter() - t0
+                unet_calls[c] = time.perf_counter() - t0
                 if req.cfg:  # uncond + g * (cond - uncond), in diffusers' order of operations
                     np.subtract(noise[b:], noise[:b], out=guided)
                     guided *= g
                     guided += noise[:b]
                     noise = guided  # NaN/inf in either half stays NaN/inf here
-                if i == 0:  # a broken engine shows at once, named; later, the latents below
-                    _check_finite(f"unet (step 1 of {calls}, timestep {sched.timesteps[0]:g})", noise)
+                if c == 0:  # a broken engine shows at once, named; later, the latents below
+                    _check_finite(f"unet (step 1 of {calls}, timestep {sched.timesteps[i]:g})", noise)
                 sched.step(state, i, noise, latents, rng, out=latents)
-                if (i + 1) % CHECK_EVERY == 0 or i + 1 == calls:
-                    lo = i // CHECK_EVERY * CHECK_EVERY + 1  # the first step since the last check
-                    _check_finite(f"unet or scheduler (steps {lo} to {i + 1} of {calls})", latents)
-                step_ends[i] = time.perf_counter()
+                if blend:  # (1 - mask) * image latents noised to the next step + mask * latents
+                    proper = init.image_latents
+                    if i + 1 < total:  # `guided` is free here: scratch, overwritten below
+                        proper = sched.add_noise(init.image_latents, init.noise, i + 1,
+                                                 out=renoised, scratch=guided)
+                    latents *= init.mask
+                    np.multiply(proper, keep, out=guided)
+                    np.add(guided, latents, out=latents)
+                if (c + 1) % CHECK_EVERY == 0 or c + 1 == calls:
+                    lo = c // CHECK_EVERY * CHECK_EVERY + 1  # the first step since the last check
+                    _check_finite(f"unet or scheduler (steps {lo} to {c + 1} of {calls})", latents)
+                step_ends[c] = time.perf_counter()
                 if on_step_end is not None:
-                    on_step_end(i, float(sched.timesteps[i]), latents)
+                    on_step_end(c, float(sched.timesteps[i]), latents)
                 if progress is not None:
-                    progress(i + 1, calls)
+                    progress(c + 1, calls)
         return latents, unet_calls, step_ends
 
     def _decode(self, req: Request, latents: np.ndarray) -> np.ndarray:

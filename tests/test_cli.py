@@ -58,10 +58,23 @@ def test_no_safety_is_reported(tmp_path):
         assert im.text["safety_checker"] == "off"
 
 
-def test_long_prompt_warns(tmp_path):
-    out = generate("word " * 100, "--steps", "1", "--seed", "1", "--output-dir", str(tmp_path))
+def test_long_prompt_runs_in_chunks(tmp_path):
+    """200 tokens and emphasis on the shipped demo: three chunks of 77, nothing dropped;
+    the PNG carries A1111's parameters text."""
+    prompt = "a (red:1.3) ((apple)), [blurry] " + "word " * 190
+    out = generate(prompt, "--steps", "2", "--seed", "1", "--output-dir", str(tmp_path))
     assert out.returncode == 0, out.stderr
-    assert "tokens were dropped" in out.stderr and "last 25 tokens" in out.stderr
+    assert "text 3 chunk(s) of 77 tokens" in out.stderr and "dropped" not in out.stderr
+    with Image.open(out.stdout.split()[0]) as im:
+        params = im.text["parameters"]
+    assert params.startswith(prompt + "\n")
+    assert "Steps: 2, Sampler: PLMS, CFG scale: 7.5, Seed: 1, Size: 256x256" in params
+
+
+def test_prompt_past_the_chunk_limit_warns(tmp_path):
+    out = generate("word " * 610, "--steps", "1", "--seed", "1", "--output-dir", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    assert "longer than 600 tokens; its last 10 tokens were dropped" in out.stderr
 
 
 def test_latents_file(tmp_path):
@@ -184,10 +197,10 @@ def test_output_dir_that_cannot_be_created():
 
 
 def test_negative_prompt_too_long_warns_and_png_mode(tmp_path):
-    out = generate(PROMPT, "--steps", "1", "--seed", "1", "--negative-prompt", "word " * 90,
+    out = generate(PROMPT, "--steps", "1", "--seed", "1", "--negative-prompt", "word " * 615,
                    "--output-dir", str(tmp_path))
     assert out.returncode == 0, out.stderr
-    assert "the negative prompt is longer than 77 tokens; its last 15 tokens" in out.stderr
+    assert "the negative prompt is longer than 600 tokens; its last 15 tokens" in out.stderr
     mode = (tmp_path / out.stdout.split()[0]).stat().st_mode & 0o777
     assert mode == 0o666 & ~umask()  # not mkstemp's 0600
 

@@ -55,7 +55,7 @@ def test_allocate_checks_names_rank_and_fixed_axes(engine):
     with pytest.raises(EngineError, match=r"input sample has shape \[2, 4, 8\]"):
         engine.allocate({**shapes(), "sample": (2, 4, 8)})
     with pytest.raises(EngineError, match="encoder_hidden_states has shape"):
-        engine.allocate({**shapes(), "encoder_hidden_states": (2, 76, HIDDEN)})  # 77 is fixed
+        engine.allocate({**shapes(), "encoder_hidden_states": (2, 77, HIDDEN + 1)})  # C is fixed
     with pytest.raises(EngineError, match="sample has shape"):
         engine.allocate({**shapes(), "sample": (0, 4, 8, 8)})
     assert engine.shapes is None

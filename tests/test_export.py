@@ -27,7 +27,8 @@ from export.graphs import GraphJob, SafetyChecker, export_onnx, ort_session, sam
 from runtime.bundle import GRAPH_ORDER, graph_spec, read_manifest, sha256_file, verify_hashes  # noqa: E402
 
 THRESHOLD = 500_000  # bytes: text_encoder (1.6 MB) and unet (1.1 MB) go external, the rest inline
-TOL = {"text_encoder": 1e-5, "unet": 1e-4, "vae_decoder": 1e-4, "safety_checker": 1e-5}
+TOL = {"text_encoder": 1e-5, "unet": 1e-4, "vae_decoder": 1e-4, "vae_encoder": 1e-4,
+       "safety_checker": 1e-5}
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +50,8 @@ def reference(name, c, inputs):
             return [c.unet(*inputs).sample]
         if name == "vae_decoder":
             return [c.vae.decode(inputs[0]).sample]
+        if name == "vae_encoder":
+            return [c.vae.encode(inputs[0]).latent_dist.parameters]
         images = torch.zeros(inputs[0].shape[0], 3, 8, 8)
         _, flags = c.safety_checker.forward_onnx(inputs[0], images)
         return [flags]
@@ -59,6 +62,7 @@ CASES = [  # (graph, batch B, latent (h, w) or None for the export shape)
     ("unet", 1, None), ("unet", 1, (8, 8)), ("unet", 2, (6, 10)), ("unet", 3, (8, 8)),
     ("unet", 1, (7, 9)),  # odd sizes too: upsample sizes come from the input shape
     ("vae_decoder", 1, None), ("vae_decoder", 2, (8, 8)), ("vae_decoder", 1, (6, 10)),
+    ("vae_encoder", 1, None), ("vae_encoder", 2, (8, 8)), ("vae_encoder", 1, (6, 10)),
     ("safety_checker", 1, None), ("safety_checker", 3, None),
 ]
 
@@ -79,6 +83,19 @@ def test_graph_matches_torch(bundle, demo_components, name, batch, latent):
         assert got[1].shape == (batch, 17)
     else:
         np.testing.assert_allclose(got[0], want[0], rtol=0, atol=TOL[name])
+
+
+@pytest.mark.parametrize("tokens", [77, 231, 385])
+def test_unet_takes_any_text_length(bundle, demo_components, tokens):
+    """The text axis T is dynamic: one to five prompt chunks, as torch computes them."""
+    c = demo_components
+    sample, timestep, _ = sample_inputs("unet", c, 1, (8, 8), seed=5)
+    text = torch.randn(2, tokens, c.hidden, generator=torch.Generator().manual_seed(tokens))
+    got = ort_session(bundle / "unet.onnx").run(None, {
+        "sample": sample.numpy(), "timestep": timestep.numpy(),
+        "encoder_hidden_states": text.numpy()})[0]
+    np.testing.assert_allclose(got, reference("unet", c, (sample, timestep, text))[0].numpy(),
+                               rtol=0, atol=TOL["unet"])
 
 
 def test_safety_checker_flags_and_scores_like_forward_onnx(demo_components, tmp_path):
@@ -113,12 +130,13 @@ def test_external_data(bundle):
         graph, data = os.path.getsize(bundle / e.file), os.path.getsize(bundle / e.external_data)
         assert graph < 400_000 and data > graph  # most weight bytes moved out of the graph
         assert e.external_sha256 == sha256_file(bundle / e.external_data)
-    for name in ("vae_decoder", "safety_checker"):
+    for name in ("vae_decoder", "vae_encoder", "safety_checker"):
         assert m.graphs[name].external_data is None and m.graphs[name].external_sha256 is None
     files = {p.relative_to(bundle).as_posix() for p in bundle.rglob("*")}
     assert files == {"manifest.json", "scheduler_config.json", "tokenizer", "tokenizer/vocab.json",
                      "tokenizer/merges.txt", "text_encoder.onnx", "text_encoder.onnx.data",
-                     "unet.onnx", "unet.onnx.data", "vae_decoder.onnx", "safety_checker.onnx"}
+                     "unet.onnx", "unet.onnx.data", "vae_decoder.onnx", "vae_encoder.onnx",
+                     "safety_checker.onnx"}
     assert sorted(p.name for p in bundle.parent.iterdir()) == ["bundle"]  # no temp folders left
 
 
@@ -140,6 +158,10 @@ def test_manifest(bundle, demo_components, tmp_path):
     raw = json.loads((bundle / "manifest.json").read_text())
     assert raw["graphs"]["unet"]["shapes"]["sample"] == {
         "min": [1, 4, 8, 8], "opt": [2, 4, 32, 32], "max": [8, 4, 64, 64]}
+    # the text axis: one prompt chunk (77 tokens) at min and opt, three at max (long prompts)
+    assert raw["graphs"]["unet"]["shapes"]["encoder_hidden_states"] == {
+        "min": [1, 77, m.hidden], "opt": [2, 77, m.hidden], "max": [8, 231, m.hidden]}
+    assert raw["format_minor"] == 1 and m.max_text_tokens is None
     sched = json.loads((bundle / "scheduler_config.json").read_text())
     assert sched["_class_name"] == "PNDMScheduler"
     assert {k: sched[k] for k in ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps",
@@ -174,4 +196,4 @@ def test_replace_swaps_in_the_new_bundle(tmp_path):
 def test_no_safety_checker_leaves_the_graph_out(demo_components):
     from export.graphs import graph_jobs
 
-    assert [j.spec.name for j in graph_jobs(demo_components, safety=False)] == list(GRAPH_ORDER[:3])
+    assert [j.spec.name for j in graph_jobs(demo_components, safety=False)] == list(GRAPH_ORDER[:4])

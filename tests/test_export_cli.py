@@ -144,10 +144,10 @@ def test_diffusers_folder_exports(demo_components, tmp_path):
     out = run_export("--model", str(tmp_path / "model"), "--out", str(tmp_path / "bundle"))
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == str(tmp_path / "bundle")
-    for name in ("text_encoder", "unet", "vae_decoder", "safety_checker"):
+    for name in ("text_encoder", "unet", "vae_decoder", "vae_encoder", "safety_checker"):
         assert any(line.startswith(f"{name}: ") for line in out.stderr.splitlines())
     m = read_manifest(tmp_path / "bundle")
-    assert m.source["model"] == str(tmp_path / "model") and len(m.graphs) == 4
+    assert m.source["model"] == str(tmp_path / "model") and len(m.graphs) == 5
     sched = json.loads((tmp_path / "bundle" / "scheduler_config.json").read_text())
     assert sched == {**json.loads((tmp_path / "model" / "scheduler" / "scheduler_config.json").read_text()),
                      "_diffusers_version": sched["_diffusers_version"]}

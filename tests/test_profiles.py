@@ -130,9 +130,16 @@ def test_a_tensorrt_plan_refuses_a_size_outside_its_profile(tmp_path, monkeypatc
         assert len(gpu.calls("execute_async_v3")) == runs  # refused before any work
         # two prompts with guidance: 2 images, 4 texts in one text-encoder call, covered
         assert pipe(["a", "b"], steps=1, height=64, width=64).images.shape[0] == 2
-        with pytest.raises(UsageError, match=r"3 image\(s\) per call: no .* plan .*--max-batch 3"):
+        with pytest.raises(UsageError, match=r"3 image\(s\) per call, 77 text tokens: no .* "
+                                             r"plan .*--max-batch 3"):
             pipe(["a", "b", "c"], steps=1, height=64, width=64)
-    assert main([str(bundle), "--backend", "tensorrt", "--max-size", "320", "--max-batch", "3"]) == 0
+        # the UNet's text axis is in the profile: 77..231 tokens (three prompt chunks)
+        assert pipe("word " * 200, steps=1, height=64, width=64).request.text_tokens == 231
+        with pytest.raises(UsageError, match=r"308 text tokens: no unet plan .*--max-tokens 308"):
+            pipe("word " * 230, steps=1, height=64, width=64)
+    assert main([str(bundle), "--backend", "tensorrt", "--max-size", "320", "--max-batch", "3",
+                 "--max-tokens", "308"]) == 0
     with Pipeline(bundle, "tensorrt", safety=False) as pipe:
         assert pipe("x", steps=1, height=320, width=128).images.shape == (1, 320, 128, 3)
         assert pipe(["a", "b", "c"], steps=1, height=64, width=64).images.shape[0] == 3
+        assert pipe("word " * 230, steps=1, height=64, width=64).request.text_tokens == 308
