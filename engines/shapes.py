@@ -34,6 +34,6 @@ def describe(profile: Profile, static: Profile | None) -> str:
     if static is not None:
         return (f"static B={static.batch[1]} {static.height[1]}x{static.width[1]} "
                 f"({', '.join(ALWAYS_DYNAMIC)} dynamic)")
-    b, h, w = profile.batch, profile.height, profile.width
-    return (f"dynamic B {b[0]}..{b[2]}, H {h[0]}..{h[2]}, W {w[0]}..{w[2]} "
-            f"(opt B={b[1]} {h[1]}x{w[1]})")
+    b, h, w, t = profile.batch, profile.height, profile.width, profile.tokens
+    return (f"dynamic B {b[0]}..{b[2]}, H {h[0]}..{h[2]}, W {w[0]}..{w[2]}, text tokens "
+            f"{t[0]}..{t[2]} (opt B={b[1]} {h[1]}x{w[1]})")

@@ -39,8 +39,11 @@ from runtime.pipeline import (
     Result,
     StageError,
     UsageError,
+    check_image_size,
     check_latents,
+    check_modes,
     check_settings,
+    check_strength,
     check_text,
 )
 from runtime.schedulers import SCHEDULERS
@@ -116,9 +119,10 @@ def read_images(args: argparse.Namespace) -> tuple[Image | None, Image | None]:
         raise UsageError("--strength needs --init-image")
     if args.strength is not None and not 0 < args.strength <= 1:
         raise UsageError(f"--strength must be in (0, 1], got {args.strength:g}")
+
     try:
-        return tuple(None if f is None else load_image(f)  # type: ignore[return-value]
-                     for f in (args.init_image, args.mask))
+        image = None if args.init_image is None else check_image_size(load_image(args.init_image))
+        return image, None if args.mask is None else load_image(args.mask)
     except ValueError as e:
         raise UsageError(str(e)) from None
 
@@ -196,14 +200,18 @@ def main(argv: list[str] | None = None) -> int:
         check_text(args.negative_prompt or "")
         check_output_dir(args.output_dir)
         latents = None
-        if args.latents:  # checked against the manifest's sizes before any engine loads
-            manifest = read_manifest(resolve_model(args.model))
+        image, mask = read_images(args)  # before loading: a bad file costs no model load
+        manifest = read_manifest(resolve_model(args.model))  # checks before any engine loads
+        check_modes(manifest, image is not None, mask is not None, args.latents is not None)
+        if image is not None:
+            check_strength(args.strength if args.strength is not None else
+                           1.0 if mask is not None else 0.8, args.steps)
+        if args.latents:  # checked against the manifest's sizes
             h = manifest.default_height if args.height is None else args.height
             w = manifest.default_width if args.width is None else args.width
             latents = check_latents(load_latents(args.latents),
                                     (args.batch_size, LATENT_CHANNELS, h // VAE_FACTOR,
                                      w // VAE_FACTOR))
-        image, mask = read_images(args)  # before loading: a bad file costs no model load
         with Pipeline(args.model, args.backend, safety=not args.no_safety,
                       precision=args.precision, log=say) as pipe:
             req = pipe.request(args.prompt, args.negative_prompt, steps=args.steps,
@@ -246,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
         f"({r.unet_calls} UNet calls), guidance {r.guidance_scale:g}, seed {r.seed}, "
         f"text {chunks} chunk(s) of 77 tokens, backend {pipe.backend} {pipe.precision}")
     timings = {"load": pipe.load_seconds, **result.timings}
-    say("time: " + ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()))
+    calls = {"unet": f" ({len(result.unet_calls)} calls)"}  # img2img: fewer, by strength
+    say("time: " + ", ".join(f"{k} {v:.2f} s{calls.get(k, '')}" for k, v in timings.items()))
     for i, flagged in enumerate(result.nsfw):
         if flagged:
             say(f"safety checker flagged image {i}: replaced by a black image")

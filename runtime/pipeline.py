@@ -39,6 +39,7 @@ from runtime.bundle import (
     TOKENIZER_DIR,
     VAE_FACTOR,
     BundleError,
+    Manifest,
     inside,
     integrity_files,
     mismatch,
@@ -186,6 +187,10 @@ def _check_finite(stage: str, x: np.ndarray) -> None:
 # leaves the latents once in, so this stops a bad run within 8 steps at a fifth the cost.
 CHECK_EVERY = 8
 
+# Graphs loaded on first use: the VAE encoder (img2img, inpainting), so text-to-image
+# never pays its load time or memory (OpenVINO compiles it: ~1 s for v1's encoder).
+LATE_GRAPHS = ("vae_encoder",)
+
 MAX_GUIDANCE = 1000.0  # far past any useful value; beyond it float32 CFG arithmetic overflows
 
 
@@ -254,6 +259,46 @@ class Init:
     noise: np.ndarray | None = None  # [B, 4, h, w]; likewise
 
 
+def check_modes(manifest: Manifest, image: bool, mask: bool, latents: bool) -> None:
+    """Whether this bundle can run with (or without) an init image and a mask; the CLI
+    calls it before loading. UsageError with one line."""
+    inpainting = manifest.unet_channels == INPAINT_CHANNELS
+    if not image:
+        if mask:
+            raise UsageError("a mask needs an init image to paint into")
+        if inpainting:
+            raise UsageError("this is an inpainting model (its UNet takes 9 channels): "
+                             "give an init image and a mask")
+        return
+    if latents:
+        raise UsageError("latents cannot be given with an init image (img2img draws them)")
+    if "vae_encoder" not in manifest.graphs:
+        raise UsageError(f"this bundle has no VAE encoder (format 1.{manifest.format_minor}): "
+                         f"img2img and inpainting need a re-export with `python -m export`")
+    if inpainting and not mask:
+        raise UsageError("this is an inpainting model: give a mask with the init image")
+
+
+def check_strength(strength: float, steps: int) -> float:
+    """img2img's strength in (0, 1], enough for one step: diffusers' get_timesteps runs
+    int(steps * strength) steps. UsageError with one line."""
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+        raise UsageError(f"strength must be a number in (0, 1], got {strength!r}")
+    if int(steps * strength) < 1:
+        raise UsageError(f"strength {strength:g} with {steps} steps leaves no denoising step "
+                         f"(int(steps x strength) = 0); raise the strength or the steps")
+    return float(strength)
+
+
+def check_image_size(image: Image) -> Image:
+    """An init image of at least 8 px a side (img2img rounds its size down to 8s)."""
+    w, h = image.size
+    if min(w, h) < VAE_FACTOR:
+        raise ValueError(f"the init image is {w}x{h}; it must be at least {VAE_FACTOR} "
+                         f"pixels a side")
+    return image
+
+
 class Pipeline:
     """A loaded bundle on one backend; create once, call many times."""
 
@@ -302,22 +347,15 @@ class Pipeline:
             raise BundleError(f"corrupt bundle {self.bundle}: {first_line(e)}; "
                               f"re-export it") from None
         names = [n for n in GRAPH_ORDER if n in self.manifest.graphs
-                 and (safety or n != "safety_checker")]
+                 and (safety or n != "safety_checker") and n not in LATE_GRAPHS]
+        self.use_cache = use_cache
 
         # check the bundle's graph files on a thread beside the engine loads (those changed
         # since they last matched are hashed: xxh3, 0.4 s for a full-size UNet); its verdict
         # is waited for before this returns, so a damaged or edited graph never makes an image
         check = integrity.BundleCheck(integrity_files(self.bundle, self.manifest, names),
                                       cache.verified_memo(self.bundle) if use_cache else None)
-        report = LoadReport()
-
-        def loaded(name: str, engine: Engine, seconds: float) -> None:
-            graph = None
-            if name == "unet" and engine.backend in ("tensorrt", "ort-cuda"):
-                graph = getattr(engine, "cuda_graph_status", None) or (
-                    "on" if getattr(engine, "cuda_graph", False) else "off")
-            report.graphs[name] = GraphLoad(seconds, engine.cache_status, graph)
-            self.log(f"{name}: {report.graphs[name].describe()}")
+        self.load_report = report = LoadReport()
 
         for i, b in enumerate(tries):
             try:
@@ -331,7 +369,7 @@ class Pipeline:
             report.graphs = {}
             try:
                 self.engine_set = backends.EngineSet(b, self.manifest, self.bundle, names,
-                                                     use_cache, loaded, cuda_graph,
+                                                     use_cache, self._loaded, cuda_graph,
                                                      self.precision)
                 break
             except EngineError as e:
@@ -351,7 +389,35 @@ class Pipeline:
         self.backend = b
         report.backend, report.precision = b, self.precision
         report.seconds = self.load_seconds = time.perf_counter() - t0
-        self.load_report = report
+
+    def _loaded(self, name: str, engine: Engine, seconds: float) -> None:
+        graph = None
+        if name == "unet" and engine.backend in ("tensorrt", "ort-cuda"):
+            graph = getattr(engine, "cuda_graph_status", None) or (
+                "on" if getattr(engine, "cuda_graph", False) else "off")
+        self.load_report.graphs[name] = GraphLoad(seconds, engine.cache_status, graph)
+        self.log(f"{name}: {self.load_report.graphs[name].describe()}")
+
+    def _load_late(self, name: str) -> None:
+        """Load a LATE_GRAPHS engine on first use, its files checked as at load (a
+        damaged graph: BundleError; a backend that cannot run it: EngineError)."""
+        if name in self.engines:
+            return
+        if not self.engines:
+            raise UsageError("this Pipeline is closed")
+        check = integrity.BundleCheck(integrity_files(self.bundle, self.manifest, [name]),
+                                      cache.verified_memo(self.bundle) if self.use_cache else None)
+        try:
+            self.engine_set.add(name, self.manifest, self.bundle, self._loaded)
+        except EngineError as e:
+            self._checked(check)
+            self._damaged(e, self.backend, last=True)
+            raise
+        try:
+            self._checked(check)
+        except BaseException:
+            self.engines.pop(name).release()
+            raise
 
     def _checked(self, check: integrity.BundleCheck) -> None:
         """Wait for the bundle check; BundleError when a file is damaged or unreadable."""
@@ -450,11 +516,11 @@ class Pipeline:
         if safety and not self.has_safety_checker:
             safety = False  # the bundle has none, or it was not loaded
         cfg = guidance_scale > 1
-        text: dict = {}
+        cond: dict = {}
         if prompt_embeds is not None:
-            text["prompt_embeds"] = prompt_embeds
+            cond["prompt_embeds"] = prompt_embeds
             if negative_prompt_embeds is not None:
-                text["negative_prompt_embeds"] = self._check_embeds(
+                cond["negative_prompt_embeds"] = self._check_embeds(
                     "negative_prompt_embeds", negative_prompt_embeds, prompt_embeds.shape)
             if cfg and negative_prompt_embeds is None and prompt_embeds.shape[1] % MAX_TOKENS:
                 raise UsageError("prompt_embeds whose length is not a multiple of 77 need "
@@ -462,14 +528,14 @@ class Pipeline:
         elif negative_prompt_embeds is not None:
             raise UsageError("negative_prompt_embeds need prompt_embeds")
         if prompt_embeds is None:
-            text.update(self._tokens(prompts + (negs if cfg else ()), None))
+            cond.update(self._tokens(prompts + (negs if cfg else ()), None))
         elif cfg and negative_prompt_embeds is None:  # negative prompts at the embeds' length
-            text.update(self._tokens(negs, prompt_embeds.shape[1] // MAX_TOKENS))
-            if text["text_ids"].shape[1] * MAX_TOKENS != prompt_embeds.shape[1]:
+            cond.update(self._tokens(negs, prompt_embeds.shape[1] // MAX_TOKENS))
+            if cond["text_ids"].shape[1] * MAX_TOKENS != prompt_embeds.shape[1]:
                 raise UsageError(f"the negative prompt is longer than prompt_embeds' "
                                  f"{prompt_embeds.shape[1]} tokens; pass negative_prompt_embeds")
         req = Request(prompts, negs, batch_size, steps, scheduler, float(guidance_scale),
-                      height, width, seed, None, safety, schedule, **text)
+                      height, width, seed, None, safety, schedule, **cond)
         if latents is not None:
             req = replace(req, latents=check_latents(latents, req.latent_shape))
         if pil is not None:
@@ -515,38 +581,26 @@ class Pipeline:
 
     def _check_images(self, image, mask, latents) -> tuple[Image | None, Image | None]:
         """The init image and mask as PIL images, and what this bundle can do with them."""
-        m = self.manifest
-        inpainting = m.unet_channels == INPAINT_CHANNELS
+        check_modes(self.manifest, image is not None, mask is not None, latents is not None)
         if image is None:
-            if mask is not None:
-                raise UsageError("a mask needs an init image to paint into")
-            if inpainting:
-                raise UsageError("this is an inpainting model (its UNet takes 9 channels): "
-                                 "give an init image and a mask")
             return None, None
-        if latents is not None:
-            raise UsageError("latents cannot be given with an init image (img2img draws them)")
-        if "vae_encoder" not in m.graphs:
-            raise UsageError(f"this bundle has no VAE encoder (format 1.{m.format_minor}): "
-                             f"img2img and inpainting need a re-export with `python -m export`")
-        if inpainting and mask is None:
-            raise UsageError("this is an inpainting model: give a mask with the init image")
         try:
-            return as_pil(image, "image"), (None if mask is None else as_pil(mask, "mask"))
+            pil = as_pil(image, "image")
+            return check_image_size(pil), (None if mask is None else as_pil(mask, "mask"))
         except ValueError as e:
             raise UsageError(str(e)) from None
 
     def _with_images(self, req: Request, image: Image, mask: Image | None,
                      strength: float | None) -> Request:
         """`req` with the preprocessed image (and mask), strength and first UNet call."""
-        strength = (1.0 if mask is not None else 0.8) if strength is None else strength
-        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
-            raise UsageError(f"strength must be a number in (0, 1], got {strength!r}")
-        start = req.schedule.start_index(float(strength))
+        strength = check_strength((1.0 if mask is not None else 0.8) if strength is None
+                                  else strength, req.steps)
+        start = req.schedule.start_index(strength)
         if start >= len(req.schedule.timesteps):
             raise UsageError(f"strength {strength:g} with {req.steps} steps leaves no denoising "
                              f"step; raise the strength or the steps")
         h, w = req.height, req.width
+        self._load_late("vae_encoder")
         return replace(req, image=image_input(image, h, w),
                        mask=None if mask is None else mask_input(mask, h, w),
                        strength=float(strength), start=start)
@@ -602,8 +656,9 @@ class Pipeline:
 
     # -- generation -------------------------------------------------------------------
 
-    def __call__(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None,
-                 *, progress: Callable[[int, int], None] | None = None,
+    def __call__(self, prompt: str | Sequence[str] | None = None,
+                 negative_prompt: str | Sequence[str] | None = None, *,
+                 progress: Callable[[int, int], None] | None = None,
                  on_step_end: StepHook | None = None, keep_decoded: bool = False,
                  **kwargs) -> Result:
         """Generate images; kwargs as in `request()`. `progress(i, calls)` after each UNet
@@ -684,8 +739,10 @@ class Pipeline:
         if req.negative_prompt_embeds is not None:
             negatives = req.negative_prompt_embeds
         cond = np.repeat(prompts, k, axis=0)  # diffusers repeats each prompt k times in a row
-        uncond = np.repeat(negatives, k, axis=0) if req.cfg else None
-        return cond, uncond
+        if not req.cfg:
+            return cond, None
+        assert negatives is not None  # request(): encoded, or given, whenever cfg
+        return cond, np.repeat(negatives, k, axis=0)
 
     def _encode_image(self, image: np.ndarray, rng: TorchCPUGenerator) -> np.ndarray:
         """diffusers' `scaling_factor * vae.encode(image).latent_dist.sample(generator)`:
@@ -755,8 +812,10 @@ class Pipeline:
         first, second = sample[:b, :LATENT_CHANNELS], sample[b:, :LATENT_CHANNELS]
         blend = init.image_latents is not None  # 4-channel inpainting (Init says)
         if blend:
+            assert init.mask is not None and init.image_latents is not None and init.noise is not None
             keep = (np.float32(1.0) - init.mask).astype(np.float32)  # [B, 1, h, w]
             renoised = np.empty(shape, np.float32)
+            image_latents, image_noise, paint = init.image_latents, init.noise, init.mask
         timestep = np.empty((1,), np.float32)
         feeds = {"sample": sample, "timestep": timestep}
         guided = np.empty(shape, np.float32)  # [B, 4, h, w]
@@ -785,11 +844,11 @@ class Pipeline:
                     _check_finite(f"unet (step 1 of {calls}, timestep {sched.timesteps[i]:g})", noise)
                 sched.step(state, i, noise, latents, rng, out=latents)
                 if blend:  # (1 - mask) * image latents noised to the next step + mask * latents
-                    proper = init.image_latents
+                    proper = image_latents
                     if i + 1 < total:  # `guided` is free here: scratch, overwritten below
-                        proper = sched.add_noise(init.image_latents, init.noise, i + 1,
+                        proper = sched.add_noise(image_latents, image_noise, i + 1,
                                                  out=renoised, scratch=guided)
-                    latents *= init.mask
+                    latents *= paint
                     np.multiply(proper, keep, out=guided)
                     np.add(guided, latents, out=latents)
                 if (c + 1) % CHECK_EVERY == 0 or c + 1 == calls:

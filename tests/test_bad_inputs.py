@@ -4,7 +4,7 @@ CLI, each run through `python -m runtime.generate`'s main in this process.
 Every case must end in one `error:` line and exit 2, with no traceback, no output
 folder written and no engine loaded. Cases that point outside the bundle (symlinks,
 external-data paths) are refused before anything is read. Each case copies the demo
-bundle (4.7 MB). Damaged engine-cache entries (CACHE_CASES, sidecars pointing outside
+bundle (4.9 MB). Damaged engine-cache entries (CACHE_CASES, sidecars pointing outside
 included) are rebuilt instead, and the image is the undamaged run's, byte for byte.
 """
 
@@ -132,6 +132,53 @@ def _output_dir(kind: str) -> Callable[[Path, Path], list[str]]:
 
 SHAPE = [1, 4, 32, 32]  # the demo's default 256x256 image, one per call
 
+
+def _png(width: int, height: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 30, 30)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height (PIL reads the size before any pixel)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data)))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def _ok_png(path: Path) -> None:
+    path.write_bytes(_png(64, 64))
+
+
+def _format_1_0(d: dict) -> None:
+    """A manifest as format 1.0 wrote it: no VAE encoder, no minor version, no tokens."""
+    d["graphs"].pop("vae_encoder")
+    d.pop("format_minor")
+    d["profile"].pop("tokens")
+
+
+def image_file(make: Callable[[Path], None], *more: str) -> Callable[[Path, Path], list[str]]:
+    def setup(bundle: Path, tmp: Path) -> list[str]:
+        path = tmp / "init.png"
+        make(path)
+        return ["--init-image", str(path), *more]
+    return setup
+
 CASES: dict[str, tuple[Callable[[Path, Path], list[str]], str]] = {
     # -- command-line arguments --------------------------------------------------------
     "steps-0": (flags("--steps", "0"), "steps must be"),
@@ -242,6 +289,44 @@ CASES: dict[str, tuple[Callable[[Path, Path], list[str]], str]] = {
     "tokenizer-folder-outside": (replace_file("tokenizer", "outside"), "links outside the bundle"),
     "manifest-links-outside": (replace_file(MANIFEST, "outside"), "links outside the bundle"),
     "external-without-hash": (unet(external_data="unet.onnx.data"), "no external_sha256"),
+    # -- img2img and inpainting (issue 13) ---------------------------------------------
+    "init-image-missing": (lambda b, t: ["--init-image", str(t / "none.png")], "cannot read image"),
+    "init-image-garbage": (image_file(lambda p: p.write_bytes(b"not a png")), "cannot read image"),
+    "init-image-empty": (image_file(lambda p: p.write_bytes(b"")), "cannot read image"),
+    "init-image-fifo": (image_file(os.mkfifo), "not a regular file"),
+    "init-image-folder": (image_file(lambda p: p.mkdir()), "cannot read image"),
+    "init-image-truncated": (image_file(lambda p: p.write_bytes(_png(64, 64)[:60])),
+                             "cannot read image"),
+    "init-image-huge-sides": (image_file(lambda p: p.write_bytes(_png_header(9000, 9000))),
+                              "larger than 8192"),
+    "init-image-bomb": (image_file(lambda p: p.write_bytes(_png_header(100_000, 100_000))),
+                        "cannot read image"),
+    "init-image-4px": (image_file(lambda p: p.write_bytes(_png(4, 4))), "at least 8 pixels"),
+    "mask-without-image": (lambda b, t: ["--mask", str(_write(t / "m.png", _png(64, 64)))],
+                           "--mask needs --init-image"),
+    "mask-garbage": (lambda b, t: ["--init-image", str(_write(t / "i.png", _png(64, 64))),
+                                   "--mask", str(_write(t / "m.png", b"junk"))],
+                     "cannot read image"),
+    "strength-0": (image_file(_ok_png, "--strength", "0"), "--strength must be in (0, 1]"),
+    "strength-nan": (image_file(_ok_png, "--strength", "nan"), "--strength must be in"),
+    "strength-2": (image_file(_ok_png, "--strength", "2"), "--strength must be in"),
+    "strength-without-image": (flags("--strength", "0.5"), "--strength needs --init-image"),
+    "strength-no-steps": (image_file(_ok_png, "--strength", "0.1"), "leaves no denoising step"),
+    "latents-and-image": (lambda b, t: [*image_file(_ok_png)(b, t), *latents(
+        _save(np.zeros(SHAPE, np.float32)))(b, t)], "latents cannot be given"),
+    "image-on-a-1.0-bundle": (lambda b, t: [*manifest(_format_1_0)(b, t),
+                                            *image_file(_ok_png)(b, t)],
+                              "no VAE encoder (format 1.0)"),
+    "inpainting-model-without-mask": (lambda b, t: [*manifest(lambda d: d["graphs"]["unet"][
+        "inputs"][0].update(shape=["N", 9, "h", "w"]))(b, t), *image_file(_ok_png)(b, t)],
+        "inpainting model: give a mask"),
+    "inpainting-model-txt2img": (manifest(lambda d: d["graphs"]["unet"]["inputs"][0].update(
+        shape=["N", 9, "h", "w"])), "give an init image and a mask"),
+    "unet-channels-5": (manifest(lambda d: d["graphs"]["unet"]["inputs"][0].update(
+        shape=["N", 5, "h", "w"])), "contract"),
+    "profile-tokens-76": (manifest(lambda d: d["profile"].update(tokens=[76, 77, 231])),
+                          "multiples of 77"),
+    "format-minor-text": (manifest(lambda d: d.update(format_minor="1")), "format_minor"),
 }
 
 

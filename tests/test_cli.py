@@ -211,3 +211,35 @@ def test_unwritable_output_dir(tmp_path):
     out = generate(PROMPT, "--steps", "1", "--output-dir", str(blocker / "sub"))
     assert out.returncode == 2 and "not usable" in out.stderr, out.stderr
     assert blocker.read_text() == "x"
+
+
+def test_img2img_and_inpainting_from_the_cli(tmp_path):
+    """--init-image/--strength and --mask on the shipped demo: the output at the init
+    image's size, half the UNet calls at strength 0.5 (said in the summary line), and
+    A1111's parameters text with the denoising strength."""
+    Image.fromarray(np.random.RandomState(0).randint(0, 255, (96, 131, 3), np.uint8)).save(
+        tmp_path / "in.png")
+    out = generate(PROMPT, "--init-image", str(tmp_path / "in.png"), "--strength", "0.5",
+                   "--steps", "10", "--seed", "3", "--scheduler", "euler_a",
+                   "--output-dir", str(tmp_path / "a"))
+    assert out.returncode == 0, out.stderr
+    assert "img2img at strength 0.5, euler_a 10 steps (5 UNet calls)" in out.stderr
+    assert re.search(r"^time: .*unet [0-9.]+ s \(5 calls\)", out.stderr, re.M), out.stderr
+    with Image.open(out.stdout.split()[0]) as im:
+        assert im.size == (128, 96)  # 131x96 rounded down to multiples of 8
+        meta = im.text
+    assert meta["mode"] == "img2img" and meta["strength"] == "0.5"
+    assert meta["parameters"].endswith(
+        "Steps: 10, Sampler: Euler a, CFG scale: 7.5, Seed: 3, Size: 128x96, Model: demo, "
+        "Denoising strength: 0.5, Version: sdrt")
+    mask = np.zeros((96, 131), np.uint8)
+    mask[20:60, 30:90] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    out = generate(PROMPT, "--init-image", str(tmp_path / "in.png"), "--mask",
+                   str(tmp_path / "mask.png"), "--steps", "4", "--seed", "3", "--height", "96",
+                   "--width", "128", "--output-dir", str(tmp_path / "b"))
+    assert out.returncode == 0, out.stderr
+    assert "inpaint at strength 1, pndm 4 steps (5 UNet calls)" in out.stderr
+    with Image.open(out.stdout.split()[0]) as im:
+        assert im.size == (128, 96) and im.text["mode"] == "inpaint"
+        assert "Denoising strength: 1, Mask: inpainting" in im.text["parameters"]

@@ -93,8 +93,6 @@ class EngineSet:
     def __init__(self, backend: str, manifest: Manifest, bundle: Path, names: Iterable[str],
                  use_cache: bool = True, on_load: Callable[[str, Engine, float], None] | None = None,
                  cuda_graph: bool = True, precision: str = "fp32"):
-        import time
-
         self.backend = backend
         self.use_cache = use_cache
         self.cuda_graph = cuda_graph  # for the UNet, on backends that have them
@@ -103,15 +101,24 @@ class EngineSet:
         self.engines: dict[str, Engine] = {}
         try:
             for name in names:
-                engine = self._open(name, manifest, Path(bundle), use_cache)
-                t = time.perf_counter()
-                engine.load()
-                self.engines[name] = engine
-                if on_load:
-                    on_load(name, engine, time.perf_counter() - t)
+                self.add(name, manifest, bundle, on_load)
         except BaseException:
             self.release()
             raise
+
+    def add(self, name: str, manifest: Manifest, bundle: Path,
+            on_load: Callable[[str, Engine, float], None] | None = None) -> Engine:
+        """Open and load graph `name` (at construction, or later: a graph used by some
+        requests only); on failure nothing of it stays."""
+        import time
+
+        engine = self._open(name, manifest, Path(bundle), self.use_cache)
+        t = time.perf_counter()
+        engine.load()
+        self.engines[name] = engine
+        if on_load:
+            on_load(name, engine, time.perf_counter() - t)
+        return engine
 
     def _open(self, name: str, manifest: Manifest, bundle: Path, use_cache: bool) -> Engine:
         entry = manifest.graphs[name]
