@@ -17,8 +17,9 @@ def static_shapes(spec: GraphSpec, profile: Profile) -> dict[str, tuple[int, ...
 
 
 # Graphs kept dynamic under --static: the text encoder runs prompts and negative prompts
-# in one call (batch 2B with guidance, B without) and costs 0.03 TFLOP of the 83 per image.
-ALWAYS_DYNAMIC = ("text_encoder",)
+# in one call (batch 2B with guidance, B without) and costs 0.03 TFLOP of the 83 per image;
+# the VAE encoder runs one image at a time (img2img, inpainting), whatever the batch.
+ALWAYS_DYNAMIC = ("text_encoder", "vae_encoder")
 
 
 def graph_profile(spec: GraphSpec, profile: Profile, static: Profile | None) -> dict:

@@ -234,11 +234,6 @@ class Profile:
         return {"batch": list(self.batch), "height": list(self.height), "width": list(self.width),
                 "tokens": list(self.tokens)}
 
-    @staticmethod
-    def from_json(d: dict) -> Profile:
-        return Profile(tuple(d["batch"]), tuple(d["height"]), tuple(d["width"]),
-                       tuple(d.get("tokens", Profile.tokens)))
-
 
 def fit_profile(default: int, min_size: int | None = None, max_size: int | None = None,
                 max_batch: int | None = None, base: Profile | None = None,

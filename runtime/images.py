@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, PngImagePlugin
+from PIL import Image, ImageOps, PngImagePlugin
 
 from runtime.args import first_line
 from runtime.bundle import MAX_SIDE, SAFETY_SIZE, VAE_FACTOR
@@ -69,16 +69,19 @@ MAX_IMAGE_BYTES = 256 << 20  # an init image or mask file (a 8192x8192 PNG is ~2
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
-    """An image file for --init-image / --mask, decoded; ValueError with one line when it
-    is not an image, is too large, or PIL cannot decode it."""
+    """An image file for --init-image / --mask, decoded to RGB as diffusers' load_image
+    does; ValueError with one line when it is not an image, is too large, or PIL cannot
+    decode it."""
     try:
         img = Image.open(io.BytesIO(read_small(Path(path), MAX_IMAGE_BYTES)))  # a regular file
         if max(img.size) > MAX_SIDE:  # before decoding: a decompression bomb costs nothing here
             raise ValueError(f"{img.size[0]}x{img.size[1]} is larger than {MAX_SIDE} px a side")
         img.load()
+        # as diffusers.utils.load_image: the camera's orientation applied, then RGB (a
+        # mask too: the mask processor takes its grayscale after resizing)
+        return ImageOps.exif_transpose(img).convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
         raise ValueError(f"cannot read image {path}: {first_line(e)}") from None
-    return img
 
 
 def as_pil(image: Image.Image | np.ndarray, what: str) -> Image.Image:
@@ -107,10 +110,12 @@ def _resized(image: Image.Image, height: int, width: int) -> Image.Image:
 
 
 def image_input(image: Image.Image, height: int, width: int) -> np.ndarray:
-    """The VAE encoder's input: [1, 3, H, W] float32 in [-1, 1] (resized, then converted
-    to RGB: diffusers resizes first, and its img2img needs RGB; other modes are converted
-    here instead of failing)."""
-    x = np.asarray(_resized(image, height, width).convert("RGB"))  # [H, W, 3] uint8
+    """The VAE encoder's input: [1, 3, H, W] float32 in [-1, 1]: VaeImageProcessor's
+    Lanczos resize and normalisation of an RGB image (diffusers' img2img fails on other
+    modes; they are converted to RGB here first)."""
+    if image.mode != "RGB":  # RGBA, L, P: RGB first, so a resize never depends on it
+        image = image.convert("RGB")
+    x = np.asarray(_resized(image, height, width))  # [H, W, 3] uint8
     x = x.astype(np.float32) / np.float32(255.0)  # pil_to_numpy
     return (np.float32(2.0) * x - np.float32(1.0)).transpose(2, 0, 1)[None].copy()  # normalize
 
@@ -118,5 +123,7 @@ def image_input(image: Image.Image, height: int, width: int) -> np.ndarray:
 def mask_input(mask: Image.Image, height: int, width: int) -> np.ndarray:
     """The inpainting mask: [1, 1, H, W] float32, 1 where to paint (white), 0 where to keep:
     the mask processor's resize, grayscale, /255, then binarize at 0.5."""
+    if mask.mode not in ("RGB", "L"):  # P, RGBA...: as load_image would give it
+        mask = mask.convert("RGB")
     x = np.asarray(_resized(mask, height, width).convert("L")).astype(np.float32) / np.float32(255.0)
     return (x >= np.float32(0.5)).astype(np.float32)[None, None]

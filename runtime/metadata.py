@@ -8,6 +8,8 @@ text, which image browsers, civitai and A1111's "PNG Info" tab read:
 
 from __future__ import annotations
 
+import json
+
 # our scheduler -> A1111's sampler name (PNDM has none there: PLMS is PNDM without its
 # Runge-Kutta warm-up, which diffusers' v1 config skips too, so "PLMS" is what it is)
 A1111_SAMPLERS = {
@@ -22,8 +24,8 @@ A1111_SAMPLERS = {
 
 
 def _value(v: str) -> str:
-    """A1111 quotes a value holding its separators (quote_if_needed in infotext)."""
-    return f'"{v}"' if any(c in v for c in ',:\n"') else v
+    """A1111's quote(): a value holding a comma, colon or newline as a JSON string."""
+    return json.dumps(v, ensure_ascii=False) if any(c in v for c in ",:\n") else v
 
 
 def parameters_text(prompt: str, negative_prompt: str, fields: dict[str, object]) -> str:

@@ -49,7 +49,7 @@ from runtime.bundle import (
 from runtime.engine import Engine, EngineError, SpecMismatch
 from runtime.files import read_small
 from runtime.images import as_pil, clip_preprocess, default_size, image_input, mask_input, postprocess
-from runtime.prompts import PromptTokens, emphasize, encode_prompt, pad_chunks
+from runtime.prompts import PromptTokens, emphasize, encode_prompt, pad_chunks, parse_weights
 from runtime.rng import TorchCPUGenerator
 from runtime.safety import flags_from_outputs
 from runtime.schedulers import SCHEDULERS, Schedule, make_schedule
@@ -231,6 +231,10 @@ def check_text(text: str) -> None:
     except UnicodeEncodeError:
         raise UsageError("the prompt is not valid UTF-8 text (check the shell's encoding)"
                          ) from None
+    try:
+        parse_weights(text)  # A1111's syntax: a malformed or absurd weight
+    except ValueError as e:
+        raise UsageError(f"prompt syntax: {first_line(e)}") from None
 
 
 def check_latents(latents: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -503,8 +507,9 @@ class Pipeline:
         if len(negs) != len(prompts):
             raise UsageError(f"{len(negs)} negative prompts for {len(prompts)} prompts")
         pil, pil_mask = self._check_images(image, mask, latents)
-        if pil is not None and height is None and width is None and pil_mask is None:
-            height, width = default_size(pil)  # img2img: the image's size (diffusers)
+        if pil is not None and pil_mask is None:  # img2img: the image's size (diffusers'
+            h, w = default_size(pil)  # get_default_height_width), for a side not given
+            height, width = h if height is None else height, w if width is None else width
         height = m.default_height if height is None else height
         width = m.default_width if width is None else width
         seed = check_settings(steps, scheduler, guidance_scale, batch_size, seed, height, width)
@@ -570,7 +575,7 @@ class Pipeline:
         top = MAX_PROMPT_CHUNKS if self.manifest.max_text_tokens is None else 1
         try:
             empty = encode_prompt(self.tokenizer, "", 1)
-            encoded = [encode_prompt(self.tokenizer, t, top) for t in texts]
+            encoded = [encode_prompt(self.tokenizer, t, top, backtrack=top > 1) for t in texts]
             ids, weights = pad_chunks(encoded + [PromptTokens(
                 np.repeat(empty.ids, pad_to or 1, 0), np.repeat(empty.weights, pad_to or 1, 0), 0)],
                 empty)
@@ -595,7 +600,10 @@ class Pipeline:
         """`req` with the preprocessed image (and mask), strength and first UNet call."""
         strength = check_strength((1.0 if mask is not None else 0.8) if strength is None
                                   else strength, req.steps)
-        start = req.schedule.start_index(strength)
+        try:
+            start = req.schedule.start_index(strength)
+        except ValueError as e:  # a schedule that cannot start part-way (PNDM's PRK steps)
+            raise UsageError(f"scheduler {req.scheduler}: {first_line(e)}") from None
         if start >= len(req.schedule.timesteps):
             raise UsageError(f"strength {strength:g} with {req.steps} steps leaves no denoising "
                              f"step; raise the strength or the steps")
@@ -637,7 +645,7 @@ class Pipeline:
                     f"{why}; build plans that cover it with `python -m engines.build "
                     f"{shlex.quote(str(self.bundle))} --backend {self.backend} --min-size {small} --max-size "
                     f"{side} --max-batch {max(req.batch, prof.batch[2])} --max-tokens "
-                    f"{max(req.text_tokens, prof.tokens[2])}`")
+                    f"{max(-(-req.text_tokens // MAX_TOKENS) * MAX_TOKENS, prof.tokens[2])}`")
 
     def _schedule(self, scheduler: str, steps: int) -> Schedule:
         """The scheduler's frozen tables, built before any work so bad settings fail early."""
@@ -813,9 +821,12 @@ class Pipeline:
         blend = init.image_latents is not None  # 4-channel inpainting (Init says)
         if blend:
             assert init.mask is not None and init.image_latents is not None and init.noise is not None
-            keep = (np.float32(1.0) - init.mask).astype(np.float32)  # [B, 1, h, w]
+            # the mask over all 4 channels: a [B, 1, h, w] operand would make numpy
+            # allocate a broadcast temporary every step
+            paint = np.repeat(init.mask, LATENT_CHANNELS, axis=1)  # [B, 4, h, w]
+            keep = np.float32(1.0) - paint
             renoised = np.empty(shape, np.float32)
-            image_latents, image_noise, paint = init.image_latents, init.noise, init.mask
+            image_latents, image_noise = init.image_latents, init.noise
         timestep = np.empty((1,), np.float32)
         feeds = {"sample": sample, "timestep": timestep}
         guided = np.empty(shape, np.float32)  # [B, 4, h, w]

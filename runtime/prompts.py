@@ -117,15 +117,30 @@ class PromptTokens:
     dropped: int  # prompt tokens in chunks past max_chunks, cut
 
 
-def encode_prompt(tokenizer: ClipTokenizer, text: str, max_chunks: int) -> PromptTokens:
+MAX_WEIGHT = 100.0  # |weight| past this only overflows float32 sums (A1111 users stay in 0..2)
+
+
+def parse_weights(text: str) -> list[tuple[str, float]]:
+    """parse_prompt_attention, refusing (ValueError, one line) a malformed weight and one
+    that float32 emphasis cannot use; needs no tokenizer, so the CLI checks before loading."""
+    parsed = parse_prompt_attention(text)
+    for _, w in parsed:
+        if not (math.isfinite(w) and abs(w) <= MAX_WEIGHT):  # BREAK is -1: fine
+            raise ValueError(f"a prompt weight of {w:g} is outside [-{MAX_WEIGHT:g}, "
+                             f"{MAX_WEIGHT:g}] in {text[:60]!r}")
+    return parsed
+
+
+def encode_prompt(tokenizer: ClipTokenizer, text: str, max_chunks: int,
+                  backtrack: bool = True) -> PromptTokens:
     """A1111's tokenize_line: each parsed run is tokenized on its own, then packed into
     chunks of 75. When a chunk is full and its last comma is at most 20 tokens back, the
-    tokens after that comma move to the next chunk; BREAK starts a new chunk."""
+    tokens after that comma move to the next chunk (unless not `backtrack`: a model that
+    takes one chunk keeps the first 75 tokens, as diffusers truncates); BREAK starts a
+    new chunk."""
     if max_chunks < 1:
         raise ValueError(f"max_chunks must be at least 1, got {max_chunks}")
-    parsed = parse_prompt_attention(text)
-    if not all(math.isfinite(w) for _, w in parsed):
-        raise ValueError(f"a prompt weight is not finite in {text[:80]!r}")
+    parsed = parse_weights(text)
     encodings = tokenizer.tokenizer.encode_batch([t for t, _ in parsed], add_special_tokens=False)
     comma = tokenizer.tokenizer.token_to_id(",</w>")  # None: no comma token, no backtrack
 
@@ -140,7 +155,8 @@ def encode_prompt(tokenizer: ClipTokenizer, text: str, max_chunks: int) -> Promp
             chunk = chunks[-1]
             if token == comma:
                 last_comma = len(chunk)
-            elif len(chunk) == CHUNK and last_comma != -1 and CHUNK - last_comma <= COMMA_BACKTRACK:
+            elif (backtrack and len(chunk) == CHUNK and last_comma != -1
+                  and CHUNK - last_comma <= COMMA_BACKTRACK):
                 chunks[-1:] = [chunk[:last_comma + 1], chunk[last_comma + 1:]]  # split after the comma
                 last_comma = -1
             if len(chunks[-1]) == CHUNK:

@@ -204,6 +204,11 @@ CASES: dict[str, tuple[Callable[[Path, Path], list[str]], str]] = {
     # -- prompts -----------------------------------------------------------------------
     "prompt-not-utf8": (lambda b, t: ["--prompt-override", "caf\udce9"], "not valid UTF-8"),
     "negative-not-utf8": (flags("--negative-prompt", "caf\udce9"), "not valid UTF-8"),
+    "prompt-weight-malformed": (lambda b, t: ["--prompt-override", "a (cat:1.2.3)"],
+                                "prompt syntax: prompt weight '1.2.3' is not a number"),
+    "prompt-weight-huge": (lambda b, t: ["--prompt-override", "a (cat:" + "9" * 40 + ")"],
+                           "prompt syntax: a prompt weight of 1e+40 is outside"),
+    "negative-weight-inf": (flags("--negative-prompt", "(x:" + "9" * 400 + ")"), "prompt syntax"),
     # -- latents files -----------------------------------------------------------------
     "latents-missing": (lambda b, t: ["--latents", str(t / "none.npy")], "latents"),
     "latents-empty": (latents(lambda p: p.write_bytes(b"")), "latents"),

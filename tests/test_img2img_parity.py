@@ -39,10 +39,14 @@ def picture(width: int, height: int, seed: int = 0) -> Image.Image:
     return Image.fromarray(rgb.clip(0, 255).astype(np.uint8))
 
 
-def mask_picture(width: int, height: int) -> Image.Image:
-    """White (repaint) on a rectangle left of centre, black elsewhere, soft edges (L)."""
+def mask_picture(width: int, height: int, speckle: bool = False) -> Image.Image:
+    """White (repaint) on a rectangle left of centre, black elsewhere (L); `speckle`
+    flips random pixels too, so which pixel of each 8x8 cell the latent mask takes
+    (diffusers' nearest interpolation: the top-left one) shows in the image."""
     y, x = np.mgrid[0:height, 0:width]
     inside = (x > width * 0.15) & (x < width * 0.55) & (y > height * 0.2) & (y < height * 0.75)
+    if speckle:
+        inside ^= np.random.default_rng(1).random((height, width)) < 0.3
     return Image.fromarray(np.where(inside, 255, 0).astype(np.uint8)).convert("L")
 
 
@@ -110,6 +114,36 @@ def test_img2img_batch_and_no_guidance_match_diffusers(demo_components, ours):
         compare(got.images, ref)
 
 
+def test_img2img_several_prompts_at_an_odd_image_size_match_diffusers(demo_components, ours):
+    """Two prompts x two images from a 101x75 image (output 96x72, diffusers' rounding),
+    their own negative prompts; and one side given, the other from the image."""
+    image = picture(101, 75, seed=5)
+    base = reference(demo_components, demo_bundle(), "dpmpp_2m_karras", safety=False)
+    pipe = as_pipeline(diffusers.StableDiffusionImg2ImgPipeline, base)
+    pipe.set_progress_bar_config(disable=True)
+    prompts, negatives = [PROMPT, "a red apple"], ["blurry", "low quality"]
+    out = pipe(prompts, negative_prompt=negatives, image=image, strength=0.7,
+               num_inference_steps=9, num_images_per_prompt=2,
+               generator=torch.Generator("cpu").manual_seed(8), output_type="np")
+    got = ours(prompts, negatives, image=image, strength=0.7, steps=9,
+               scheduler="dpmpp_2m_karras", seed=8, batch_size=2)
+    assert got.images.shape == (4, 72, 96, 3)
+    compare(got.images, (out.images * 255).round().astype(np.uint8))
+    assert ours.request(PROMPT, image=image, height=64).width == 96  # diffusers' rule
+
+
+def test_inpainting_without_guidance_and_a_mask_of_another_size(demo_components, ours):
+    image, mask = picture(128, 96, seed=1), mask_picture(50, 37, speckle=True)
+    base = reference(demo_components, demo_bundle(), "lms", safety=False)
+    pipe = as_pipeline(diffusers.StableDiffusionInpaintPipeline, base)
+    pipe.set_progress_bar_config(disable=True)
+    ref = run(pipe, 6, image=image, mask_image=mask, strength=0.8, num_inference_steps=7,
+              guidance_scale=1.0, height=96, width=128)
+    got = ours(PROMPT, image=image, mask=mask, strength=0.8, steps=7, scheduler="lms",
+               guidance_scale=1.0, seed=6, height=96, width=128)
+    compare(got.images, ref)
+
+
 @pytest.mark.parametrize("scheduler,strength", [("pndm", 1.0), ("euler_a", 0.75),
                                                 ("dpmpp_2m", 0.5)])
 def test_inpainting_with_a_4_channel_unet_matches_diffusers(demo_components, ours, scheduler,
@@ -151,7 +185,7 @@ def test_an_inpainting_model_matches_diffusers(inpaint_model, backend, scheduler
     if backend == "openvino":
         pytest.importorskip("openvino")
     c, bundle = inpaint_model
-    image, mask = picture(96, 64, seed=2), mask_picture(96, 64)
+    image, mask = picture(96, 64, seed=2), mask_picture(96, 64, speckle=True)
     base = reference(c, bundle, scheduler, safety=False)
     pipe = as_pipeline(diffusers.StableDiffusionInpaintPipeline, base)
     pipe.set_progress_bar_config(disable=True)

@@ -129,6 +129,10 @@ def test_a_format_1_0_bundle_still_runs_text_to_image(tmp_path):
         assert np.array_equal(old(PROMPT, steps=3, seed=1).images, a)  # bit for bit
         long = old("word " * 100, steps=1, seed=1)  # one chunk: the rest is dropped, said
         assert long.request.text_tokens == 77 and long.dropped_tokens == [25]
+        # cut as diffusers truncates (the first 75 tokens), not at a comma as chunks are
+        text = "word " * 60 + ", " + "cat " * 30
+        ids, _ = old.tokenizer.encode([text])  # [1, 77]: diffusers' truncation
+        assert np.array_equal(old.request(text).text_ids[0, 0], ids[0])
         with pytest.raises(UsageError, match=r"no VAE encoder \(format 1.0\).*re-export"):
             old.request(PROMPT, image=np.zeros((64, 64, 3), np.uint8))
         with pytest.raises(UsageError, match="takes exactly 77 tokens"):

@@ -96,3 +96,22 @@ def test_the_loop_allocates_no_arrays(backend):
                 peaks = peaks_per_step(pipe, steps=6, scheduler=scheduler,
                                        guidance_scale=guidance, height=256, width=256)
                 assert max(peaks) < BOOKKEEPING_BYTES < latent, (scheduler, guidance, peaks)
+
+
+@pytest.mark.parametrize("mode", ["img2img", "inpaint"])
+def test_the_img2img_and_inpainting_loops_allocate_no_arrays(mode):
+    """The same for img2img and for inpainting with a 4-channel UNet, whose blend after
+    every step re-noises the image latents and mixes by the mask (a [B, 1, h, w] mask
+    operand made numpy allocate a broadcast temporary per step: the mask is 4-channel)."""
+    latent = 4 * 32 * 32 * 4
+    image = np.random.default_rng(0).integers(0, 255, (256, 256, 3), dtype=np.uint8)
+    mask = np.zeros((256, 256), np.uint8)
+    mask[64:192, 32:160] = 255
+    extra = {"image": image, "strength": 0.9}
+    if mode == "inpaint":
+        extra["mask"] = mask
+    with Pipeline("demo", "ort-cpu", safety=False) as pipe:
+        for scheduler in SCHEDULERS:
+            pipe("warm", steps=4, scheduler=scheduler, **extra)
+            peaks = peaks_per_step(pipe, steps=8, scheduler=scheduler, **extra)
+            assert len(peaks) >= 5 and max(peaks) < BOOKKEEPING_BYTES < latent, (scheduler, peaks)

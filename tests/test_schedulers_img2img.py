@@ -176,6 +176,11 @@ def test_start_index_matches_get_timesteps(name):
             assert ours.order == ref.order == 1
             for strength in (0.0, 0.05, 0.1, 0.3, 0.5, 0.75, 0.99, 1.0):
                 timesteps, n = _get_timesteps(ref, steps, strength)
+                if (not config.get("skip_prk_steps", True) and n >= 1
+                        and len(timesteps) < len(ref.timesteps)):  # PRK steps: refused
+                    with pytest.raises(ValueError, match="skip_prk_steps=False"):
+                        ours.start_index(strength)
+                    continue
                 start = ours.start_index(strength)
                 if n < 1:  # the pipelines raise here; PNDM would still have a call left
                     assert start == len(ours.timesteps), (name, steps, strength)

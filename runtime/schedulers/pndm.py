@@ -56,6 +56,13 @@ class PNDMSchedule(Schedule):
     warm_output_coeff: np.ndarray  # [calls] float32
     rk_stage: np.ndarray  # [calls] int: Runge-Kutta stage 0..3 of a PRK call, -1 for PLMS
 
+    def start_index(self, strength: float) -> int:
+        start = super().start_index(strength)
+        if 0 < start < len(self.timesteps) and self.rk_stage[0] >= 0:
+            raise ValueError("PNDM with skip_prk_steps=False can't start part-way; use "
+                             "strength 1 or another scheduler")
+        return start
+
     def _state(self, shape: tuple[int, ...], rng: Any, start: int) -> PNDMState:
         if start and self.rk_stage[0] >= 0:  # diffusers' step_prk reads its own timesteps
             # by counter whatever the start: a mix of two places in the schedule, not copied
