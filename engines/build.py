@@ -84,7 +84,7 @@ def choose_profiles(manifest: Manifest, static: bool, lo: str | None, opt: str |
     (one prompt chunk: longer prompts need a dynamic plan)."""
     default = (manifest.default_height, manifest.default_width)
     p = manifest.profile
-    if len(sizes) > 3 and sizes[3] is not None and manifest.max_text_tokens == MAX_TOKENS:
+    if len(sizes) > 3 and sizes[3] is not None and sizes[3] > MAX_TOKENS == manifest.max_text_tokens:
         raise UsageError(f"this bundle's UNet takes exactly {MAX_TOKENS} text tokens (format "
                          f"1.{manifest.format_minor}); re-export it for long prompts")
     if any(v is not None for v in sizes):

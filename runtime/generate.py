@@ -241,12 +241,12 @@ def main(argv: list[str] | None = None) -> int:
         say("interrupted")
         return 130
     r = result.request
-    limit = (f"{MAX_PROMPT_CHUNKS * 75} tokens" if pipe.manifest.max_text_tokens is None else
-             "75 tokens (this bundle predates long prompts: re-export it)")
+    limit = (f"{MAX_PROMPT_CHUNKS} chunks of 75 tokens" if pipe.manifest.max_text_tokens is None
+             else "75 tokens (this bundle predates long prompts: re-export it)")
     for what, dropped in (("prompt", result.dropped_tokens),
                           ("negative prompt", result.dropped_negative_tokens)):
-        if dropped and dropped[0]:
-            say(f"warning: the {what} is longer than {limit}; its last {dropped[0]} "
+        if dropped and dropped[0]:  # chunks: a chunk ends at 75 tokens, a comma or BREAK
+            say(f"warning: the {what} needs more than {limit}; its last {dropped[0]} "
                 f"tokens were dropped")
     chunks = r.text_tokens // 77
     mode = "" if r.image is None else f"{r.mode} at strength {r.strength:g}, "

@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, PngImagePlugin
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from runtime.args import first_line
 from runtime.bundle import MAX_SIDE, SAFETY_SIZE, VAE_FACTOR
@@ -80,18 +80,22 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         # as diffusers.utils.load_image: the camera's orientation applied, then RGB (a
         # mask too: the mask processor takes its grayscale after resizing)
         return ImageOps.exif_transpose(img).convert("RGB")
+    except UnidentifiedImageError:
+        raise ValueError(f"cannot read image {path}: not an image format PIL knows") from None
     except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
         raise ValueError(f"cannot read image {path}: {first_line(e)}") from None
 
 
 def as_pil(image: Image.Image | np.ndarray, what: str) -> Image.Image:
-    """A PIL image, or a [H, W, 3] / [H, W] uint8 array as one."""
+    """A PIL image, or a [H, W, 3] / [H, W] uint8 array (0..255; a mask white = 255) as one."""
     if isinstance(image, Image.Image):
         return image
     a = np.asarray(image)
     if a.dtype != np.uint8 or a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (1, 3)):
         raise ValueError(f"{what} must be a PIL image or a uint8 array [H, W, 3] or [H, W], "
                          f"got {a.dtype}{list(a.shape)}")
+    if what == "mask" and a.max() == 1:  # would binarize to "keep everything"
+        raise ValueError("the mask's values are 0 and 1; give 0 (keep) and 255 (repaint)")
     return Image.fromarray(a[..., 0] if a.ndim == 3 and a.shape[2] == 1 else a)
 
 
@@ -122,8 +126,7 @@ def image_input(image: Image.Image, height: int, width: int) -> np.ndarray:
 
 def mask_input(mask: Image.Image, height: int, width: int) -> np.ndarray:
     """The inpainting mask: [1, 1, H, W] float32, 1 where to paint (white), 0 where to keep:
-    the mask processor's resize, grayscale, /255, then binarize at 0.5."""
-    if mask.mode not in ("RGB", "L"):  # P, RGBA...: as load_image would give it
-        mask = mask.convert("RGB")
+    the mask processor's resize (in the mask's own mode, as diffusers), grayscale, /255,
+    then binarize at 0.5."""
     x = np.asarray(_resized(mask, height, width).convert("L")).astype(np.float32) / np.float32(255.0)
     return (x >= np.float32(0.5)).astype(np.float32)[None, None]

@@ -191,6 +191,7 @@ CHECK_EVERY = 8
 # never pays its load time or memory (OpenVINO compiles it: ~1 s for v1's encoder).
 LATE_GRAPHS = ("vae_encoder",)
 
+MAX_PROMPT_CHARS = 8192  # bounds the bracket parser's work (quadratic in nesting depth)
 MAX_GUIDANCE = 1000.0  # far past any useful value; beyond it float32 CFG arithmetic overflows
 
 
@@ -231,6 +232,9 @@ def check_text(text: str) -> None:
     except UnicodeEncodeError:
         raise UsageError("the prompt is not valid UTF-8 text (check the shell's encoding)"
                          ) from None
+    if len(text) > MAX_PROMPT_CHARS:  # 8 chunks of 75 tokens are ~3000 characters
+        raise UsageError(f"the prompt is {len(text)} characters long, more than "
+                         f"{MAX_PROMPT_CHARS}; shorten it")
     try:
         parse_weights(text)  # A1111's syntax: a malformed or absurd weight
     except ValueError as e:
@@ -286,7 +290,8 @@ def check_modes(manifest: Manifest, image: bool, mask: bool, latents: bool) -> N
 def check_strength(strength: float, steps: int) -> float:
     """img2img's strength in (0, 1], enough for one step: diffusers' get_timesteps runs
     int(steps * strength) steps. UsageError with one line."""
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+    if (isinstance(strength, bool) or not isinstance(strength, (int, float, np.floating))
+            or not 0 < strength <= 1):
         raise UsageError(f"strength must be a number in (0, 1], got {strength!r}")
     if int(steps * strength) < 1:
         raise UsageError(f"strength {strength:g} with {steps} steps leaves no denoising step "
@@ -411,6 +416,7 @@ class Pipeline:
             raise UsageError("this Pipeline is closed")
         check = integrity.BundleCheck(integrity_files(self.bundle, self.manifest, [name]),
                                       cache.verified_memo(self.bundle) if self.use_cache else None)
+        t = time.perf_counter()
         try:
             self.engine_set.add(name, self.manifest, self.bundle, self._loaded)
         except EngineError as e:
@@ -421,7 +427,10 @@ class Pipeline:
             self._checked(check)
         except BaseException:
             self.engines.pop(name).release()
+            self.load_report.graphs.pop(name, None)
             raise
+        self.load_report.seconds += time.perf_counter() - t  # what loading has cost in all
+        self.log(f"{name} bundle check: {check.describe()}")
 
     def _checked(self, check: integrity.BundleCheck) -> None:
         """Wait for the bundle check; BundleError when a file is damaged or unreadable."""
@@ -547,7 +556,10 @@ class Pipeline:
             req = self._with_images(req, pil, pil_mask, strength)
         elif strength is not None:
             raise UsageError("strength needs an init image (img2img or inpainting)")
-        self._check_profiles(req)
+        self._check_profiles(req)  # the graphs loaded; then the VAE encoder, on first use
+        if req.image is not None and "vae_encoder" not in self.engines:
+            self._load_late("vae_encoder")
+            self._check_profiles(req)
         return req
 
     def _check_embeds(self, what: str, x: np.ndarray, shape: tuple[int, ...] | None) -> np.ndarray:
@@ -575,7 +587,7 @@ class Pipeline:
         top = MAX_PROMPT_CHUNKS if self.manifest.max_text_tokens is None else 1
         try:
             empty = encode_prompt(self.tokenizer, "", 1)
-            encoded = [encode_prompt(self.tokenizer, t, top, backtrack=top > 1) for t in texts]
+            encoded = [encode_prompt(self.tokenizer, t, top, chunked=top > 1) for t in texts]
             ids, weights = pad_chunks(encoded + [PromptTokens(
                 np.repeat(empty.ids, pad_to or 1, 0), np.repeat(empty.weights, pad_to or 1, 0), 0)],
                 empty)
@@ -608,7 +620,6 @@ class Pipeline:
             raise UsageError(f"strength {strength:g} with {req.steps} steps leaves no denoising "
                              f"step; raise the strength or the steps")
         h, w = req.height, req.width
-        self._load_late("vae_encoder")
         return replace(req, image=image_input(image, h, w),
                        mask=None if mask is None else mask_input(mask, h, w),
                        strength=float(strength), start=start)
@@ -639,13 +650,14 @@ class Pipeline:
                 prof = self.manifest.profile
                 side = max(req.height, req.width, prof.height[2], prof.width[2])
                 small = min(req.height, req.width, prof.height[0], prof.width[0])
+                tokens = max(-(-req.text_tokens // MAX_TOKENS) * MAX_TOKENS, prof.tokens[2])
                 raise UsageError(
                     f"{self.backend}: {req.height}x{req.width}, {req.batch} image(s) per call, "
                     f"{req.text_tokens} text tokens: "
                     f"{why}; build plans that cover it with `python -m engines.build "
                     f"{shlex.quote(str(self.bundle))} --backend {self.backend} --min-size {small} --max-size "
-                    f"{side} --max-batch {max(req.batch, prof.batch[2])} --max-tokens "
-                    f"{max(-(-req.text_tokens // MAX_TOKENS) * MAX_TOKENS, prof.tokens[2])}`")
+                    f"{side} --max-batch {max(req.batch, prof.batch[2])}"
+                    f"{'' if self.manifest.max_text_tokens else f' --max-tokens {tokens}'}`")
 
     def _schedule(self, scheduler: str, steps: int) -> Schedule:
         """The scheduler's frozen tables, built before any work so bad settings fail early."""
@@ -680,7 +692,9 @@ class Pipeline:
 
     def run(self, req: Request, progress: Callable[[int, int], None] | None = None,
             keep_decoded: bool = False, on_step_end: StepHook | None = None) -> Result:
-        self._check_profiles(req)  # request() did; a Request may come from elsewhere (cached)
+        if req.image is not None:  # request() did; a Request may come from elsewhere
+            self._load_late("vae_encoder")
+        self._check_profiles(req)  # likewise
         timings: dict[str, float] = {}
         t_start = time.perf_counter()
 

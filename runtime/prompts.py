@@ -117,7 +117,8 @@ class PromptTokens:
     dropped: int  # prompt tokens in chunks past max_chunks, cut
 
 
-MAX_WEIGHT = 100.0  # |weight| past this only overflows float32 sums (A1111 users stay in 0..2)
+MAX_WEIGHT = 1e4  # |weight| far past any use (A1111 users stay in 0..2; 49 nested "(" is 107):
+# bigger ones only push the emphasis mean restore toward float32 overflow
 
 
 def parse_weights(text: str) -> list[tuple[str, float]]:
@@ -132,12 +133,12 @@ def parse_weights(text: str) -> list[tuple[str, float]]:
 
 
 def encode_prompt(tokenizer: ClipTokenizer, text: str, max_chunks: int,
-                  backtrack: bool = True) -> PromptTokens:
+                  chunked: bool = True) -> PromptTokens:
     """A1111's tokenize_line: each parsed run is tokenized on its own, then packed into
     chunks of 75. When a chunk is full and its last comma is at most 20 tokens back, the
-    tokens after that comma move to the next chunk (unless not `backtrack`: a model that
-    takes one chunk keeps the first 75 tokens, as diffusers truncates); BREAK starts a
-    new chunk."""
+    tokens after that comma move to the next chunk; BREAK starts a new chunk. Not
+    `chunked` (a model that takes one chunk): no comma backtrack, BREAK is a plain
+    separator, so the first 75 tokens are kept, as diffusers truncates."""
     if max_chunks < 1:
         raise ValueError(f"max_chunks must be at least 1, got {max_chunks}")
     parsed = parse_weights(text)
@@ -148,6 +149,8 @@ def encode_prompt(tokenizer: ClipTokenizer, text: str, max_chunks: int,
     last_comma = -1  # index of the last comma in chunks[-1]
     for enc, (run, weight) in zip(encodings, parsed, strict=True):
         if run == "BREAK" and weight == -1:
+            if not chunked:
+                continue
             chunks.append([])
             last_comma = -1
             continue
@@ -155,7 +158,7 @@ def encode_prompt(tokenizer: ClipTokenizer, text: str, max_chunks: int,
             chunk = chunks[-1]
             if token == comma:
                 last_comma = len(chunk)
-            elif (backtrack and len(chunk) == CHUNK and last_comma != -1
+            elif (chunked and len(chunk) == CHUNK and last_comma != -1
                   and CHUNK - last_comma <= COMMA_BACKTRACK):
                 chunks[-1:] = [chunk[:last_comma + 1], chunk[last_comma + 1:]]  # split after the comma
                 last_comma = -1

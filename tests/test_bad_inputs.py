@@ -208,6 +208,7 @@ CASES: dict[str, tuple[Callable[[Path, Path], list[str]], str]] = {
                                 "prompt syntax: prompt weight '1.2.3' is not a number"),
     "prompt-weight-huge": (lambda b, t: ["--prompt-override", "a (cat:" + "9" * 40 + ")"],
                            "prompt syntax: a prompt weight of 1e+40 is outside"),
+    "prompt-10k-chars": (lambda b, t: ["--prompt-override", "(a" * 5000], "more than 8192"),
     "negative-weight-inf": (flags("--negative-prompt", "(x:" + "9" * 400 + ")"), "prompt syntax"),
     # -- latents files -----------------------------------------------------------------
     "latents-missing": (lambda b, t: ["--latents", str(t / "none.npy")], "latents"),

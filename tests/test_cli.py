@@ -74,7 +74,7 @@ def test_long_prompt_runs_in_chunks(tmp_path):
 def test_prompt_past_the_chunk_limit_warns(tmp_path):
     out = generate("word " * 610, "--steps", "1", "--seed", "1", "--output-dir", str(tmp_path))
     assert out.returncode == 0, out.stderr
-    assert "longer than 600 tokens; its last 10 tokens were dropped" in out.stderr
+    assert "needs more than 8 chunks of 75 tokens; its last 10 tokens were dropped" in out.stderr
 
 
 def test_latents_file(tmp_path):
@@ -200,7 +200,8 @@ def test_negative_prompt_too_long_warns_and_png_mode(tmp_path):
     out = generate(PROMPT, "--steps", "1", "--seed", "1", "--negative-prompt", "word " * 615,
                    "--output-dir", str(tmp_path))
     assert out.returncode == 0, out.stderr
-    assert "the negative prompt is longer than 600 tokens; its last 15 tokens" in out.stderr
+    assert "the negative prompt needs more than 8 chunks of 75 tokens; its last 15 tokens" \
+        in out.stderr
     mode = (tmp_path / out.stdout.split()[0]).stat().st_mode & 0o777
     assert mode == 0o666 & ~umask()  # not mkstemp's 0600
 

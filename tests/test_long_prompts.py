@@ -133,10 +133,30 @@ def test_a_format_1_0_bundle_still_runs_text_to_image(tmp_path):
         text = "word " * 60 + ", " + "cat " * 30
         ids, _ = old.tokenizer.encode([text])  # [1, 77]: diffusers' truncation
         assert np.array_equal(old.request(text).text_ids[0, 0], ids[0])
+        assert old.request("a red apple BREAK on a table").dropped == (0, 0)  # a separator here
+    # engines.build on it: --max-tokens 77 is what it is; more needs a re-export
+    from engines.build import UsageError as BuildError
+    from engines.build import choose_profiles
+
+    m = old.manifest
+    assert choose_profiles(m, False, None, None, None, (None, None, None, 77))[0].tokens[2] == 77
+    with pytest.raises(BuildError, match="re-export it for long prompts"):
+        choose_profiles(m, False, None, None, None, (None, None, None, 154))
         with pytest.raises(UsageError, match=r"no VAE encoder \(format 1.0\).*re-export"):
             old.request(PROMPT, image=np.zeros((64, 64, 3), np.uint8))
         with pytest.raises(UsageError, match="takes exactly 77 tokens"):
             old.request(prompt_embeds=np.zeros((1, 154, old.manifest.hidden), np.float32))
+
+
+def test_a_request_made_by_another_pipeline_runs(tmp_path):
+    """run() loads the VAE encoder itself for an img2img Request from elsewhere."""
+    image = np.full((64, 64, 3), 90, np.uint8)
+    with Pipeline(demo_bundle(), "ort-cpu") as a, Pipeline(demo_bundle(), "ort-cpu") as b:
+        req = a.request(PROMPT, image=image, strength=0.5, steps=4, seed=2)
+        assert "vae_encoder" not in b.engines
+        assert np.array_equal(b.run(req).images, a.run(req).images)
+        with pytest.raises(UsageError, match="values are 0 and 1"):
+            a.request(PROMPT, image=image, mask=np.ones((64, 64), np.uint8))
 
 
 def test_the_vae_encoder_loads_on_first_use_and_is_checked(tmp_path, monkeypatch):
@@ -160,5 +180,5 @@ def test_the_vae_encoder_loads_on_first_use_and_is_checked(tmp_path, monkeypatch
     with Pipeline(bundle, "ort-cpu") as pipe:
         with pytest.raises(BundleError, match="vae_encoder.onnx does not match its hash"):
             pipe(PROMPT, image=image, steps=4, seed=1)
-        assert "vae_encoder" not in pipe.engines
+        assert "vae_encoder" not in pipe.engines and "vae_encoder" not in pipe.load_report.graphs
         assert pipe(PROMPT, steps=2, seed=1).images.shape == (1, 256, 256, 3)

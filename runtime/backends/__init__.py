@@ -114,7 +114,11 @@ class EngineSet:
 
         engine = self._open(name, manifest, Path(bundle), self.use_cache)
         t = time.perf_counter()
-        engine.load()
+        try:
+            engine.load()
+        except BaseException:
+            engine.release()  # whatever it got before failing
+            raise
         self.engines[name] = engine
         if on_load:
             on_load(name, engine, time.perf_counter() - t)
