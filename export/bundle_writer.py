@@ -22,6 +22,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import onnx
+import torch
 from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
 from export.checks import check_opset, check_out, export_profile
@@ -31,6 +32,7 @@ from export.configs import CONFIGS
 from export.errors import ExportError
 from export.graphs import GraphJob, check_io, export_onnx, graph_jobs, max_abs_error, ort_session, timed
 from export.tokenizer_files import copy_tokenizer
+from export.weight_map import weight_map
 from runtime.bundle import (
     INPAINT_CHANNELS,
     LATENT_CHANNELS,
@@ -40,6 +42,7 @@ from runtime.bundle import (
     GraphSpec,
     Manifest,
     Profile,
+    WeightRef,
 )
 from runtime.integrity import file_hashes
 
@@ -57,7 +60,8 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def _write_graph(job: GraphJob, folder: Path, opset: int, threshold: int) -> GraphEntry:
+def _write_graph(job: GraphJob, folder: Path, opset: int, threshold: int,
+                 lora_module: torch.nn.Module | None = None) -> GraphEntry:
     """Export one graph into `folder`; external data (one .onnx.data file) above `threshold` bytes."""
     spec = job.spec
     scratch = folder / f".{spec.name}.export"
@@ -76,7 +80,11 @@ def _write_graph(job: GraphJob, folder: Path, opset: int, threshold: int) -> Gra
     err = max_abs_error(ort_session(folder / spec.file), job)
     sha, fast = file_hashes(folder / spec.file)
     ext_sha, ext_fast = file_hashes(folder / external) if external else (None, None)
-    return GraphEntry(spec, sha, external, ext_sha, err, fast, ext_fast)
+    weights = None
+    if lora_module is not None:  # where each weight went: LoRA at run time (weight_map.py)
+        weights = {k: WeightRef(w[0], w[1], w[2], w[3], tuple(w[4]))
+                   for k, w in weight_map(folder / spec.file, lora_module).items()}
+    return GraphEntry(spec, sha, external, ext_sha, err, fast, ext_fast, weights)
 
 
 def _gather_external_data(src: Path, dest: Path, data_name: str, spec: GraphSpec,
@@ -132,7 +140,7 @@ def export_bundle(components: Components, out_dir: str | os.PathLike, *, opset: 
                   external_data_threshold: int = TWO_GB, safety: bool = True, force: bool = False,
                   profile: Profile | None = None, min_size: int | None = None,
                   max_size: int | None = None, max_batch: int | None = None,
-                  log: Callable[[str], None] = print) -> Path:
+                  log: Callable[[str], None] = print, source_extra: dict | None = None) -> Path:
     """Export `components` to the bundle folder `out_dir` and return its path.
 
     opset                    ONNX opset (>= 17).
@@ -145,6 +153,7 @@ def export_bundle(components: Components, out_dir: str | os.PathLike, *, opset: 
                              max_size, max_batch over the model config's profile (demo,
                              sd14-random) or Profile(): the default size always inside.
     log                      called with one progress line per graph (with its time).
+    source_extra             more facts for the manifest's `source` (e.g. merged LoRAs).
 
     Raises ExportError for a bad `out_dir`; anything else is a bug or a bad model.
     """
@@ -171,8 +180,10 @@ def export_bundle(components: Components, out_dir: str | os.PathLike, *, opset: 
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
         try:
             graphs = {}
+            lora_modules = {"text_encoder": components.text_encoder, "unet": components.unet}
             for job in graph_jobs(components, safety):
-                entry, seconds = timed(lambda job=job: _write_graph(job, tmp, opset, external_data_threshold))
+                entry, seconds = timed(lambda job=job: _write_graph(
+                    job, tmp, opset, external_data_threshold, lora_modules.get(job.spec.name)))
                 graphs[job.spec.name] = entry
                 ext = f" + {entry.external_data}" if entry.external_data else ""
                 log(f"{job.spec.name}: {entry.file}{ext} in {seconds:.1f} s, "
@@ -181,7 +192,8 @@ def export_bundle(components: Components, out_dir: str | os.PathLike, *, opset: 
             (tmp / SCHEDULER_CONFIG).write_text(scheduler_config_json(components.scheduler))
             size = components.default_size
             Manifest(
-                source={"model": components.model_id, "hash": weights_sha256(components)},
+                source={"model": components.model_id, "hash": weights_sha256(components),
+                        **(source_extra or {})},
                 hidden=components.hidden, graphs=graphs, profile=profile,
                 default_height=size, default_width=size, opset=opset, packages=package_versions(),
                 vae_scaling_factor=float(components.vae.config.scaling_factor),

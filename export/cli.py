@@ -9,6 +9,7 @@ import warnings
 
 from export.checks import check_opset, check_out, check_profile_flags, check_seed, model_kind
 from export.errors import ExportError
+from export.lora_args import parse_lora
 from runtime.args import OneLineParser
 
 
@@ -33,6 +34,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-size", type=int, help="largest image side, in pixels (default 1024, "
                    "demo 512)")
     p.add_argument("--max-batch", type=int, help="most images per call (default 4)")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="bake a LoRA (.safetensors, kohya/A1111 or diffusers/PEFT) into the "
+                        "weights at SCALE (default 1); repeatable, applied in order")
     return p
 
 
@@ -59,9 +63,14 @@ def main(argv: list[str] | None = None) -> int:
                 and args.variant:
             raise ExportError(f"--variant picks which weights a hub export downloads; "
                               f"{args.model} is not a hub id")
+        loras = [parse_lora(text) for text in args.lora]
+        for path, _ in loras:
+            if not path.is_file():
+                raise ExportError(f"--lora {path}: no such file")
         t0 = time.perf_counter()
         quiet_libraries()
         from export.bundle_writer import export_bundle
+        from export.lora_merge import merge_loras
         from export.sources import load_components
 
         with warnings.catch_warnings():
@@ -70,10 +79,14 @@ def main(argv: list[str] | None = None) -> int:
                                          safety=not args.no_safety_checker, seed=args.seed,
                                          variant=args.variant)
             log(f"loaded {args.model} in {time.perf_counter() - t0:.1f} s")
+            merged = merge_loras(components, loras)
+            for m in merged:
+                log(f"merged LoRA {m['file']} at scale {m['scale']:g} ({m['layers']} layers)")
             out = export_bundle(components, args.out, opset=args.opset, force=args.force,
                                 min_size=args.min_size, max_size=args.max_size,
                                 max_batch=args.max_batch,
-                                safety=not args.no_safety_checker, log=log)
+                                safety=not args.no_safety_checker, log=log,
+                                source_extra={"loras": merged} if merged else None)
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -281,6 +281,20 @@ def fit_profile(default: int, min_size: int | None = None, max_size: int | None 
 
 
 @dataclass(frozen=True)
+class WeightRef:
+    """Where a torch parameter's weight is in a graph (export/weight_map.py): for LoRA."""
+
+    initializer: str  # its ONNX initializer's name
+    transposed: bool  # stored as the parameter transposed (a MatMul's [in, out])
+    file: str  # the graph file or its external data file (a name in the bundle)
+    offset: int  # byte offset of its float32 little-endian data in `file`
+    shape: tuple[int, ...]  # the initializer's shape
+
+    def to_json(self) -> list:
+        return [self.initializer, self.transposed, self.file, self.offset, list(self.shape)]
+
+
+@dataclass(frozen=True)
 class GraphEntry:
     """One graph as the manifest records it."""
 
@@ -291,6 +305,7 @@ class GraphEntry:
     max_abs_error: float | None = None  # ONNX Runtime vs torch right after export
     xxh3: str | None = None  # xxh3-128 of the .onnx (runtime.integrity), checked at every load
     external_xxh3: str | None = None
+    weights: dict[str, WeightRef] | None = None  # text encoder, UNet: parameter -> where
 
     @property
     def file(self) -> str:
@@ -350,6 +365,8 @@ class Manifest:
                     "inputs": [t.to_json() for t in e.spec.inputs],
                     "outputs": [t.to_json() for t in e.spec.outputs],
                     "shapes": self.profile.shapes(e.spec),
+                    **({"weights": {k: w.to_json() for k, w in e.weights.items()}}
+                       if e.weights else {}),
                 }
                 for name, e in self.graphs.items()
             },
@@ -435,6 +452,7 @@ def _graph_entry(path: Path, name: str, g: object, hidden: int) -> GraphEntry:
         raise _fail(path, f"{name}.external_data must be a file name, got {_short(external)}")
     if external is not None and g.get("external_sha256") is None:  # else never hashed
         raise _fail(path, f"{name}.external_data has no external_sha256")
+    weights = _weights(path, name, g.get("weights"), {f"{name}.onnx", external})
     err = g.get("max_abs_error")
     if err is not None and (isinstance(err, bool) or not isinstance(err, (int, float))
                             or not 0 <= err < math.inf):
@@ -443,7 +461,28 @@ def _graph_entry(path: Path, name: str, g: object, hidden: int) -> GraphEntry:
                       external, _hex(path, f"{name}.external_sha256", g.get("external_sha256"), 64),
                       None if err is None else float(err),
                       _hex(path, f"{name}.xxh3", g.get("xxh3"), 32),
-                      _hex(path, f"{name}.external_xxh3", g.get("external_xxh3"), 32))
+                      _hex(path, f"{name}.external_xxh3", g.get("external_xxh3"), 32), weights)
+
+
+def _weights(path: Path, name: str, d: object, files: set) -> dict[str, WeightRef] | None:
+    """The LoRA name map of one graph: each entry [initializer, transposed, file, offset,
+    shape], its file one of the graph's own."""
+    if d is None:
+        return None
+    if not isinstance(d, dict):
+        raise _fail(path, f"{name}.weights must be an object")
+    out = {}
+    for param, w in d.items():
+        ok = (isinstance(w, list) and len(w) == 5 and isinstance(w[0], str)
+              and isinstance(w[1], bool) and w[2] in files and not isinstance(w[3], bool)
+              and isinstance(w[3], int) and 0 <= w[3] < 1 << 50 and isinstance(w[4], list)
+              and 1 <= len(w[4]) <= 4 and all(not isinstance(v, bool) and isinstance(v, int)
+                                               and 1 <= v <= MAX_DIM for v in w[4]))
+        if not ok:
+            raise _fail(path, f"{name}.weights[{_short(param)}] must be [initializer, "
+                              f"transposed, one of the graph's files, offset, shape], got {_short(w)}")
+        out[str(param)] = WeightRef(w[0], w[1], w[2], w[3], tuple(w[4]))
+    return out
 
 
 def _profile(path: Path, d: object) -> Profile:
