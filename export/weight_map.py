@@ -66,16 +66,19 @@ def weight_map(graph: Path, module: torch.nn.Module) -> dict[str, list]:
         if a.nbytes >= MIN_BYTES:
             by_digest.setdefault(_digest(a), []).append(t)
     params = {n: p.detach().float().numpy() for n, p in module.named_parameters() if p.dim() >= 2}
+    digests = {n: _digest(a) for n, a in params.items()}  # each hashed once (GBs for a UNet)
     seen: dict[str, int] = {}
-    for a in params.values():
-        seen[_digest(a)] = seen.get(_digest(a), 0) + 1
+    for d in digests.values():
+        seen[d] = seen.get(d, 0) + 1
     out: dict[str, list] = {}
     inline = _inline_offsets(graph, model)
     for name, a in params.items():
-        if seen[_digest(a)] > 1:
+        if seen[digests[name]] > 1:
             continue  # two parameters with the same bytes: which is which is unknown
-        for transposed, value in ((False, a), (True, a.T if a.ndim == 2 else None)):
-            hits = by_digest.get(_digest(value), []) if value is not None else []
+        for transposed in (False, True):
+            if transposed and a.ndim != 2:
+                break
+            hits = by_digest.get(_digest(a.T) if transposed else digests[name], [])
             if len(hits) != 1:
                 continue
             t = hits[0]

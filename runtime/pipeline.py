@@ -588,6 +588,7 @@ class Pipeline:
         try:
             empty = encode_prompt(self.tokenizer, "", 1)
             encoded = [encode_prompt(self.tokenizer, t, top, chunked=top > 1) for t in texts]
+            # one more row of `pad_to` empty chunks sets the least chunk count; cut below
             ids, weights = pad_chunks(encoded + [PromptTokens(
                 np.repeat(empty.ids, pad_to or 1, 0), np.repeat(empty.weights, pad_to or 1, 0), 0)],
                 empty)
