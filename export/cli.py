@@ -9,8 +9,8 @@ import warnings
 
 from export.checks import check_opset, check_out, check_profile_flags, check_seed, model_kind
 from export.errors import ExportError
-from export.lora_args import parse_lora
 from runtime.args import OneLineParser
+from runtime.lora import LoraError, parse_lora_arg
 
 
 def parser() -> argparse.ArgumentParser:
@@ -63,7 +63,10 @@ def main(argv: list[str] | None = None) -> int:
                 and args.variant:
             raise ExportError(f"--variant picks which weights a hub export downloads; "
                               f"{args.model} is not a hub id")
-        loras = [parse_lora(text) for text in args.lora]
+        try:
+            loras = [parse_lora_arg(text) for text in args.lora]
+        except LoraError as e:
+            raise ExportError(str(e)) from None
         for path, _ in loras:
             if not path.is_file():
                 raise ExportError(f"--lora {path}: no such file")

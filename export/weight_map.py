@@ -24,7 +24,9 @@ import torch
 from onnx import numpy_helper
 from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
-MIN_BYTES = 64  # smaller tensors are not LoRA targets (and may repeat by chance)
+# smaller tensors are not LoRA targets (and may repeat by chance); the runtime's LoRA-ready
+# graph stores tensors from this size on externally (shape constants, smaller, stay inline)
+MIN_BYTES = 128
 
 
 def _digest(a: np.ndarray) -> str:

@@ -399,6 +399,13 @@ def ort_cpu_key(entry: GraphEntry, ort_version: str | None = None,
                     cpu.isa(), "fp32-fused" if fused else "fp32", ANY)
 
 
+def ort_cpu_lora_key(entry: GraphEntry, ort_version: str | None = None) -> CacheKey:
+    """Key of the optimized fp32 graph that takes LoRA weights (OrtEngine `weights`):
+    ORT's optimizer without its NCHWc conv layout (which renames conv weights) and with
+    every initializer external, so each mapped weight can be overridden by name."""
+    return replace(ort_cpu_key(entry, ort_version), precision="fp32-lora")
+
+
 def ort_cpu_fused_key(entry: GraphEntry, ort_version: str | None = None) -> CacheKey:
     """Key of the fp32 graph with onnxruntime's CPU fusions (engines.build --backend
     ort-cpu, which checks the bundle's hashes before building): a graph rewrite, device

@@ -33,6 +33,7 @@ from runtime.bundle import (
 from runtime.engine import EngineError
 from runtime.files import read_small, why_not_creatable, write_all_new
 from runtime.images import load_image, png_bytes
+from runtime.lora import LoraError, parse_lora_arg
 from runtime.metadata import A1111_SAMPLERS, parameters_text
 from runtime.pipeline import (
     Pipeline,
@@ -77,6 +78,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "half the steps (default 0.8; inpainting 1.0)")
     p.add_argument("--mask", type=Path, default=None,
                    help="inpainting: white repaints, black keeps (needs --init-image)")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="apply a LoRA (.safetensors, kohya/A1111 or diffusers/PEFT) at SCALE "
+                        "(default 1); repeatable. Runs on ort-cpu (auto picks it)")
     p.add_argument("--output-dir", type=Path, default=Path("outputs"))
     p.add_argument("--no-safety", action="store_true", help="skip the safety checker")
     return p.parse_args(argv)
@@ -127,6 +131,18 @@ def read_images(args: argparse.Namespace) -> tuple[Image | None, Image | None]:
         raise UsageError(str(e)) from None
 
 
+def read_lora_args(args: argparse.Namespace) -> list[tuple[Path, float]]:
+    """--lora FILE[:SCALE] each: a scale in range, a file that exists (UsageError)."""
+    try:
+        loras = [parse_lora_arg(text) for text in args.lora]
+    except LoraError as e:
+        raise UsageError(str(e)) from None
+    for path, _ in loras:
+        if not path.is_file():
+            raise UsageError(f"--lora {path}: no such file")
+    return loras
+
+
 def slug(text: str, n: int = 40) -> str:
     s = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:n].strip("-")
     return s or "image"
@@ -152,6 +168,8 @@ def metadata(result: Result, args: argparse.Namespace, backend: str, precision: 
                      "strength": f"{r.strength:g}"})
         if args.mask is not None:
             meta["mask"] = str(args.mask)
+    if args.lora:
+        meta["loras"] = ", ".join(args.lora)
     meta["parameters"] = parameters_text(prompt, negative, {
         "Steps": r.steps, "Sampler": A1111_SAMPLERS[r.scheduler],
         "CFG scale": f"{r.guidance_scale:g}", "Seed": r.seed, "Size": f"{r.width}x{r.height}",
@@ -201,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         check_output_dir(args.output_dir)
         latents = None
         image, mask = read_images(args)  # before loading: a bad file costs no model load
+        loras = read_lora_args(args)
         manifest = read_manifest(resolve_model(args.model))  # checks before any engine loads
         check_modes(manifest, image is not None, mask is not None, args.latents is not None)
         if image is not None:
@@ -212,8 +231,15 @@ def main(argv: list[str] | None = None) -> int:
             latents = check_latents(load_latents(args.latents),
                                     (args.batch_size, LATENT_CHANNELS, h // VAE_FACTOR,
                                      w // VAE_FACTOR))
-        with Pipeline(args.model, args.backend, safety=not args.no_safety,
+        backend = args.backend
+        if loras and backend == "auto":
+            backend = "ort-cpu"
+            say("backend: ort-cpu (run-time LoRAs run there; bake them into a bundle with "
+                "`python -m export --lora` for other backends)")
+        with Pipeline(args.model, backend, safety=not args.no_safety,
                       precision=args.precision, log=say) as pipe:
+            if loras:
+                pipe.set_loras(loras)
             req = pipe.request(args.prompt, args.negative_prompt, steps=args.steps,
                                scheduler=args.scheduler, guidance_scale=args.guidance_scale,
                                height=args.height, width=args.width, batch_size=args.batch_size,

@@ -77,6 +77,23 @@ SDXL_NAMES = ("input_blocks", "middle_block", "output_blocks", "lora_te2_", "tex
               "add_embedding", "label_emb")
 
 
+def parse_lora_arg(text: str) -> tuple[Path, float]:
+    """`--lora FILE[:SCALE]` (export and runtime.generate): scale 1.0 by default; a path
+    may itself hold colons. LoraError for a scale outside [-100, 100] (NaN too)."""
+    path, _, scale = text.rpartition(":")
+    value = 1.0
+    if path:
+        try:
+            value = float(scale)
+        except ValueError:
+            path = text  # the colon was part of the path
+    else:
+        path = text
+    if not -100 <= value <= 100:
+        raise LoraError(f"--lora {text}: the scale must be a number in [-100, 100]")
+    return Path(path), value
+
+
 def read_lora(path: str | Path, params: Mapping[str, Mapping[str, tuple[int, ...]]]) -> LoraFile:
     """The LoRA file at `path`, mapped onto `params`: component ("unet", "text_encoder") ->
     {parameter name: shape} of the model. Raises LoraError (one line) for a pickle or

@@ -358,6 +358,8 @@ class Pipeline:
         names = [n for n in GRAPH_ORDER if n in self.manifest.graphs
                  and (safety or n != "safety_checker") and n not in LATE_GRAPHS]
         self.use_cache = use_cache
+        self.loras: list[tuple[Path, float]] = []  # set_loras(): (file, scale), in order
+        self._lora_graphs: dict[str, dict] = {}  # graph -> the weights it runs instead
 
         # check the bundle's graph files on a thread beside the engine loads (those changed
         # since they last matched are hashed: xxh3, 0.4 s for a full-size UNet); its verdict
@@ -460,6 +462,38 @@ class Pipeline:
             raise EngineError(f"{e}: a damaged engine cache entry; rebuild it with `python -m "
                               f"engines.build {self.bundle} --backend {backend} --force`"
                               ) from None
+
+    def set_loras(self, loras: Sequence[tuple[str | Path, float]]) -> None:
+        """Run with these LoRAs, (file, scale) each, applied in order to the bundle's own
+        weights: each call replaces the last set, so A -> B -> A is A exactly and [] is the
+        bundle again. ort-cpu with the engine cache for now (other backends: bake them in
+        with `python -m export --lora`). UsageError for a file this model cannot use."""
+        from runtime.lora import LoraError
+        from runtime.lora_apply import LORA_GRAPHS, lora_weights, read_loras
+
+        if not self.engines:
+            raise UsageError("this Pipeline is closed")
+        if self.backend != "ort-cpu" or not self.use_cache:
+            raise UsageError(f"run-time LoRAs run on --backend ort-cpu with the engine cache "
+                             f"(this is {self.backend}); or bake them in with `python -m "
+                             f"export --lora FILE:SCALE`")
+        try:
+            read = read_loras(self.manifest, loras)
+        except LoraError as e:
+            raise UsageError(str(e)) from None
+        t = time.perf_counter()
+        weights = lora_weights(self.bundle, self.manifest, read)
+        for graph in LORA_GRAPHS.values():
+            new, old = weights.get(graph), self._lora_graphs.get(graph)
+            if new is None and old is None:
+                continue  # untouched before and now: the engine stays
+            self.engine_set.replace_weights(graph, self.manifest, self.bundle, new, self._loaded)
+            self._lora_graphs[graph] = new
+            if new is None:
+                del self._lora_graphs[graph]
+        self.loras = [(Path(p), float(s)) for p, s in loras]
+        self.log(f"LoRAs: {', '.join(f'{p.name}:{s:g}' for p, s in self.loras) or 'none'} "
+                 f"({time.perf_counter() - t:.2f} s)")
 
     @property
     def engines(self) -> dict[str, Engine]:

@@ -160,6 +160,41 @@ class EngineSet:
                                  "engines.build --backend ort-cpu --force")
         return engine
 
+    def replace_weights(self, name: str, manifest: Manifest, bundle: Path,
+                        weights: dict | None,
+                        on_load: Callable[[str, Engine, float], None] | None = None) -> Engine:
+        """Graph `name` again, running `weights` (initializer -> array: LoRA) instead of
+        the graph's own, or its own again with None. ort-cpu only: a session from the
+        cached LoRA-ready graph (cache.ort_cpu_lora_key). The old engine goes first, so
+        two copies of a UNet's weights are never held at once."""
+        if self.backend != "ort-cpu" or not self.use_cache:
+            raise ValueError("run-time LoRA weights need the ort-cpu backend with the "
+                             "engine cache on")
+        old = self.engines.pop(name, None)
+        if old is not None:
+            old.release()
+        if weights is None:
+            return self.add(name, manifest, bundle, on_load)
+        import time
+
+        from runtime import cache
+        from runtime.backends.ort import OrtEngine
+
+        entry = manifest.graphs[name]
+        engine = OrtEngine(entry.spec, Path(bundle) / entry.file, "ort-cpu",
+                           cache_key=cache.ort_cpu_lora_key(entry), weights=weights,
+                           check_source=self._check_source(Path(bundle), manifest, name))
+        t = time.perf_counter()
+        try:
+            engine.load()
+        except BaseException:
+            engine.release()
+            raise
+        self.engines[name] = engine
+        if on_load:
+            on_load(name, engine, time.perf_counter() - t)
+        return engine
+
     @staticmethod
     def _check_source(bundle: Path, manifest: Manifest, name: str) -> Callable[[], None]:
         """What an engine calls before it builds a cached artifact from the bundle's

@@ -27,7 +27,20 @@ from runtime.engine import Engine
 PROVIDERS = {"ort-cpu": "CPUExecutionProvider", "ort-cuda": "CUDAExecutionProvider"}
 
 
-def session_options(optimized_out: Path | None = None, optimize: bool = True) -> ort.SessionOptions:
+# ORT's NCHWc layout pass rewrites conv weights into blocked `reorder_token_N`
+# initializers; a graph that takes LoRA weights by name is optimized without it.
+LORA_DISABLED_OPTIMIZERS = ["NchwcTransformer"]
+# ORT overrides only external initializers: a LoRA-ready graph keeps every tensor of this
+# size on out of the graph (export/weight_map.py maps weights from this size; shape
+# constants, smaller, must stay inline for ORT's shape inference)
+LORA_MIN_BYTES = 128
+
+
+def session_options(optimized_out: Path | None = None, optimize: bool = True,
+                    all_external: bool = False,
+                    weights: dict[str, np.ndarray] | None = None) -> ort.SessionOptions:
+    """`all_external`: save every initializer of the optimized graph externally (ORT
+    overrides only external ones); `weights`: initializers to use instead of the file's."""
     so = ort.SessionOptions()
     so.log_severity_level = 3  # errors only: ORT's warnings are not the user's business
     if not optimize:
@@ -39,7 +52,11 @@ def session_options(optimized_out: Path | None = None, optimize: bool = True) ->
             "session.optimized_model_external_initializers_file_name",
             optimized_out.name + ".data")
         so.add_session_config_entry(
-            "session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+            "session.optimized_model_external_initializers_min_size_in_bytes",
+            str(LORA_MIN_BYTES) if all_external else "1024")
+    if weights:  # ORT copies them at session start: the caller's arrays may go after
+        so.add_external_initializers(list(weights),
+                                     [ort.OrtValue.ortvalue_from_numpy(a) for a in weights.values()])
     return so
 
 
@@ -59,12 +76,16 @@ class OrtEngine(Engine):
     def __init__(self, spec: GraphSpec, path: Path, backend: str = "ort-cpu",
                  cache_key: cache.CacheKey | None = None,
                  cuda_graph: bool = False, max_graphs: int = MAX_GRAPHS,
-                 source: Path | None = None, check_source: Callable[[], None] | None = None):
+                 source: Path | None = None, check_source: Callable[[], None] | None = None,
+                 weights: dict[str, np.ndarray] | None = None):
         """`source` (ort-cpu): the graph to optimize and run instead of the bundle's
         `path`, e.g. engines.build's graph with onnxruntime's CPU fusions.
         `check_source`: called before the optimized graph is built from the bundle's
-        graph (its hash check; raises when the file is damaged)."""
+        graph (its hash check; raises when the file is damaged).
+        `weights` (ort-cpu, with cache_key = cache.ort_cpu_lora_key): initializer name ->
+        float32 array, run instead of the graph's own (LoRA: runtime/lora.py)."""
         super().__init__(spec, path)
+        self.weights = weights
         self.check_source = check_source
         self.source = Path(source) if source is not None else self.path
         if backend not in PROVIDERS:
@@ -92,8 +113,10 @@ class OrtEngine(Engine):
         out = folder / self.path.name
         if self.check_source is not None and self.source == self.path:
             self.check_source()  # the artifact's key trusts the manifest's hashes
-        ort.InferenceSession(str(self.source), session_options(optimized_out=out),
-                             providers=[PROVIDERS[self.backend]])
+        lora = self.weights is not None
+        ort.InferenceSession(str(self.source), session_options(optimized_out=out, all_external=lora),
+                             providers=[PROVIDERS[self.backend]],
+                             disabled_optimizers=LORA_DISABLED_OPTIMIZERS if lora else None)
         return out
 
     def _cached_graph(self, rebuild: bool = False) -> Path | None:
@@ -118,7 +141,7 @@ class OrtEngine(Engine):
         # ort-cpu's cached graph is already optimized for this CPU; ort-cuda's fp16
         # graph still gets ORT's own (fast) session-time optimizations.
         optimize = not (optimized and self.backend == "ort-cpu")
-        options = session_options(optimize=optimize)
+        options = session_options(optimize=optimize, weights=self.weights)
         if not self.on_device:
             return ort.InferenceSession(str(path), options, providers=[PROVIDERS[self.backend]])
         if self.cuda_graph:

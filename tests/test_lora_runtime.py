@@ -1,0 +1,86 @@
+"""Run-time LoRAs (Pipeline.set_loras) on ort-cpu, against diffusers' load_lora_weights +
+fuse_lora on the same base weights: within 2/255; swapping A -> B -> A gives A's image
+bit for bit, and [] gives the bundle's own."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+
+from runtime.bundle import demo_bundle  # noqa: E402
+from runtime.pipeline import Pipeline, UsageError  # noqa: E402
+from tests.test_lora import adapters, files  # noqa: E402, F401  (fixtures)
+from tests.test_lora_export import diffusers_images  # noqa: E402
+from tests.test_pipeline_parity import PROMPT, compare  # noqa: E402
+
+
+def images(pipe):
+    return pipe(PROMPT, steps=5, scheduler="euler", seed=4, guidance_scale=7.5).images
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+    with Pipeline(demo_bundle(), "ort-cpu", safety=False) as p:
+        yield p
+
+
+def test_runtime_loras_match_diffusers_and_swap_exactly(pipe, files):  # noqa: F811
+    base = images(pipe)
+    a, b = [(files["peft_meta"], 0.7)], [(files["peft"], 0.5), (files["kohya"], -0.4)]
+    pipe.set_loras(a)
+    img_a = images(pipe)
+    compare(img_a, diffusers_images(a))
+    assert np.abs(img_a.astype(int) - base).max() > 10  # the LoRA does something
+    pipe.set_loras(b)  # two stacked, one at a negative scale
+    compare(images(pipe), diffusers_images(b))
+    pipe.set_loras(a)
+    assert np.array_equal(images(pipe), img_a)  # A -> B -> A: A's image, bit for bit
+    pipe.set_loras([])
+    assert np.array_equal(images(pipe), base) and pipe.loras == []
+
+
+def test_a_lora_only_for_the_unet_leaves_the_text_encoder_alone(pipe, files, tmp_path):  # noqa: F811
+    from safetensors.numpy import load_file, save_file
+
+    unet_only = {k: v for k, v in load_file(str(files["kohya"])).items() if k.startswith("lora_unet_")}
+    save_file(unet_only, str(tmp_path / "unet_only.safetensors"))
+    text_encoder = pipe.engines["text_encoder"]
+    pipe.set_loras([(tmp_path / "unet_only.safetensors", 1.0)])
+    assert pipe.engines["text_encoder"] is text_encoder  # not reloaded
+    pipe.set_loras([])
+
+
+def test_bad_loras_and_backends_are_one_line(pipe, tmp_path):
+    from safetensors.numpy import save_file
+
+    sdxl = tmp_path / "sdxl.safetensors"
+    save_file({"lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight":
+               np.zeros((4, 8), np.float32)}, str(sdxl))
+    with pytest.raises(UsageError, match="another architecture"):
+        pipe.set_loras([(sdxl, 1.0)])
+    with pytest.raises(UsageError, match="pickles"):
+        pipe.set_loras([(tmp_path / "x.ckpt", 1.0)])
+    pytest.importorskip("openvino")
+    with Pipeline(demo_bundle(), "openvino", safety=False) as ov:
+        with pytest.raises(UsageError, match="ort-cpu"):
+            ov.set_loras([(sdxl, 1.0)])
+
+
+def test_the_cli_runs_a_lora_on_ort_cpu(files, tmp_path):  # noqa: F811
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    out = subprocess.run([sys.executable, "-m", "runtime.generate", PROMPT, "--steps", "3",
+                          "--seed", "2", "--lora", f"{files['kohya']}:0.8", "--output-dir",
+                          str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "backend: ort-cpu (run-time LoRAs run there" in out.stderr
+    assert "LoRAs: kohya.safetensors:0.8" in out.stderr
+    with Image.open(out.stdout.split()[0]) as im:
+        assert im.text["loras"].endswith("kohya.safetensors:0.8") and im.text["backend"] == "ort-cpu"
