@@ -138,12 +138,21 @@ def read_lora(path: str | Path, params: Mapping[str, Mapping[str, tuple[int, ...
     return LoraFile(path, fmt, layers)
 
 
-def delta(layer: LoraLayer, scale: float) -> np.ndarray:
+def delta(layer: LoraLayer, scale: float, transposed: bool = False) -> np.ndarray:
     """scale * scaling * up @ down in the parameter's shape, float32: [out, in] for a Linear,
     [out, in, kh, kw] for a Conv2d (peft's conv delta: a 1x1 `up` after the `down` conv is
-    a matmul over the rank, i.e. einsum("or,rikl->oikl"))."""
+    a matmul over the rank, i.e. einsum("or,rikl->oikl")). `transposed` (a Linear): the
+    [in, out] delta of a weight stored transposed, computed as down.T @ up.T, so no copy
+    of a large matrix is ever transposed."""
     out, rank = layer.up.shape[:2]
-    d = layer.up.reshape(out, rank) @ layer.down.reshape(rank, -1)  # [out, in * kh * kw]
+    up, down = layer.up.reshape(out, rank), layer.down.reshape(rank, -1)
+    if transposed:
+        if layer.down.ndim != 2:
+            raise ValueError(f"{layer.key}: only a Linear's weight is stored transposed")
+        d = down.T @ up.T  # [in, out]
+        d *= np.float32(scale * layer.scaling)
+        return d
+    d = up @ down  # [out, in * kh * kw]
     d *= np.float32(scale * layer.scaling)  # peft: (B @ A) * scaling, one float32 multiply
     return d.reshape(out, *layer.down.shape[1:])
 

@@ -54,12 +54,10 @@ def lora_weights(bundle: Path, manifest: Manifest, loras: Sequence[tuple[LoraFil
             base = np.fromfile(inside(bundle, w.file), "<f4", count, offset=w.offset)
             if base.size != count:
                 raise BundleError(f"{w.file} ends before {name}'s weight; re-export the bundle")
-            stored = base.reshape(w.shape)  # the initializer's layout: [in, out] if transposed
-            value = (stored.T if w.transposed else stored).astype(np.float32)  # the parameter's
+            value = base.reshape(w.shape)  # the initializer's layout: [in, out] if transposed
             for lora, scale in loras:
                 layer = lora.layers.get((component, name))
                 if layer is not None:
-                    value += delta(layer, scale)
-            out.setdefault(graph, {})[w.initializer] = np.ascontiguousarray(
-                value.T if w.transposed else value)
+                    value += delta(layer, scale, w.transposed)
+            out.setdefault(graph, {})[w.initializer] = value
     return out

@@ -359,7 +359,7 @@ class Pipeline:
                  and (safety or n != "safety_checker") and n not in LATE_GRAPHS]
         self.use_cache = use_cache
         self.loras: list[tuple[Path, float]] = []  # set_loras(): (file, scale), in order
-        self._lora_graphs: dict[str, dict] = {}  # graph -> the weights it runs instead
+        self._lora_graphs: set[str] = set()  # graphs running LoRA weights
 
         # check the bundle's graph files on a thread beside the engine loads (those changed
         # since they last matched are hashed: xxh3, 0.4 s for a full-size UNet); its verdict
@@ -484,13 +484,16 @@ class Pipeline:
         t = time.perf_counter()
         weights = lora_weights(self.bundle, self.manifest, read)
         for graph in LORA_GRAPHS.values():
-            new, old = weights.get(graph), self._lora_graphs.get(graph)
-            if new is None and old is None:
+            new = weights.pop(graph, None)
+            if new is None and graph not in self._lora_graphs:
                 continue  # untouched before and now: the engine stays
             self.engine_set.replace_weights(graph, self.manifest, self.bundle, new, self._loaded)
-            self._lora_graphs[graph] = new
             if new is None:
-                del self._lora_graphs[graph]
+                self._lora_graphs.discard(graph)
+            else:
+                self._lora_graphs.add(graph)
+            del new  # ORT copied the weights: ours go now (holding them is a second copy)
+        backends.give_back_freed_memory()
         self.loras = [(Path(p), float(s)) for p, s in loras]
         self.log(f"LoRAs: {', '.join(f'{p.name}:{s:g}' for p, s in self.loras) or 'none'} "
                  f"({time.perf_counter() - t:.2f} s)")
