@@ -1,0 +1,92 @@
+"""`python -m benchmarks.lora_swap`: what a run-time LoRA swap costs (issue 14).
+
+Makes random PEFT-layout LoRA files for the bundle's UNet from its own weight name map
+(attention, feed-forward and proj_in/out weights, rank --rank; numpy, no torch), then,
+in this process: loads the bundle on ort-cpu with a warm engine cache (the cold-load
+figure), runs one generation, swaps A, B, A again and none, each followed by a
+generation, and reads the swap times and the resident set size (VmRSS) after each. The
+first ever swap builds the LoRA-ready graph in the engine cache: run twice and read the
+second. Prints a JSON line; --json writes it to a file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks import machine
+from benchmarks.settings import resolve
+from benchmarks.timing import peak_rss_bytes, rss_bytes
+from runtime.bundle import read_manifest
+from runtime.pipeline import Pipeline
+
+TARGETS = re.compile(r"\.(to_q|to_k|to_v|to_out\.0|ff\.net\.0\.proj|ff\.net\.2|proj_in|proj_out)\.weight$")
+
+
+def random_lora(bundle: Path, path: Path, rank: int, seed: int) -> int:
+    """A diffusers/PEFT LoRA file for every target weight of the UNet; returns its layers."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for name, w in (read_manifest(bundle).graphs["unet"].weights or {}).items():
+        if not TARGETS.search(name):
+            continue
+        shape = w.shape[::-1] if w.transposed else w.shape  # the parameter's: [out, in, ...]
+        module = name.removesuffix(".weight")
+        tensors[f"unet.{module}.lora_A.weight"] = (0.02 * rng.standard_normal(
+            (rank, *shape[1:]))).astype(np.float32)
+        tensors[f"unet.{module}.lora_B.weight"] = (0.02 * rng.standard_normal(
+            (shape[0], rank, *([1] * (len(shape) - 2))))).astype(np.float32)
+    save_file(tensors, str(path))
+    return len(tensors) // 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.lora_swap", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="sd14-random", help="demo | sd14-random | bundle folder")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--size", type=int, default=256, help="image side of the generations (px)")
+    p.add_argument("--json", type=Path, help="also write the result here")
+    a = p.parse_args(argv)
+    bundle = resolve(a.model)
+    gib = 2**30
+    with tempfile.TemporaryDirectory() as tmp:
+        files = {k: Path(tmp) / f"lora_{k}.safetensors" for k in "AB"}
+        layers = [random_lora(bundle, f, a.rank, seed) for seed, f in enumerate(files.values())][0]
+        t = time.perf_counter()
+        pipe = Pipeline(bundle, "ort-cpu", safety=False)
+        out: dict = {"cold_load_s": time.perf_counter() - t, "layers": layers, "rank": a.rank}
+
+        def generate(label: str) -> None:
+            pipe("a lighthouse", steps=1, height=a.size, width=a.size, seed=1)
+            out[f"rss_{label}_gib"] = (rss_bytes() or 0) / gib
+
+        generate("no_lora")
+        for label, loras in (("A", [(files["A"], 1.0)]), ("B", [(files["B"], 0.8)]),
+                             ("A_again", [(files["A"], 1.0)]), ("none", [])):
+            t = time.perf_counter()
+            pipe.set_loras(loras)
+            out[f"swap_{label}_s"] = time.perf_counter() - t
+            generate(label)
+        pipe.close()
+    out["peak_rss_gib"] = peak_rss_bytes() / gib
+    out = {k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}
+    out["swap_vs_cold_load"] = round(out["swap_B_s"] / out["cold_load_s"], 2)
+    out["machine"] = machine.name(machine.info())
+    line = json.dumps(out)
+    print(line)
+    if a.json:
+        a.json.write_text(line + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
