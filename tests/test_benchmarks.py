@@ -91,3 +91,19 @@ def test_progress_goes_to_stderr(written):
     err = written[3].stderr
     assert "[ours] warm-up 1/1" in err and "[diffusers] run 1/1" in err
     assert "wrote " in err and "| stage |" in written[3].stdout
+
+
+def test_lora_swap_benchmark_runs_on_the_demo(tmp_path, capsys):
+    """benchmarks.lora_swap makes its LoRA files from the bundle's name map and reports
+    each swap's time and RSS (the committed full-size result comes from the same code)."""
+    import json
+
+    from benchmarks.lora_swap import main
+
+    assert main(["--model", "demo", "--rank", "2", "--size", "64", "--json",
+                 str(tmp_path / "r.json")]) == 0
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["layers"] == 48 and r["rank"] == 2
+    for k in ("cold_load_s", "swap_A_s", "swap_B_s", "swap_A_again_s", "swap_none_s"):
+        assert r[k] > 0
+    assert r["rss_none_gib"] > 0 and r["swap_vs_cold_load"] > 0
