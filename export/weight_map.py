@@ -24,9 +24,11 @@ import torch
 from onnx import numpy_helper
 from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
+from runtime.backends.ort import LORA_MIN_BYTES
+
 # smaller tensors are not LoRA targets (and may repeat by chance); the runtime's LoRA-ready
 # graph stores tensors from this size on externally (shape constants, smaller, stay inline)
-MIN_BYTES = 128
+MIN_BYTES = LORA_MIN_BYTES
 
 
 def _digest(a: np.ndarray) -> str:

@@ -452,7 +452,7 @@ def _graph_entry(path: Path, name: str, g: object, hidden: int) -> GraphEntry:
         raise _fail(path, f"{name}.external_data must be a file name, got {_short(external)}")
     if external is not None and g.get("external_sha256") is None:  # else never hashed
         raise _fail(path, f"{name}.external_data has no external_sha256")
-    weights = _weights(path, name, g.get("weights"), {f"{name}.onnx", external})
+    weights = _weights(path, name, g.get("weights"), {f"{name}.onnx", external} - {None})
     err = g.get("max_abs_error")
     if err is not None and (isinstance(err, bool) or not isinstance(err, (int, float))
                             or not 0 <= err < math.inf):
@@ -471,16 +471,21 @@ def _weights(path: Path, name: str, d: object, files: set) -> dict[str, WeightRe
         return None
     if not isinstance(d, dict):
         raise _fail(path, f"{name}.weights must be an object")
-    out = {}
+    out, initializers = {}, set()
     for param, w in d.items():
         ok = (isinstance(w, list) and len(w) == 5 and isinstance(w[0], str)
-              and isinstance(w[1], bool) and w[2] in files and not isinstance(w[3], bool)
-              and isinstance(w[3], int) and 0 <= w[3] < 1 << 50 and isinstance(w[4], list)
-              and 1 <= len(w[4]) <= 4 and all(not isinstance(v, bool) and isinstance(v, int)
-                                               and 1 <= v <= MAX_DIM for v in w[4]))
+              and isinstance(w[1], bool) and isinstance(w[2], str) and w[2] in files
+              and not isinstance(w[3], bool) and isinstance(w[3], int) and 0 <= w[3] < 1 << 50
+              and isinstance(w[4], list) and 1 <= len(w[4]) <= 4
+              and all(not isinstance(v, bool) and isinstance(v, int) and 1 <= v <= MAX_DIM
+                      for v in w[4])
+              and (not w[1] or len(w[4]) == 2))  # only a Linear's [in, out] is transposed
         if not ok:
             raise _fail(path, f"{name}.weights[{_short(param)}] must be [initializer, "
                               f"transposed, one of the graph's files, offset, shape], got {_short(w)}")
+        if w[0] in initializers:
+            raise _fail(path, f"{name}.weights: two parameters name initializer {_short(w[0])}")
+        initializers.add(w[0])
         out[str(param)] = WeightRef(w[0], w[1], w[2], w[3], tuple(w[4]))
     return out
 

@@ -403,7 +403,10 @@ def ort_cpu_lora_key(entry: GraphEntry, ort_version: str | None = None) -> Cache
     """Key of the optimized fp32 graph that takes LoRA weights (OrtEngine `weights`):
     ORT's optimizer without its NCHWc conv layout (which renames conv weights) and with
     every initializer external, so each mapped weight can be overridden by name."""
-    return replace(ort_cpu_key(entry, ort_version), precision="fp32-lora")
+    from runtime.backends.ort import LORA_DISABLED_OPTIMIZERS, LORA_MIN_BYTES
+
+    how = f"external>={LORA_MIN_BYTES}B; off:{','.join(LORA_DISABLED_OPTIMIZERS)}"
+    return replace(ort_cpu_key(entry, ort_version), precision="fp32-lora", options=how)
 
 
 def ort_cpu_fused_key(entry: GraphEntry, ort_version: str | None = None) -> CacheKey:

@@ -34,6 +34,7 @@ from runtime.engine import EngineError
 from runtime.files import read_small, why_not_creatable, write_all_new
 from runtime.images import load_image, png_bytes
 from runtime.lora import LoraError, parse_lora_arg
+from runtime.lora_apply import read_loras
 from runtime.metadata import A1111_SAMPLERS, parameters_text
 from runtime.pipeline import (
     Pipeline,
@@ -137,9 +138,15 @@ def read_lora_args(args: argparse.Namespace) -> list[tuple[Path, float]]:
         loras = [parse_lora_arg(text) for text in args.lora]
     except LoraError as e:
         raise UsageError(str(e)) from None
-    for path, _ in loras:
+    for text, (path, _) in zip(args.lora, loras, strict=True):
         if not path.is_file():
+            head, _, tail = text.rpartition(":")
+            if head and Path(head).is_file():
+                raise UsageError(f"--lora {text}: the scale {tail!r} is not a number")
             raise UsageError(f"--lora {path}: no such file")
+    if loras and args.backend not in ("auto", "ort-cpu"):
+        raise UsageError(f"--lora runs on ort-cpu for now, not {args.backend}; or bake the "
+                         f"LoRA into a bundle with `python -m export --lora`")
     return loras
 
 
@@ -222,6 +229,11 @@ def main(argv: list[str] | None = None) -> int:
         loras = read_lora_args(args)
         manifest = read_manifest(resolve_model(args.model))  # checks before any engine loads
         check_modes(manifest, image is not None, mask is not None, args.latents is not None)
+        if loras:  # each file read and matched against the bundle's name map
+            try:
+                read_loras(manifest, loras)
+            except LoraError as e:
+                raise UsageError(str(e)) from None
         if image is not None:
             check_strength(args.strength if args.strength is not None else
                            1.0 if mask is not None else 0.8, args.steps)

@@ -132,8 +132,10 @@ def read_lora(path: str | Path, params: Mapping[str, Mapping[str, tuple[int, ...
         if fmt == "kohya":  # kohya's lora.py and A1111: no alpha means alpha = rank
             scaling = (float(p["alpha"].reshape(-1)[0]) if "alpha" in p else rank) / rank
         else:
-            scaling = _peft_scaling(path, key, config.get(component), name.removesuffix(".weight"),
-                                    rank)
+            # patterns name modules as the file does (transformers 4's `text_model.` prefix
+            # included), else as this model does
+            scaling = _peft_scaling(path, key, config.get(component),
+                                    (module, name.removesuffix(".weight")), rank)
         layers[component, name] = LoraLayer(key, down, up, scaling)
     return LoraFile(path, fmt, layers)
 
@@ -265,17 +267,20 @@ def _adapter_config(path: Path, header: Mapping[str, str]) -> dict[str, dict]:
     return out
 
 
-def _peft_scaling(path: Path, key: str, config: dict | None, module: str, rank: int) -> float:
+def _peft_scaling(path: Path, key: str, config: dict | None, modules: tuple[str, str],
+                  rank: int) -> float:
     """peft's scaling for one module: LoraModel._create_and_replace picks r and lora_alpha
     from rank_pattern / alpha_pattern (first regex matching the module name's end,
-    peft.utils.other.get_pattern_key), and LoraLayer.update_layer divides. No config: 1."""
+    peft.utils.other.get_pattern_key), and LoraLayer.update_layer divides. No config: 1.
+    `modules`: the module's name in the file, then in this model (tried in that order)."""
     if config is None:
         return 1.0
     if config.get("use_dora"):
         raise LoraError(f"{path}: a DoRA adapter (use_dora), which this reader does not apply")
     try:
-        r = _pattern(config.get("rank_pattern") or {}, module, config["r"])
-        alpha = _pattern(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
+        ranks, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+        r = _pattern(ranks, modules[0], _pattern(ranks, modules[1], config["r"]))
+        alpha = _pattern(alphas, modules[0], _pattern(alphas, modules[1], config["lora_alpha"]))
         r, alpha = int(r), float(alpha)
     except (KeyError, TypeError, ValueError, re.error):
         raise LoraError(f"{path}: its {METADATA_KEY} has no usable r / lora_alpha") from None

@@ -467,7 +467,8 @@ class Pipeline:
         """Run with these LoRAs, (file, scale) each, applied in order to the bundle's own
         weights: each call replaces the last set, so A -> B -> A is A exactly and [] is the
         bundle again. ort-cpu with the engine cache for now (other backends: bake them in
-        with `python -m export --lora`). UsageError for a file this model cannot use."""
+        with `python -m export --lora`). UsageError for a file this model cannot use; if
+        loading fails midway, every graph is back on the bundle's weights (no LoRA)."""
         from runtime.lora import LoraError
         from runtime.lora_apply import LORA_GRAPHS, lora_weights, read_loras
 
@@ -477,26 +478,48 @@ class Pipeline:
             raise UsageError(f"run-time LoRAs run on --backend ort-cpu with the engine cache "
                              f"(this is {self.backend}); or bake them in with `python -m "
                              f"export --lora FILE:SCALE`")
+        for _, scale in loras:
+            if isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating)) \
+                    or not -100 <= scale <= 100:
+                raise UsageError(f"a LoRA scale must be a number in [-100, 100], got {scale!r}")
         try:
             read = read_loras(self.manifest, loras)
         except LoraError as e:
             raise UsageError(str(e)) from None
         t = time.perf_counter()
+        graphs = list(LORA_GRAPHS.values())
+        # base weights are read from the bundle's files: checked again, as at load (a
+        # stat each when unchanged; an export over the bundle since is caught here)
+        self._checked(integrity.BundleCheck(
+            integrity_files(self.bundle, self.manifest, graphs),
+            cache.verified_memo(self.bundle) if self.use_cache else None))
         weights = lora_weights(self.bundle, self.manifest, read)
-        for graph in LORA_GRAPHS.values():
-            new = weights.pop(graph, None)
-            if new is None and graph not in self._lora_graphs:
-                continue  # untouched before and now: the engine stays
-            self.engine_set.replace_weights(graph, self.manifest, self.bundle, new, self._loaded)
-            if new is None:
-                self._lora_graphs.discard(graph)
-            else:
-                self._lora_graphs.add(graph)
-            del new  # ORT copied the weights: ours go now (holding them is a second copy)
-        backends.give_back_freed_memory()
+        try:
+            for graph in graphs:
+                new = weights.pop(graph, None)
+                if new is None and graph not in self._lora_graphs:
+                    continue  # untouched before and now: the engine stays
+                self._lora_graphs.discard(graph)  # until its new engine has loaded
+                self.engine_set.replace_weights(graph, self.manifest, self.bundle, new,
+                                                self._loaded)
+                if new is not None:
+                    self._lora_graphs.add(graph)
+                del new  # ORT copied the weights: ours go now (holding them is a second copy)
+        except BaseException:
+            self.loras = []
+            for graph in graphs:  # back to the bundle's weights everywhere, then the error
+                if graph in self._lora_graphs or graph not in self.engines:
+                    self.engine_set.replace_weights(graph, self.manifest, self.bundle, None,
+                                                    self._loaded)
+            self._lora_graphs.clear()
+            raise
+        finally:
+            backends.give_back_freed_memory()
         self.loras = [(Path(p), float(s)) for p, s in loras]
+        seconds = time.perf_counter() - t
+        self.load_report.seconds += seconds
         self.log(f"LoRAs: {', '.join(f'{p.name}:{s:g}' for p, s in self.loras) or 'none'} "
-                 f"({time.perf_counter() - t:.2f} s)")
+                 f"({seconds:.2f} s)")
 
     @property
     def engines(self) -> dict[str, Engine]:

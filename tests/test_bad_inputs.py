@@ -165,6 +165,21 @@ def _ok_png(path: Path) -> None:
     path.write_bytes(_png(64, 64))
 
 
+def _sdxl_lora(tmp: Path) -> Path:
+    from safetensors.numpy import save_file
+
+    path = tmp / "sdxl.safetensors"
+    save_file({"lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight":
+               np.zeros((4, 8), np.float32)}, str(path))
+    return path
+
+
+def _shared_initializer(d: dict) -> None:
+    w = d["graphs"]["unet"]["weights"]
+    first, second = list(w)[:2]
+    w[second][0] = w[first][0]
+
+
 def _format_1_0(d: dict) -> None:
     """A manifest as format 1.0 wrote it: no VAE encoder, no minor version, no tokens."""
     d["graphs"].pop("vae_encoder")
@@ -333,6 +348,21 @@ CASES: dict[str, tuple[Callable[[Path, Path], list[str]], str]] = {
     "profile-tokens-76": (manifest(lambda d: d["profile"].update(tokens=[76, 77, 231])),
                           "multiples of 77"),
     "format-minor-text": (manifest(lambda d: d.update(format_minor="1")), "format_minor"),
+    # -- LoRAs (issue 14) --------------------------------------------------------------
+    "lora-missing": (lambda b, t: ["--lora", str(t / "none.safetensors")], "no such file"),
+    "lora-scale-text": (lambda b, t: ["--lora", str(_write(t / "l.safetensors", b"x")) + ":abc"],
+                        "is not a number"),
+    "lora-scale-nan": (lambda b, t: ["--lora", str(_write(t / "l.safetensors", b"x")) + ":nan"],
+                       "scale must be a number"),
+    "lora-pickle": (lambda b, t: ["--lora", str(_write(t / "l.ckpt", b"x"))], "pickles"),
+    "lora-not-safetensors": (lambda b, t: ["--lora", str(_write(t / "l.safetensors", b"junk"))],
+                             "not a safetensors file"),
+    "lora-sdxl": (lambda b, t: ["--lora", str(_sdxl_lora(t))], "another architecture"),
+    "lora-on-openvino": (lambda b, t: ["--lora", str(_sdxl_lora(t)), "--backend", "openvino"],
+                         "runs on ort-cpu"),
+    "lora-map-null-file": (lambda b, t: [*manifest(lambda d: d["graphs"]["unet"]["weights"][
+        "conv_in.weight"].__setitem__(2, None))(b, t)], "must be [initializer"),
+    "lora-map-shared": (manifest(_shared_initializer), "two parameters name"),
 }
 
 

@@ -84,3 +84,51 @@ def test_the_cli_runs_a_lora_on_ort_cpu(files, tmp_path):  # noqa: F811
     assert "LoRAs: kohya.safetensors:0.8" in out.stderr
     with Image.open(out.stdout.split()[0]) as im:
         assert im.text["loras"].endswith("kohya.safetensors:0.8") and im.text["backend"] == "ort-cpu"
+
+
+def test_a_swap_that_fails_midway_leaves_the_bundle_weights(files, tmp_path, monkeypatch):  # noqa: F811
+    """The text encoder swapped, then the UNet's load fails: every graph is back on the
+    bundle's own weights (none missing), the error is raised, and the images are the
+    bundle's; the engines keep no copy of LoRA weights once loaded (ORT has its own)."""
+    from runtime import backends
+    from runtime.engine import EngineError
+
+    monkeypatch.setenv("SDRT_CACHE_DIR", str(tmp_path / "cache"))
+    with Pipeline(demo_bundle(), "ort-cpu", safety=False) as p:
+        base = images(p)
+        p.set_loras([(files["peft_meta"], 0.7)])
+        assert p.engines["unet"].weights is None and p.engines["text_encoder"].weights is None
+        real = backends.EngineSet.replace_weights
+
+        def fail_on_unet(self, name, manifest, bundle, weights, on_load=None):
+            if name == "unet" and weights is not None:
+                self.engines.pop(name).release()  # as a real failure: the old one is gone
+                raise EngineError("simulated load failure")
+            return real(self, name, manifest, bundle, weights, on_load)
+
+        monkeypatch.setattr(backends.EngineSet, "replace_weights", fail_on_unet)
+        with pytest.raises(EngineError, match="simulated"):
+            p.set_loras([(files["kohya"], 1.0)])
+        assert set(p.engines) >= {"text_encoder", "unet"} and p.loras == []
+        assert np.array_equal(images(p), base)
+
+
+def test_bundle_files_changed_since_load_are_refused(files, tmp_path, monkeypatch):  # noqa: F811
+    """Base weights are read from the bundle's files at every swap: they are checked
+    against the manifest first (an export over the bundle meanwhile is caught)."""
+    import shutil
+
+    from runtime.bundle import BundleError
+
+    monkeypatch.setenv("SDRT_CACHE_DIR", str(tmp_path / "cache"))
+    bundle = tmp_path / "bundle"
+    shutil.copytree(demo_bundle(), bundle)
+    with Pipeline(bundle, "ort-cpu", safety=False) as p:
+        p.set_loras([(files["peft_meta"], 0.7)])
+        p.set_loras([])
+        w = p.manifest.graphs["unet"].weights["conv_in.weight"]
+        data = bytearray((bundle / w.file).read_bytes())
+        data[w.offset] ^= 0x40
+        (bundle / w.file).write_bytes(bytes(data))
+        with pytest.raises(BundleError, match="does not match its hash"):
+            p.set_loras([(files["peft_meta"], 0.7)])

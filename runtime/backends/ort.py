@@ -85,7 +85,8 @@ class OrtEngine(Engine):
         `weights` (ort-cpu, with cache_key = cache.ort_cpu_lora_key): initializer name ->
         float32 array, run instead of the graph's own (LoRA: runtime/lora.py)."""
         super().__init__(spec, path)
-        self.weights = weights
+        self.weights = weights  # dropped once loaded: ORT holds its own copy
+        self.lora = weights is not None
         self.check_source = check_source
         self.source = Path(source) if source is not None else self.path
         if backend not in PROVIDERS:
@@ -113,10 +114,10 @@ class OrtEngine(Engine):
         out = folder / self.path.name
         if self.check_source is not None and self.source == self.path:
             self.check_source()  # the artifact's key trusts the manifest's hashes
-        lora = self.weights is not None
-        ort.InferenceSession(str(self.source), session_options(optimized_out=out, all_external=lora),
+        ort.InferenceSession(str(self.source), session_options(optimized_out=out,
+                                                               all_external=self.lora),
                              providers=[PROVIDERS[self.backend]],
-                             disabled_optimizers=LORA_DISABLED_OPTIMIZERS if lora else None)
+                             disabled_optimizers=LORA_DISABLED_OPTIMIZERS if self.lora else None)
         return out
 
     def _cached_graph(self, rebuild: bool = False) -> Path | None:
@@ -132,6 +133,9 @@ class OrtEngine(Engine):
             self.cache_status = "hit" if found else "miss (fp32 bundle graph)"
             return found
         found, self.cache_status = cache.fetch(self.cache_key, self._optimize_into, rebuild)
+        if found is None and self.lora:  # the bundle's graph keeps small weights inline
+            raise RuntimeError(f"run-time LoRAs need the engine cache, which is "
+                               f"{self.cache_status}")
         if found is not None and self.source != self.path:
             self.cache_status += " from the CPU-fused graph"
         self.cache_status += self.cache_note
@@ -179,6 +183,7 @@ class OrtEngine(Engine):
             # on the CPU nothing but the graph can fail a session; on CUDA the device can
             raise self.error(f"cannot load {self.path}: {first_line(e)}",
                              unreadable=not self.on_device) from None
+        self.weights = None  # the session took its own copy of them
         if provider not in self.session.get_providers():  # ORT falls back silently
             raise self.error(f"{provider} is not active (got {self.session.get_providers()})")
         self.check_io([t.name for t in self.session.get_inputs()],
