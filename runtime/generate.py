@@ -33,6 +33,7 @@ from runtime.bundle import (
 from runtime.engine import EngineError
 from runtime.files import read_small, why_not_creatable, write_all_new
 from runtime.images import load_image, png_bytes
+from runtime.integrity import file_hashes
 from runtime.lora import LoraError, parse_lora_arg
 from runtime.lora_apply import read_loras
 from runtime.metadata import A1111_SAMPLERS, parameters_text
@@ -175,9 +176,12 @@ def metadata(result: Result, args: argparse.Namespace, backend: str, precision: 
                      "strength": f"{r.strength:g}"})
         if args.mask is not None:
             meta["mask"] = str(args.mask)
-    if args.lora:
-        meta["loras"] = ", ".join(args.lora)
-    meta["parameters"] = parameters_text(prompt, negative, {
+    loras = [parse_lora_arg(text) for text in args.lora]  # checked before loading
+    if loras:
+        meta["loras"] = ", ".join(f"{p.name}:{s:g}" for p, s in loras)
+    # A1111 keeps LoRAs in the prompt as <lora:name:scale>, their file hashes in a field
+    tags = "".join(f" <lora:{p.stem}:{s:g}>" for p, s in loras)
+    meta["parameters"] = parameters_text(prompt + tags, negative, {
         "Steps": r.steps, "Sampler": A1111_SAMPLERS[r.scheduler],
         "CFG scale": f"{r.guidance_scale:g}", "Seed": r.seed, "Size": f"{r.width}x{r.height}",
         "Model": Path(str(args.model)).name,
@@ -185,6 +189,7 @@ def metadata(result: Result, args: argparse.Namespace, backend: str, precision: 
         "Batch pos": index if r.batch > 1 else None,
         "Denoising strength": f"{r.strength:g}" if r.strength is not None else None,
         "Mask": "inpainting" if r.mask is not None else None,
+        "Lora hashes": ", ".join(f"{p.stem}: {file_hashes(p)[0][:12]}" for p, _ in loras) or None,
         "Version": "sdrt"})
     return meta
 

@@ -83,7 +83,13 @@ def test_the_cli_runs_a_lora_on_ort_cpu(files, tmp_path):  # noqa: F811
     assert "backend: ort-cpu (run-time LoRAs run there" in out.stderr
     assert "LoRAs: kohya.safetensors:0.8" in out.stderr
     with Image.open(out.stdout.split()[0]) as im:
-        assert im.text["loras"].endswith("kohya.safetensors:0.8") and im.text["backend"] == "ort-cpu"
+        assert im.text["loras"] == "kohya.safetensors:0.8" and im.text["backend"] == "ort-cpu"
+        params = im.text["parameters"]
+    import hashlib
+
+    sha = hashlib.sha256(files["kohya"].read_bytes()).hexdigest()[:12]
+    assert params.startswith(f"{PROMPT} <lora:kohya:0.8>\n")  # as A1111 writes it
+    assert f'Lora hashes: "kohya: {sha}"' in params
 
 
 def test_a_swap_that_fails_midway_leaves_the_bundle_weights(files, tmp_path, monkeypatch):  # noqa: F811
