@@ -156,8 +156,21 @@ def slug(text: str, n: int = 40) -> str:
     return s or "image"
 
 
+def lora_fields(args: argparse.Namespace) -> dict[str, str]:
+    """What PNGs say of --lora, made once per batch (it hashes each file): our `loras`
+    key, and A1111's `<lora:name:scale>` prompt tags and `Lora hashes` field."""
+    loras = [parse_lora_arg(text) for text in args.lora]  # checked before loading
+    if not loras:
+        return {}
+    return {"loras": ", ".join(f"{p.name}:{s:g}" for p, s in loras),
+            "tags": "".join(f" <lora:{p.stem}:{s:g}>" for p, s in loras),
+            "hashes": ", ".join(f"{p.stem}: {file_hashes(p)[0][:12]}" for p, _ in loras)}
+
+
 def metadata(result: Result, args: argparse.Namespace, backend: str, precision: str,
-             index: int) -> dict[str, str]:
+             index: int, loras: dict[str, str] | None = None) -> dict[str, str]:
+    """The PNG's text chunks; `loras`: lora_fields(args), made once per batch."""
+    loras = lora_fields(args) if loras is None else loras
     r = result.request
     prompt = r.prompts[index // r.images_per_prompt]
     negative = r.negative_prompts[index // r.images_per_prompt]
@@ -176,12 +189,10 @@ def metadata(result: Result, args: argparse.Namespace, backend: str, precision: 
                      "strength": f"{r.strength:g}"})
         if args.mask is not None:
             meta["mask"] = str(args.mask)
-    loras = [parse_lora_arg(text) for text in args.lora]  # checked before loading
     if loras:
-        meta["loras"] = ", ".join(f"{p.name}:{s:g}" for p, s in loras)
+        meta["loras"] = loras["loras"]
     # A1111 keeps LoRAs in the prompt as <lora:name:scale>, their file hashes in a field
-    tags = "".join(f" <lora:{p.stem}:{s:g}>" for p, s in loras)
-    meta["parameters"] = parameters_text(prompt + tags, negative, {
+    meta["parameters"] = parameters_text(prompt + loras.get("tags", ""), negative, {
         "Steps": r.steps, "Sampler": A1111_SAMPLERS[r.scheduler],
         "CFG scale": f"{r.guidance_scale:g}", "Seed": r.seed, "Size": f"{r.width}x{r.height}",
         "Model": Path(str(args.model)).name,
@@ -189,7 +200,7 @@ def metadata(result: Result, args: argparse.Namespace, backend: str, precision: 
         "Batch pos": index if r.batch > 1 else None,
         "Denoising strength": f"{r.strength:g}" if r.strength is not None else None,
         "Mask": "inpainting" if r.mask is not None else None,
-        "Lora hashes": ", ".join(f"{p.stem}: {file_hashes(p)[0][:12]}" for p, _ in loras) or None,
+        "Lora hashes": loras.get("hashes"),
         "Version": "sdrt"})
     return meta
 
@@ -199,8 +210,9 @@ def write_images(result: Result, args: argparse.Namespace, backend: str,
     """Every image of the batch, or none: encoded first, then written; a write that
     fails halfway removes those already written."""
     r = result.request
+    loras = lora_fields(args)
     batch = [(f"{slug(r.prompts[0])}-{r.seed}" + (f"-{i}" if r.batch > 1 else ""), ".png",
-              png_bytes(image, metadata(result, args, backend, precision, i)))
+              png_bytes(image, metadata(result, args, backend, precision, i, loras)))
              for i, image in enumerate(result.images)]
     return write_all_new(args.output_dir, batch)
 
