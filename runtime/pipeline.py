@@ -893,6 +893,11 @@ class Pipeline:
                 sample[half * b:(half + 1) * b, LATENT_CHANNELS + 1:] = init.masked_latents
         # [B, 4, h, w] views: the uncond and cond halves' latent channels
         first, second = sample[:b, :LATENT_CHANNELS], sample[b:, :LATENT_CHANNELS]
+        if not sched.scales_input and sample.shape[1] == LATENT_CHANNELS:
+            # the latents live where the UNet reads them: the step writes its input, and
+            # the loop touches one buffer fewer after the UNet has swept the caches
+            np.copyto(first, latents)
+            latents = first
         blend = init.image_latents is not None  # 4-channel inpainting (Init says)
         if blend:
             assert init.mask is not None and init.image_latents is not None and init.noise is not None
@@ -900,11 +905,10 @@ class Pipeline:
             # allocate a broadcast temporary every step
             paint = np.repeat(init.mask, LATENT_CHANNELS, axis=1)  # [B, 4, h, w]
             keep = np.float32(1.0) - paint
-            renoised = np.empty(shape, np.float32)
+            renoised, scratch = np.empty(shape, np.float32), np.empty(shape, np.float32)
             image_latents, image_noise = init.image_latents, init.noise
         timestep = np.empty((1,), np.float32)
         feeds = {"sample": sample, "timestep": timestep}
-        guided = np.empty(shape, np.float32)  # [B, 4, h, w]
         g = np.float32(req.guidance_scale)
         total = len(sched.timesteps)
         calls = total - start
@@ -922,21 +926,27 @@ class Pipeline:
                 noise = unet.run(feeds)["noise_pred"]  # [N, 4, h, w]
                 unet_calls[c] = time.perf_counter() - t0
                 if req.cfg:  # uncond + g * (cond - uncond), in diffusers' order of operations
-                    np.subtract(noise[b:], noise[:b], out=guided)
-                    guided *= g
-                    guided += noise[:b]
-                    noise = guided  # NaN/inf in either half stays NaN/inf here
+                    # into the scheduler's history slot (PNDM), else into the UNet input's
+                    # second half, free until the loop's next copy into it: fewer cold
+                    # buffers to touch after the UNet has swept the caches
+                    dest = sched.output_buffer(state, i)
+                    if dest is None:
+                        dest = second
+                    np.subtract(noise[b:], noise[:b], out=dest)
+                    dest *= g
+                    dest += noise[:b]
+                    noise = dest  # NaN/inf in either half stays NaN/inf here
                 if c == 0:  # a broken engine shows at once, named; later, the latents below
                     _check_finite(f"unet (step 1 of {calls}, timestep {sched.timesteps[i]:g})", noise)
                 sched.step(state, i, noise, latents, rng, out=latents)
                 if blend:  # (1 - mask) * image latents noised to the next step + mask * latents
                     proper = image_latents
-                    if i + 1 < total:  # `guided` is free here: scratch, overwritten below
+                    if i + 1 < total:
                         proper = sched.add_noise(image_latents, image_noise, i + 1,
-                                                 out=renoised, scratch=guided)
+                                                 out=renoised, scratch=scratch)
                     latents *= paint
-                    np.multiply(proper, keep, out=guided)
-                    np.add(guided, latents, out=latents)
+                    np.multiply(proper, keep, out=scratch)
+                    np.add(scratch, latents, out=latents)
                 if (c + 1) % CHECK_EVERY == 0 or c + 1 == calls:
                     lo = c // CHECK_EVERY * CHECK_EVERY + 1  # the first step since the last check
                     _check_finite(f"unet or scheduler (steps {lo} to {c + 1} of {calls})", latents)

@@ -51,6 +51,7 @@ class Schedule:
     signal_scale: np.ndarray  # [calls] float32: add_noise(x, n, i) = signal_scale[i] x
     noise_scale: np.ndarray  # [calls] float32:                      + noise_scale[i] n
     order: ClassVar[int] = 1  # diffusers' scheduler.order: 1 for all seven classes
+    scales_input: ClassVar[bool] = False  # scale_model_input writes `out` (else returns sample)
 
     def start_index(self, strength: float) -> int:
         """The first call of an img2img / inpainting run that keeps `strength` of the
@@ -93,6 +94,12 @@ class Schedule:
         scheduler does not scale it (PNDM, DDIM, DPM++)."""
         return sample
 
+    def output_buffer(self, state: Any, i: int) -> np.ndarray | None:
+        """Where the caller may write call i's model output [B, 4, h, w] so that `step`
+        keeps it without a copy (PNDM: the history slot it would copy into), or None.
+        The buffer is the state's: the caller writes it only just before step(i)."""
+        return None
+
     def step(self, state: Any, i: int, model_output: np.ndarray, sample: np.ndarray,
              rng: Any, out: np.ndarray) -> np.ndarray:
         raise NotImplementedError
@@ -105,6 +112,7 @@ class SigmaSchedule(Schedule):
 
     sigmas: np.ndarray  # [calls + 1] float32
     input_scale: np.ndarray  # [calls] float32: 1 / sqrt(sigma^2 + 1)
+    scales_input: ClassVar[bool] = True
 
     @classmethod
     def build(cls: type[_Sigma], name: str, steps: int, ts: np.ndarray, sigmas: np.ndarray,

@@ -41,7 +41,9 @@ class PNDMState(State):
         self.rk_sum = np.empty(self.shape, F32)
 
     def push(self, model_output: np.ndarray) -> None:
-        np.copyto(self.ets[self.count % 4], model_output)  # the caller may reuse its buffer
+        slot = self.ets[self.count % 4]
+        if model_output is not slot:  # written there already (output_buffer), else copied:
+            np.copyto(slot, model_output)  # the caller may reuse its buffer
         self.count += 1
 
     def newest(self, k: int = 0) -> np.ndarray:
@@ -68,6 +70,11 @@ class PNDMSchedule(Schedule):
             # by counter whatever the start: a mix of two places in the schedule, not copied
             raise ValueError("PNDM with skip_prk_steps=False can't start part-way (img2img)")
         return PNDMState(shape, start)
+
+    def output_buffer(self, state: PNDMState, i: int) -> np.ndarray | None:
+        # the calls that push: the first RK stage, and every PLMS call but a run's 2nd
+        pushes = self.rk_stage[i] == 0 or (self.rk_stage[i] < 0 and i - state.start != 1)
+        return state.ets[state.count % 4] if pushes else None
 
     def step(self, state: PNDMState, i: int, model_output: np.ndarray, sample: np.ndarray,
              rng: Any, out: np.ndarray) -> np.ndarray:
