@@ -45,6 +45,7 @@ from runtime.pipeline import (
     check_image_size,
     check_latents,
     check_modes,
+    check_seeds,
     check_settings,
     check_strength,
     check_text,
@@ -70,6 +71,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=1, help="images for the prompt")
     p.add_argument("--seed", type=int, default=None, help="same seed, same image as diffusers "
                    "with torch.Generator('cpu').manual_seed(seed); random when omitted")
+    p.add_argument("--seeds", type=seed_list, default=None, metavar="S1,S2,...",
+                   help="one seed per image (the batch size is their count): image k is "
+                        "then the image --seed Sk gives alone")
     p.add_argument("--latents", type=Path, default=None,
                    help="initial latents, a .npy of shape [batch, 4, height/8, width/8]")
     p.add_argument("--init-image", type=Path, default=None,
@@ -86,6 +90,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--output-dir", type=Path, default=Path("outputs"))
     p.add_argument("--no-safety", action="store_true", help="skip the safety checker")
     return p.parse_args(argv)
+
+
+def seed_list(text: str) -> list[int]:
+    """`--seeds 1,2,3`: comma-separated integers (ranges are checked with the settings)."""
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seeds must be comma-separated integers, got {text!r}") from None
 
 
 def check_output_dir(folder: Path) -> None:
@@ -176,7 +188,7 @@ def metadata(result: Result, args: argparse.Namespace, backend: str, precision: 
     negative = r.negative_prompts[index // r.images_per_prompt]
     meta = {
         "prompt": prompt, "negative_prompt": negative,
-        "seed": str(r.seed), "batch_index": str(index), "steps": str(r.steps),
+        "seed": str(r.image_seed(index)), "batch_index": str(index), "steps": str(r.steps),
         "scheduler": r.scheduler, "guidance_scale": f"{r.guidance_scale:g}",
         "size": f"{r.width}x{r.height}", "model": str(args.model), "backend": backend,
         "precision": precision,
@@ -194,10 +206,11 @@ def metadata(result: Result, args: argparse.Namespace, backend: str, precision: 
     # A1111 keeps LoRAs in the prompt as <lora:name:scale>, their file hashes in a field
     meta["parameters"] = parameters_text(prompt + loras.get("tags", ""), negative, {
         "Steps": r.steps, "Sampler": A1111_SAMPLERS[r.scheduler],
-        "CFG scale": f"{r.guidance_scale:g}", "Seed": r.seed, "Size": f"{r.width}x{r.height}",
-        "Model": Path(str(args.model)).name,
-        "Batch size": r.batch if r.batch > 1 else None,
-        "Batch pos": index if r.batch > 1 else None,
+        "CFG scale": f"{r.guidance_scale:g}", "Seed": r.image_seed(index),
+        "Size": f"{r.width}x{r.height}", "Model": Path(str(args.model)).name,
+        # with per-image seeds each image is reproducible alone: no batch position
+        "Batch size": r.batch if r.batch > 1 and r.seeds is None else None,
+        "Batch pos": index if r.batch > 1 and r.seeds is None else None,
         "Denoising strength": f"{r.strength:g}" if r.strength is not None else None,
         "Mask": "inpainting" if r.mask is not None else None,
         "Lora hashes": loras.get("hashes"),
@@ -211,7 +224,7 @@ def write_images(result: Result, args: argparse.Namespace, backend: str,
     fails halfway removes those already written."""
     r = result.request
     loras = lora_fields(args)
-    batch = [(f"{slug(r.prompts[0])}-{r.seed}" + (f"-{i}" if r.batch > 1 else ""), ".png",
+    batch = [(f"{slug(r.prompts[0])}-{r.image_seed(i)}" + (f"-{i}" if r.batch > 1 else ""), ".png",
               png_bytes(image, metadata(result, args, backend, precision, i, loras)))
              for i, image in enumerate(result.images)]
     return write_all_new(args.output_dir, batch)
@@ -236,8 +249,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     say = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
     try:
+        seeds = None
+        if args.seeds is not None:
+            if args.seed is not None or args.latents is not None:
+                raise UsageError("--seeds gives every image its seed: drop --seed/--latents")
+            if args.batch_size not in (1, len(args.seeds)):
+                raise UsageError(f"--batch-size {args.batch_size} but {len(args.seeds)} seeds; "
+                                 f"--seeds sets the batch size")
+            args.batch_size = len(args.seeds)
+            seeds = check_seeds(args.seeds, args.batch_size)
         seed = check_settings(args.steps, args.scheduler, args.guidance_scale, args.batch_size,
                               args.seed, args.height, args.width)  # before loading: fail fast
+        if seeds is not None:
+            seed = None
         check_text(args.prompt)
         check_text(args.negative_prompt or "")
         check_output_dir(args.output_dir)
@@ -272,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
             req = pipe.request(args.prompt, args.negative_prompt, steps=args.steps,
                                scheduler=args.scheduler, guidance_scale=args.guidance_scale,
                                height=args.height, width=args.width, batch_size=args.batch_size,
-                               seed=seed, latents=latents, safety=not args.no_safety,
+                               seed=seed, seeds=seeds, latents=latents,
+                               safety=not args.no_safety,
                                image=image, mask=mask, strength=args.strength)
             prepare_output_dir(args.output_dir)
             say(f"model: {pipe.bundle} (loaded in {pipe.load_seconds:.2f} s)")
@@ -306,7 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     chunks = r.text_tokens // 77
     mode = "" if r.image is None else f"{r.mode} at strength {r.strength:g}, "
     say(f"{r.batch} image(s) {r.width}x{r.height}, {mode}{r.scheduler} {r.steps} steps "
-        f"({r.unet_calls} UNet calls), guidance {r.guidance_scale:g}, seed {r.seed}, "
+        f"({r.unet_calls} UNet calls), guidance {r.guidance_scale:g}, "
+        f"{'seeds ' + ','.join(map(str, r.seeds)) if r.seeds else f'seed {r.seed}'}, "
         f"text {chunks} chunk(s) of 77 tokens, backend {pipe.backend} {pipe.precision}")
     timings = {"load": pipe.load_seconds, **result.timings}
     calls = {"unet": f" ({len(result.unet_calls)} calls)"}  # img2img: fewer, by strength

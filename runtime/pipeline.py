@@ -50,7 +50,7 @@ from runtime.engine import Engine, EngineError, SpecMismatch
 from runtime.files import read_small
 from runtime.images import as_pil, clip_preprocess, default_size, image_input, mask_input, postprocess
 from runtime.prompts import PromptTokens, emphasize, encode_prompt, pad_chunks, parse_weights
-from runtime.rng import TorchCPUGenerator
+from runtime.rng import PerImageGenerators, TorchCPUGenerator
 from runtime.safety import flags_from_outputs
 from runtime.schedulers import SCHEDULERS, Schedule, make_schedule
 from runtime.schedulers._tables import alphas_cumprod
@@ -58,6 +58,7 @@ from runtime.schedulers._tables import resolve as resolve_config
 from runtime.tokenizer import ClipTokenizer
 
 StepHook = Callable[[int, float, np.ndarray], None]  # (call i, timestep, latents [B, 4, h, w])
+Generator = TorchCPUGenerator | PerImageGenerators  # the run's random numbers: one stream, or one per image
 
 
 class UsageError(ValueError):
@@ -80,7 +81,7 @@ class Request:
     guidance_scale: float
     height: int
     width: int
-    seed: int
+    seed: int  # the whole batch's generator (diffusers' generator=); seeds[0] with seeds
     latents: np.ndarray | None  # [B, 4, h, w] float32, or None to draw from `seed`
     safety: bool
     schedule: Schedule  # the scheduler's tables for these steps
@@ -97,6 +98,9 @@ class Request:
     mask: np.ndarray | None = None  # [1, 1, H, W] float32: 1 = paint, 0 = keep
     strength: float | None = None
     start: int = 0
+    # one generator per image instead of one for the batch: image k then equals the
+    # same request alone with seed=seeds[k] (serving batches unrelated requests)
+    seeds: tuple[int, ...] | None = None
 
     @property
     def batch(self) -> int:  # B: images in this call
@@ -120,6 +124,10 @@ class Request:
     @property
     def unet_calls(self) -> int:  # UNet calls this request runs (per batch)
         return len(self.schedule.timesteps) - self.start
+
+    def image_seed(self, k: int) -> int:
+        """The seed that reproduces image k: its own with `seeds`, else the batch's."""
+        return self.seeds[k] if self.seeds is not None else self.seed
 
     @property
     def mode(self) -> str:
@@ -217,9 +225,20 @@ def check_settings(steps: int, scheduler: str, guidance_scale: float, batch_size
                              f"[{VAE_FACTOR}, {MAX_SIDE}], got {v!r}")
     if seed is None:
         seed = secrets.randbits(63)
-    if not isinstance(seed, int) or not 0 <= seed < 2**64:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
         raise UsageError(f"seed must be an integer in [0, 2**64), got {seed!r}")
     return seed
+
+
+def check_seeds(seeds: Sequence[int], images: int) -> tuple[int, ...]:
+    """One seed per image, each as `seed` takes it; UsageError with one line."""
+    seeds = tuple(seeds)
+    if len(seeds) != images:
+        raise UsageError(f"{len(seeds)} seeds for {images} image(s): give one per image")
+    for s in seeds:
+        if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or not 0 <= s < 2**64:
+            raise UsageError(f"seeds must be integers in [0, 2**64), got {s!r}")
+    return tuple(int(s) for s in seeds)
 
 
 def check_text(text: str) -> None:
@@ -545,7 +564,8 @@ class Pipeline:
                 negative_prompt: str | Sequence[str] | None = None,
                 *, steps: int = 50, scheduler: str = "pndm", guidance_scale: float = 7.5,
                 height: int | None = None, width: int | None = None, batch_size: int = 1,
-                seed: int | None = None, latents: np.ndarray | None = None,
+                seed: int | None = None, seeds: Sequence[int] | None = None,
+                latents: np.ndarray | None = None,
                 safety: bool | None = None, image: Image | np.ndarray | None = None,
                 mask: Image | np.ndarray | None = None, strength: float | None = None,
                 prompt_embeds: np.ndarray | None = None,
@@ -558,7 +578,9 @@ class Pipeline:
         `image` (a PIL image or [H, W, 3] uint8): img2img from it at `strength` (default
         0.8), the output at its size rounded down to multiples of 8 unless height/width are
         given; with `mask` (white = repaint): inpainting, strength default 1.0, output at
-        the model's default size unless given, as diffusers' pipelines do."""
+        the model's default size unless given, as diffusers' pipelines do.
+        `seeds`: one per image (instead of `seed`): image k is then the image this request
+        gives alone with seed=seeds[k], whatever else is in the batch."""
         m = self.manifest
         if prompt_embeds is not None:
             if prompt is not None:
@@ -581,10 +603,16 @@ class Pipeline:
             height, width = h if height is None else height, w if width is None else width
         height = m.default_height if height is None else height
         width = m.default_width if width is None else width
-        seed = check_settings(steps, scheduler, guidance_scale, batch_size, seed, height, width)
+        if seeds is not None and (seed is not None or latents is not None):
+            raise UsageError("pass seeds (one per image) or seed/latents, not both")
+        seed = check_settings(steps, scheduler, guidance_scale, batch_size,
+                              seed if seeds is None else 0, height, width)
         b = len(prompts) * batch_size
         if b > MAX_BATCH:
             raise UsageError(f"{b} images per call is more than {MAX_BATCH}; make several calls")
+        if seeds is not None:
+            seeds = check_seeds(seeds, b)
+            seed = seeds[0]
         schedule = self._schedule(scheduler, steps)
         safety = self.has_safety_checker if safety is None else safety
         if safety and not self.has_safety_checker:
@@ -609,7 +637,8 @@ class Pipeline:
                 raise UsageError(f"the negative prompt is longer than prompt_embeds' "
                                  f"{prompt_embeds.shape[1]} tokens; pass negative_prompt_embeds")
         req = Request(prompts, negs, batch_size, steps, scheduler, float(guidance_scale),
-                      height, width, seed, None, safety, schedule, **cond)
+                      height, width, seed, None, safety, schedule, **cond,
+                      seeds=None if seeds is None else tuple(seeds))
         if latents is not None:
             req = replace(req, latents=check_latents(latents, req.latent_shape))
         if pil is not None:
@@ -763,7 +792,7 @@ class Pipeline:
         cond, uncond = self._encode(req)  # [B, T, C] each (uncond None without CFG)
         timings["text_encoder"] = time.perf_counter() - t
 
-        rng = TorchCPUGenerator(req.seed)
+        rng = PerImageGenerators(req.seeds) if req.seeds is not None else TorchCPUGenerator(req.seed)
         t = time.perf_counter()
         init = self._init_latents(req, rng)  # img2img / inpainting: draws from rng first
         if req.image is not None:
@@ -827,19 +856,23 @@ class Pipeline:
         assert negatives is not None  # request(): encoded, or given, whenever cfg
         return cond, np.repeat(negatives, k, axis=0)
 
-    def _encode_image(self, image: np.ndarray, rng: TorchCPUGenerator) -> np.ndarray:
+    def _encode_image(self, image: np.ndarray, rng: Generator, batch: int) -> np.ndarray:
         """diffusers' `scaling_factor * vae.encode(image).latent_dist.sample(generator)`:
-        [1, 3, H, W] in [-1, 1] -> [1, 4, h, w], drawing [1, 4, h, w] normals from rng."""
+        [1, 3, H, W] in [-1, 1] -> [B, 4, h, w]: one [1, 4, h, w] draw from a batch
+        generator, repeated (diffusers); one per image from per-image generators."""
         vae = self.engines["vae_encoder"]
         vae.allocate({"image": image.shape})
         params = vae.run({"image": image})["latent_parameters"]  # [1, 8, h, w]
         _check_finite("vae encoder", params)
         mean, logvar = params[:, :LATENT_CHANNELS], params[:, LATENT_CHANNELS:]
         std = np.exp(np.float32(0.5) * np.clip(logvar, np.float32(-30.0), np.float32(20.0)))
-        sample = mean + std * rng.randn(mean.shape)  # DiagonalGaussianDistribution.sample
-        return (np.float32(self.manifest.vae_scaling_factor) * sample).astype(np.float32)
+        per_image = isinstance(rng, PerImageGenerators)
+        drawn = rng.randn((batch if per_image else 1, *mean.shape[1:]))
+        sample = mean + std * drawn  # DiagonalGaussianDistribution.sample
+        sample = (np.float32(self.manifest.vae_scaling_factor) * sample).astype(np.float32)
+        return sample if per_image else np.repeat(sample, batch, axis=0)
 
-    def _init_latents(self, req: Request, rng: TorchCPUGenerator) -> Init:
+    def _init_latents(self, req: Request, rng: Generator) -> Init:
         """The starting latents and, for inpainting, what every step needs, drawing from
         rng in diffusers' order: the image's latent sample, the noise, the masked image's."""
         shape, sched = req.latent_shape, req.schedule
@@ -853,7 +886,7 @@ class Pipeline:
         pure = inpaint and req.strength == 1.0  # inpainting from pure noise (is_strength_max)
         image_latents = None
         if not pure or not nine:  # the 4-channel blend needs the image's latents always
-            image_latents = np.repeat(self._encode_image(req.image, rng), shape[0], axis=0)
+            image_latents = self._encode_image(req.image, rng, shape[0])
         noise = rng.randn(shape)  # [B, 4, h, w]
         if pure:
             np.multiply(noise, np.float32(sched.init_noise_sigma), out=latents)
@@ -863,15 +896,15 @@ class Pipeline:
         if not inpaint:
             return Init(latents)
         assert req.mask is not None
-        masked = self._encode_image(req.image * (req.mask < 0.5), rng)  # [1, 4, h, w]
+        masked = self._encode_image(req.image * (req.mask < 0.5), rng, shape[0])  # [B, 4, h, w]
         # the mask at latent size: interpolate(mode="nearest") by 8 takes every 8th pixel
         small = req.mask[:, :, ::VAE_FACTOR, ::VAE_FACTOR]  # [1, 1, h, w]
         blend = None if nine else (image_latents, noise)  # a 4-channel UNet's blend
-        return Init(latents, np.repeat(small, shape[0], 0), np.repeat(masked, shape[0], 0),
+        return Init(latents, np.repeat(small, shape[0], 0), masked,
                     *(blend or (None, None)))
 
     def _denoise(self, req: Request, cond: np.ndarray, uncond: np.ndarray | None, init: Init,
-                 rng: TorchCPUGenerator, progress: Callable[[int, int], None] | None,
+                 rng: Generator, progress: Callable[[int, int], None] | None,
                  on_step_end: StepHook | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(final latents [B, 4, h, w], seconds of each UNet call, when each step ended).
         Everything the loop touches is allocated before it: the loop allocates nothing."""

@@ -26,6 +26,7 @@ ARM host) uses libm ``logf``/``cosf`` instead, which this matches only to ~1 ulp
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -146,3 +147,25 @@ class TorchCPUGenerator:
         if full != size:  # torch redraws the last 16 and recomputes them
             out[size - 16:] = _box_muller_16(self._uniform_f32(16).reshape(1, 16))[0]
         return out.reshape(shape)
+
+
+class PerImageGenerators:
+    """One TorchCPUGenerator per image of a batch (`seeds=[...]`): image k's numbers come
+    from its own seed, so image k of a batched call equals the same request alone with
+    `seed=seeds[k]`, whatever else is in the batch (serving batches strangers).
+
+    `randn(shape)` takes the batch on axis -4 ([B, 4, h, w], or [draws, B, 4, h, w] for
+    Euler ancestral's draw-ahead) and draws each image's slice from its own generator in
+    one call: the numbers image k would get alone, in the order it would get them."""
+
+    def __init__(self, seeds: Sequence[int]):
+        self.seeds = tuple(int(s) for s in seeds)
+        self._gens = [TorchCPUGenerator(s) for s in self.seeds]
+
+    def randn(self, shape: tuple[int, ...]) -> np.ndarray:
+        shape = tuple(int(s) for s in shape)
+        if len(shape) < 4 or shape[-4] != len(self._gens):
+            raise ValueError(f"per-image draws need the batch ({len(self._gens)}) on axis -4, "
+                             f"got shape {list(shape)}")
+        one = shape[:-4] + (1,) + shape[-3:]
+        return np.concatenate([g.randn(one) for g in self._gens], axis=-4)
