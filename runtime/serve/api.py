@@ -1,0 +1,141 @@
+"""The two HTTP APIs clients already speak, as request models and their jobs:
+AUTOMATIC1111's `/sdapi/v1/txt2img` (the `webuiapi` package, Krita, Open WebUI,
+SillyTavern) and OpenAI's `/v1/images/generations` (the `openai` package).
+
+Fields a client sends that change nothing here at their defaults (webuiapi sends ~40)
+are accepted; one that asks for a feature we do not have (hires fix, face restore,
+tiling, variation seeds, scripts) is refused with one line, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from runtime.metadata import A1111_SAMPLERS
+from runtime.pipeline import UsageError, check_settings, check_text
+from runtime.schedulers import SCHEDULERS
+from runtime.serve.jobs import Job
+
+MAX_IMAGES = 16  # images per HTTP request (batch_size x n_iter, or n)
+
+# A1111 sampler names (and our own names, and k-diffusion aliases) -> our schedulers
+SAMPLER_ALIASES = {
+    **{name.lower(): key for key, name in A1111_SAMPLERS.items()},
+    **{key: key for key in SCHEDULERS},
+    "pndm": "pndm", "k_euler_a": "euler_a", "k_euler": "euler", "k_lms": "lms",
+    "k_dpmpp_2m": "dpmpp_2m", "k_dpmpp_2m_ka": "dpmpp_2m_karras",
+}
+A1111_ALIASES = {"euler_a": ["k_euler_a", "k_euler_ancestral"], "euler": ["k_euler"],
+                 "lms": ["k_lms"], "ddim": [], "pndm": ["pndm"], "dpmpp_2m": ["k_dpmpp_2m"],
+                 "dpmpp_2m_karras": ["k_dpmpp_2m_ka"]}
+
+
+def scheduler_for(sampler: str | None, schedule: str | None = None) -> str:
+    """A1111's sampler_name (+ its newer `scheduler` field: Automatic, Karras) or one
+    of our names -> our scheduler; UsageError naming the choices otherwise."""
+    name = (sampler or "Euler").strip().lower()
+    if schedule and schedule.strip().lower() == "karras" and name == "dpm++ 2m":
+        name = "dpm++ 2m karras"
+    elif schedule and schedule.strip().lower() not in ("automatic", "karras", ""):
+        raise UsageError(f"scheduler {schedule!r} is not supported; use Automatic or Karras")
+    if name not in SAMPLER_ALIASES:
+        raise UsageError(f"sampler {sampler!r} is not supported; choose one of "
+                         f"{', '.join(A1111_SAMPLERS.values())}")
+    return SAMPLER_ALIASES[name]
+
+
+def random_seed() -> int:
+    return secrets.randbits(32)  # A1111 draws 32-bit seeds
+
+
+def make_jobs(prompt: str, negative: str, steps: int, scheduler: str, guidance: float,
+              width: int, height: int, seed: int | None, images: int) -> list[Job]:
+    """`images` jobs with seeds seed, seed + 1, ... (A1111's all_seeds): each image is
+    reproducible alone from its own seed. UsageError for anything the Pipeline would
+    refuse without a model (one line)."""
+    if not 1 <= images <= MAX_IMAGES:
+        raise UsageError(f"{images} images per request; ask for 1 to {MAX_IMAGES}")
+    check_text(prompt)
+    check_text(negative)
+    first = random_seed() if seed is None or seed == -1 else seed
+    check_settings(steps, scheduler, guidance, 1, first, height, width)
+    check_settings(steps, scheduler, guidance, 1, first + images - 1, height, width)
+    return [Job(prompt, negative, steps, scheduler, float(guidance), width, height, first + k)
+            for k in range(images)]
+
+
+class Txt2Img(BaseModel):
+    """POST /sdapi/v1/txt2img (A1111's StableDiffusionProcessingTxt2Img fields)."""
+
+    model_config = ConfigDict(extra="allow")
+    prompt: str = ""
+    negative_prompt: str = ""
+    steps: int = 50
+    cfg_scale: float = 7.0
+    width: int = 512
+    height: int = 512
+    seed: int = -1
+    sampler_name: str | None = None
+    sampler_index: str | None = None  # deprecated in A1111; sampler_name wins
+    scheduler: str | None = None
+    batch_size: int = 1
+    n_iter: int = 1
+    # features we do not have: accepted only at their defaults
+    enable_hr: bool = False
+    restore_faces: bool | None = False
+    tiling: bool | None = False
+    subseed_strength: float = 0.0
+    styles: list[str] | None = None
+    script_name: str | None = None
+    alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
+    override_settings: dict[str, Any] = Field(default_factory=dict)
+
+    def jobs(self) -> list[Job]:
+        unsupported = [("enable_hr", "hires fix"), ("restore_faces", "face restoration"),
+                       ("tiling", "tiling"), ("subseed_strength", "variation seeds"),
+                       ("styles", "styles"), ("script_name", "scripts"),
+                       ("alwayson_scripts", "scripts"), ("override_settings", "override_settings")]
+        for name, what in unsupported:
+            if getattr(self, name):
+                raise UsageError(f"{name}: {what} is not supported by this server")
+        scheduler = scheduler_for(self.sampler_name or self.sampler_index, self.scheduler)
+        return make_jobs(self.prompt, self.negative_prompt, self.steps, scheduler,
+                         self.cfg_scale, self.width, self.height, self.seed,
+                         self.batch_size * self.n_iter)
+
+
+class ImagesGenerations(BaseModel):
+    """POST /v1/images/generations (OpenAI), plus documented extensions: negative_prompt,
+    steps, guidance_scale, scheduler, seed (image k gets seed + k)."""
+
+    model_config = ConfigDict(extra="allow")
+    prompt: str
+    model: str | None = None
+    n: int = 1
+    size: str | None = None  # "WxH" or "auto": the model's default size
+    response_format: str | None = "b64_json"
+    quality: str | None = None  # accepted, no effect (one quality here)
+    style: str | None = None  # likewise
+    user: str | None = None
+    negative_prompt: str = ""
+    steps: int = 50
+    guidance_scale: float = 7.5
+    scheduler: str = "pndm"
+    seed: int | None = None
+
+    def jobs(self, default_size: tuple[int, int]) -> list[Job]:
+        if self.response_format not in (None, "b64_json"):
+            raise UsageError(f"response_format {self.response_format!r} is not supported; "
+                             f"use b64_json (this server keeps no image URLs)")
+        width, height = default_size
+        if self.size not in (None, "auto"):
+            try:
+                width, height = (int(v) for v in self.size.lower().split("x"))
+            except ValueError:
+                raise UsageError(f"size must be WIDTHxHEIGHT or auto, got {self.size!r}") from None
+        return make_jobs(self.prompt, self.negative_prompt, self.steps,
+                         scheduler_for(self.scheduler), self.guidance_scale, width, height,
+                         self.seed, self.n)

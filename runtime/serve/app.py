@@ -1,0 +1,295 @@
+"""The Ray Serve application: one ingress (FastAPI: both HTTP APIs, /health, /metrics,
+backpressure) in front of N generator replicas, each holding one loaded Pipeline and
+batching concurrent images with `@serve.batch` (runtime/serve/jobs.py: batching never
+changes a picture).
+
+    HTTP -> Ingress (1 replica, no CPU reserved) -> Generator x N (1 GPU each on GPU)
+
+Bounds: each generator replica runs one batch while the next fills (max_ongoing_requests
+= 2 x max_batch images); past `max_queued` images waiting at the ingress, requests get
+503 with Retry-After, not a timeout. A client that disconnects cancels its images that
+have not started.
+
+`build(args)` is the application builder `serve deploy` and `serve run` take
+(runtime/serve/serve_config.yaml); `python -m runtime.serve` calls it too.
+"""
+
+# no `from __future__ import annotations`: FastAPI reads the route annotations at run time
+import asyncio
+import base64
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from ray import serve
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+
+from runtime.bundle import read_manifest, resolve_model
+from runtime.metadata import A1111_SAMPLERS
+from runtime.pipeline import UsageError
+from runtime.serve.api import A1111_ALIASES, ImagesGenerations, Txt2Img
+from runtime.serve.jobs import Job, Made, run_jobs
+from runtime.serve.metrics import Metrics
+
+GPU_BACKENDS = ("tensorrt", "ort-cuda")
+# Serve ships the decorated classes by value when they are defined (cloudpickle): what
+# their methods use must be defined above them
+
+
+@dataclass
+class Settings:
+    model: str = "demo"
+    backend: str = "auto"
+    replicas: int = 1
+    max_batch: int = 8  # images per UNet batch
+    batch_wait_ms: float = 50.0  # how long a batch waits to fill once its first image came
+    max_queued: int = 64  # images waiting at the ingress before 503s
+    gpus_per_replica: float | None = None  # None: 1 for a GPU backend or a GPU cluster, else 0
+    safety: bool = True
+
+    def check(self) -> None:
+        """UsageError with one line, before anything starts."""
+        for name, low in (("replicas", 1), ("max_batch", 1), ("max_queued", 1)):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < low:
+                raise UsageError(f"{name} must be an integer >= {low}, got {getattr(self, name)!r}")
+        if not 0 <= self.batch_wait_ms <= 10_000:
+            raise UsageError(f"batch_wait_ms must be in [0, 10000], got {self.batch_wait_ms}")
+        read_manifest(resolve_model(self.model))  # BundleError: not a bundle
+
+
+def model_info(model: str) -> dict[str, Any]:
+    """What the A1111/OpenAI model listings show, from the bundle's manifest."""
+    path = resolve_model(model)
+    m = read_manifest(path)
+    return {"name": model if model == "demo" else path.name, "path": str(path),
+            "hash": str(m.source.get("hash", "")), "default_size": [m.default_width, m.default_height]}
+
+
+class Overloaded(Exception):
+    pass
+
+
+def cancel(responses: list) -> None:
+    """Cancel a request's other images; one whose routing already failed raises its
+    error again from cancel(), which changes nothing here."""
+    for r in responses:
+        try:
+            r.cancel()
+        except Exception:  # noqa: BLE001 (nothing left to cancel)
+            pass
+
+
+@serve.deployment(health_check_period_s=5, health_check_timeout_s=60)
+class Generator:
+    """One Pipeline; concurrent images batched (at most max_batch, waiting batch_wait_ms)."""
+
+    def __init__(self, settings: dict[str, Any]):
+        from runtime.pipeline import Pipeline
+
+        s = Settings(**settings)
+        self.pipe = Pipeline(s.model, s.backend, safety=s.safety, log=lambda m: print(m, flush=True))
+        self.name = s.model if s.model == "demo" else self.pipe.bundle.name
+        self.made = 0  # images made by this replica (tests: cancelled work is not done)
+        self.generate.set_max_batch_size(s.max_batch)
+        self.generate.set_batch_wait_timeout_s(s.batch_wait_ms / 1000)
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": self.pipe.backend, "precision": self.pipe.precision, "made": self.made}
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
+    async def generate(self, jobs: list[Job]) -> list[Made]:
+        # the Pipeline blocks: a worker thread keeps this replica answering meanwhile
+        made = await asyncio.to_thread(run_jobs, self.pipe, jobs, self.name)
+        self.made += sum(m.error is None for m in made)
+        return made
+
+
+METRICS = Metrics()  # per process: the ingress replica's
+
+
+def metrics() -> Metrics:
+    """This process's METRICS, looked up in the imported module: Serve ships the FastAPI
+    app's middleware by value (cloudpickle), whose globals would be a copy of its own."""
+    return sys.modules[__name__].METRICS  # type: ignore[attr-defined]
+app = FastAPI(title="sdrt", description="Stable Diffusion v1.x on sdrt engines: "
+              "AUTOMATIC1111 and OpenAI image APIs, dynamically batched.")
+
+
+def _error(request: Request, status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    if request.url.path.startswith("/v1/"):  # OpenAI's error shape (the openai client reads it)
+        kind = "server_error" if status >= 500 else "invalid_request_error"
+        body: dict = {"error": {"message": message, "type": kind, "param": None, "code": None}}
+    else:  # A1111's
+        body = {"error": "Overloaded" if status == 503 else "BadRequest", "detail": message}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+@app.exception_handler(RequestValidationError)
+async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+    return _error(request, 422, f"{where}: {first.get('msg')}" if where else str(first.get("msg")))
+
+
+@app.middleware("http")
+async def _count(request: Request, call_next):
+    t = time.perf_counter()
+    response = await call_next(request)
+    route = request.url.path
+    metrics().requests.labels(route, str(response.status_code)).inc()
+    if request.method == "POST":
+        metrics().latency.labels(route).observe(time.perf_counter() - t)
+    return response
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
+@serve.ingress(app)
+class Ingress:
+    def __init__(self, generator: DeploymentHandle, settings: dict[str, Any]):
+        self.gen = generator
+        self.settings = Settings(**settings)
+        self.model = model_info(self.settings.model)  # from the manifest: no generator call
+        self.recent_batch_s = 1.0  # for Retry-After
+
+    async def _model(self) -> dict[str, Any]:
+        return self.model
+
+    async def _make(self, jobs: list[Job]) -> list[Made]:
+        """Every job's outcome, or Overloaded. Cancelled (client gone): its jobs that have
+        not started are dropped by Serve."""
+        metrics().queued.inc(len(jobs))
+        responses: list = []
+        try:
+            for job in jobs:
+                responses.append(self.gen.generate.remote(job))
+            made = list(await asyncio.gather(*responses))
+        except BackPressureError:
+            cancel(responses)
+            raise Overloaded() from None
+        except asyncio.CancelledError:
+            cancel(responses)
+            raise
+        finally:
+            metrics().queued.dec(len(jobs))
+        for m in made:
+            if m.error is None:
+                metrics().made(m.batch, m.timings)
+                self.recent_batch_s = m.timings.get("batch_total", self.recent_batch_s)
+        return made
+
+    async def _run(self, request: Request, jobs_of) -> tuple[list[Job], list[Made]] | JSONResponse:
+        """The request's jobs (`jobs_of()`) and their outcomes, or the error response."""
+        try:
+            jobs = jobs_of()
+            made = await self._make(jobs)
+        except UsageError as e:
+            return _error(request, 400, str(e))
+        except Overloaded:
+            wait = str(max(1, math.ceil(self.recent_batch_s)))
+            return _error(request, 503, f"server busy: more than {self.settings.max_queued} "
+                          f"images queued; retry in {wait} s", {"Retry-After": wait})
+        refused = [m.error for m in made if m.error]
+        if refused:
+            return _error(request, 400, refused[0])
+        return jobs, made
+
+    @app.post("/sdapi/v1/txt2img")
+    async def txt2img(self, body: Txt2Img, request: Request):
+        model = await self._model()
+        done = await self._run(request, body.jobs)
+        if isinstance(done, JSONResponse):
+            return done
+        jobs, out = done
+        first = out[0]
+        info = {
+            "prompt": body.prompt, "all_prompts": [body.prompt] * len(out),
+            "negative_prompt": body.negative_prompt,
+            "all_negative_prompts": [body.negative_prompt] * len(out),
+            "seed": first.seed, "all_seeds": [m.seed for m in out], "subseed": -1,
+            "all_subseeds": [-1] * len(out), "subseed_strength": 0,
+            "width": jobs[0].width, "height": jobs[0].height,
+            "sampler_name": A1111_SAMPLERS[jobs[0].scheduler], "cfg_scale": body.cfg_scale,
+            "steps": body.steps, "batch_size": body.batch_size, "n_iter": body.n_iter,
+            "restore_faces": False, "sd_model_name": model["name"],
+            "sd_model_hash": model["hash"][:10], "clip_skip": 1,
+            "infotexts": [m.infotext for m in out], "nsfw": [m.nsfw for m in out],
+            "batch_sizes": [m.batch for m in out], "version": "sdrt"}
+        return {"images": [base64.b64encode(m.png).decode() for m in out],
+                "parameters": body.model_dump(), "info": json.dumps(info)}
+
+    @app.post("/v1/images/generations")
+    async def images(self, body: ImagesGenerations, request: Request):
+        model = await self._model()
+        done = await self._run(request, lambda: body.jobs(tuple(model["default_size"])))
+        if isinstance(done, JSONResponse):
+            return done
+        out = done[1]
+        return {"created": int(time.time()),
+                "data": [{"b64_json": base64.b64encode(m.png).decode(), "revised_prompt": body.prompt,
+                          "seed": m.seed} for m in out]}
+
+    @app.get("/sdapi/v1/samplers")
+    async def samplers(self):
+        return [{"name": A1111_SAMPLERS[k], "aliases": A1111_ALIASES[k], "options": {}}
+                for k in A1111_SAMPLERS]
+
+    @app.get("/sdapi/v1/sd-models")
+    async def sd_models(self):
+        m = await self._model()
+        return [{"title": f"{m['name']} [{m['hash'][:10]}]", "model_name": m["name"],
+                 "hash": m["hash"][:10], "sha256": m["hash"], "filename": m["path"], "config": None}]
+
+    @app.get("/sdapi/v1/options")
+    async def options(self):
+        m = await self._model()
+        return {"sd_model_checkpoint": f"{m['name']} [{m['hash'][:10]}]",
+                "sd_checkpoint_hash": m["hash"], "CLIP_stop_at_last_layers": 1,
+                "samples_format": "png"}
+
+    @app.get("/sdapi/v1/scripts")
+    async def scripts(self):
+        return {"txt2img": [], "img2img": []}
+
+    @app.get("/v1/models")
+    async def models(self):
+        m = await self._model()
+        return {"object": "list", "data": [{"id": m["name"], "object": "model", "created": 0,
+                                            "owned_by": "sdrt"}]}
+
+    @app.get("/health")
+    async def health(self, request: Request):
+        try:
+            m = await asyncio.wait_for(self.gen.describe.remote(), timeout=10)
+        except Exception as e:  # no generator replica answers (or all are busy and queued)
+            return _error(request, 503, f"no model replica answers: {type(e).__name__}")
+        return {"status": "ok", "model": self.model["name"], "backend": m["backend"],
+                "precision": m["precision"], "images_made": m["made"]}  # by the replica that answered
+
+    @app.get("/metrics")
+    async def metrics(self):
+        return Response(metrics().text(), media_type=metrics().content_type)
+
+
+def build(args: dict[str, Any]) -> serve.Application:
+    """The application from Settings fields (the CLI's flags; serve_config.yaml's args)."""
+    s = Settings(**args)
+    s.check()
+    gpus = s.gpus_per_replica
+    if gpus is None:
+        import ray
+
+        on_gpu = s.backend in GPU_BACKENDS or (
+            s.backend == "auto" and ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0)
+        gpus = 1.0 if on_gpu else 0.0
+    generator = Generator.options(
+        num_replicas=s.replicas, max_ongoing_requests=2 * s.max_batch,
+        max_queued_requests=s.max_queued,
+        ray_actor_options={"num_cpus": 0 if gpus else 1, "num_gpus": gpus}).bind(asdict(s))
+    return Ingress.bind(generator, asdict(s))

@@ -1,0 +1,194 @@
+"""python -m runtime.serve: a real local Ray Serve app on 127.0.0.1 serving the demo
+bundle (ort-cpu, fp32), spoken to by the real `openai` and `webuiapi` client packages.
+
+Batching never changes a picture: images served concurrently (one UNet batch) equal the
+same requests served alone, pixel for pixel. Overload gives 503s, not timeouts."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ray = pytest.importorskip("ray")
+serve = pytest.importorskip("ray.serve")
+requests = pytest.importorskip("requests")
+
+from runtime.serve.app import build  # noqa: E402
+
+MAX_BATCH, MAX_QUEUED = 4, 6
+SMALL = {"width": 64, "height": 64, "steps": 3}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    port = free_port()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build({"model": "demo", "backend": "ort-cpu", "max_batch": MAX_BATCH,
+                         "batch_wait_ms": 300, "max_queued": MAX_QUEUED}),
+                  name="sdrt", route_prefix="/")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def png(b64: str) -> np.ndarray:
+    image = Image.open(io.BytesIO(base64.b64decode(b64)))
+    assert image.format == "PNG"
+    return np.asarray(image)
+
+
+def txt2img(url: str, **body) -> requests.Response:
+    return requests.post(f"{url}/sdapi/v1/txt2img", json={**SMALL, **body}, timeout=120)
+
+
+def test_openai_client_gets_pngs(server):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+    r = client.images.generate(model="demo", prompt="a red circle", n=2, size="64x64",
+                               response_format="b64_json", extra_body={"steps": 3, "seed": 5})
+    images = [png(d.b64_json) for d in r.data]
+    assert len(images) == 2 and images[0].shape == (64, 64, 3)
+    assert not np.array_equal(images[0], images[1])  # seeds 5 and 6
+    assert [m.id for m in client.models.list().data] == ["demo"]
+
+
+def test_webuiapi_client_gets_pngs_and_seeds(server):
+    webuiapi = pytest.importorskip("webuiapi")
+    host, port = server.removeprefix("http://").split(":")
+    api = webuiapi.WebUIApi(host=host, port=int(port), sampler="Euler a", steps=3)
+    r = api.txt2img(prompt="a blue square", width=64, height=64, seed=3, batch_size=2)
+    assert len(r.images) == 2 and r.images[0].size == (64, 64)
+    assert r.info["all_seeds"] == [3, 4] and r.info["sampler_name"] == "Euler a"
+    assert "Seed: 4," in r.info["infotexts"][1]
+    assert "Euler a" in [s["name"] for s in api.get_samplers()]
+    assert api.get_sd_models()[0]["model_name"] == "demo"
+
+
+def test_batched_images_equal_each_served_alone(server):
+    jobs = [("a red circle", 11), ("a blue square", 12), ("a green star", 13), ("a cat", 14)]
+    with ThreadPoolExecutor(len(jobs)) as pool:  # concurrent: one UNet batch (or two)
+        together = list(pool.map(lambda j: txt2img(server, prompt=j[0], seed=j[1]), jobs))
+    alone = [txt2img(server, prompt=p, seed=s) for p, s in jobs]  # one at a time: batch 1
+    batches = [json.loads(r.json()["info"])["batch_sizes"][0] for r in together]
+    assert max(batches) > 1, f"the concurrent requests were not batched: {batches}"
+    assert [json.loads(r.json()["info"])["batch_sizes"][0] for r in alone] == [1] * len(jobs)
+    for (prompt, _), a, b in zip(jobs, together, alone, strict=True):
+        assert np.array_equal(png(a.json()["images"][0]), png(b.json()["images"][0])), prompt
+
+
+@pytest.mark.parametrize("body,status,says", [
+    ({"sampler_name": "Heun"}, 400, "sampler 'Heun' is not supported"),
+    ({"width": 65}, 400, "width must be a multiple of 8"),
+    ({"enable_hr": True}, 400, "hires fix is not supported"),
+    ({"batch_size": 17}, 400, "17 images per request"),
+    ({"steps": "many"}, 422, "steps: "),
+    ({"prompt": "(a:1.2.3)"}, 400, "prompt syntax"),
+])
+def test_bad_a1111_requests_get_one_line(server, body, status, says):
+    r = txt2img(server, **body)
+    assert r.status_code == status, r.text
+    detail = r.json()["detail"]
+    assert says in detail and "\n" not in detail
+
+
+def test_bad_openai_request_is_an_openai_error(server):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.BadRequestError, match="response_format 'url' is not supported"):
+        client.images.generate(prompt="x", size="64x64", response_format="url")
+
+
+def test_health_and_metrics(server):
+    assert requests.get(f"{server}/health", timeout=30).json()["status"] == "ok"
+    text = requests.get(f"{server}/metrics", timeout=30).text
+    for name in ("sdrt_requests_total", "sdrt_queue_depth", "sdrt_batch_size_bucket",
+                 "sdrt_stage_seconds_bucket", "sdrt_request_seconds_bucket"):
+        assert name in text, name
+
+
+def test_a_client_that_disconnects_leaves_no_work_behind(server):
+    """Its images that have not started are dropped: the replica makes only the others."""
+    def made() -> int:
+        return requests.get(f"{server}/health", timeout=30).json()["images_made"]
+
+    before = made()
+    with ThreadPoolExecutor(2) as pool:
+        busy = pool.submit(txt2img, server, prompt="busy", seed=1, steps=30, batch_size=MAX_BATCH,
+                           width=256, height=256)  # a few seconds
+        time.sleep(0.8)  # the busy batch runs; the next request waits behind it
+        with pytest.raises(requests.exceptions.ReadTimeout):
+            requests.post(f"{server}/sdapi/v1/txt2img", json={**SMALL, "prompt": "gone",
+                          "batch_size": 2}, timeout=0.5)
+        assert busy.result(timeout=120).status_code == 200
+    time.sleep(2.0)  # time for a leaked batch to run, if there were one
+    assert made() - before == MAX_BATCH
+
+
+def test_overload_gets_503_with_retry_after_not_a_timeout(server):
+    n = 2 * MAX_BATCH + MAX_QUEUED + 10  # past what runs, waits to run and queues
+    with ThreadPoolExecutor(n) as pool:
+        rs = list(pool.map(lambda k: txt2img(server, prompt="x", seed=k, steps=8), range(n)))
+    codes = [r.status_code for r in rs]
+    assert set(codes) <= {200, 503}, codes
+    assert codes.count(503) >= 1 and codes.count(200) >= MAX_BATCH, codes
+    busy = next(r for r in rs if r.status_code == 503)
+    assert int(busy.headers["Retry-After"]) >= 1 and "server busy" in busy.json()["detail"]
+
+
+def test_serve_cli_refuses_bad_settings_in_one_line(tmp_path):
+    for argv, says in ((["--model", str(tmp_path)], "manifest"),
+                       (["--replicas", "0"], "replicas must be"),
+                       (["--port", "70000"], "port must be")):
+        out = subprocess.run([sys.executable, "-m", "runtime.serve", *argv],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2, out.stderr
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and says in lines[0], out.stderr
+
+
+def test_the_runtime_core_does_not_import_ray():
+    code = ("import sys, runtime.pipeline, runtime.generate, runtime.serve.jobs, "
+            "runtime.serve.api; assert 'ray' not in sys.modules, 'ray imported'")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-500:]
+
+
+def test_a_killed_replica_is_replaced_and_requests_get_answers(server):
+    """Every request gets an answer (an image or an error status, never a hang) while
+    the generator replica dies; Serve starts a new one and serving goes on."""
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(txt2img, server, prompt="x", seed=k, steps=20) for k in range(4)]
+        time.sleep(0.5)
+        victims = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                   if "Generator" in a["name"]]
+        assert victims, "no generator replica found"
+        ray.kill(ray.get_actor(victims[0]["name"], namespace=victims[0]["namespace"]))
+        codes = [f.result(timeout=120).status_code for f in futures]
+    assert all(c == 200 or c >= 500 for c in codes), codes
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if requests.get(f"{server}/health", timeout=30).status_code == 200:
+            break
+        time.sleep(1)
+    assert txt2img(server, prompt="after", seed=1).status_code == 200
