@@ -107,3 +107,20 @@ def test_lora_swap_benchmark_runs_on_the_demo(tmp_path, capsys):
     for k in ("cold_load_s", "swap_A_s", "swap_B_s", "swap_A_again_s", "swap_none_s"):
         assert r[k] > 0
     assert r["rss_none_gib"] > 0 and r["swap_vs_cold_load"] > 0
+
+
+def test_the_serving_load_test_runs_and_reports_every_figure(tmp_path):
+    """benchmarks.serve, tiny: two phases of 2 s and the overload burst (Ray Serve)."""
+    pytest.importorskip("ray.serve")
+    from benchmarks import serve as bench
+
+    out = tmp_path / "serve.json"
+    assert bench.main(["--seconds", "2", "--steps", "2", "--size", "64", "--clients", "2",
+                       "--max-batch", "2", "--max-queued", "2", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    for phase in ("batching", "one_at_a_time"):
+        assert r[phase]["images_per_s"] > 0 and r[phase]["failed"] == {}, r[phase]
+        assert r[phase]["latency_p99_s"] >= r[phase]["latency_p50_s"] > 0
+    assert r["overload"]["status"].get("503", 0) >= 1 and r["overload"]["retry_after_on_every_503"]
+    assert set(r["overload"]["status"]) <= {"200", "503"}
+    assert r["throughput_ratio"] > 0

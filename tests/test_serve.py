@@ -192,3 +192,53 @@ def test_a_killed_replica_is_replaced_and_requests_get_answers(server):
             break
         time.sleep(1)
     assert txt2img(server, prompt="after", seed=1).status_code == 200
+
+
+def test_the_deploy_configs_are_valid_serve_configs():
+    """serve_config.yaml (serve deploy) and the KubeRay RayService's serveConfigV2 parse
+    as Ray Serve deploy configs whose args are exactly our Settings fields."""
+    import dataclasses
+    from pathlib import Path
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from runtime.serve.app import Settings
+
+    folder = Path(__file__).parent.parent / "runtime" / "serve"
+    kuberay = yaml.safe_load((folder / "kuberay_rayservice.yaml").read_text())
+    for config in (yaml.safe_load((folder / "serve_config.yaml").read_text()),
+                   yaml.safe_load(kuberay["spec"]["serveConfigV2"])):
+        app = ServeDeploySchema.model_validate(config).applications[0]
+        assert app.import_path == "runtime.serve.app:build"
+        assert set(app.args) <= {f.name for f in dataclasses.fields(Settings)}
+        Settings(**app.args)
+
+
+
+def test_the_readme_serve_command_serves_and_stops_cleanly():
+    """python -m runtime.serve as a user runs it: it says where it serves, answers the
+    openai client, and stops on SIGTERM with exit 0 (Ray shut down with it)."""
+    import signal
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "runtime.serve", "--model", "demo",
+                             "--backend", "ort-cpu", "--port", str(port)],
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        for line in proc.stderr:  # the replicas' load lines, then "serving ..."
+            if line.startswith("serving demo on"):
+                break
+            assert time.monotonic() < deadline and proc.poll() is None, line
+        openai = pytest.importorskip("openai")
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", max_retries=0)
+        r = client.images.generate(prompt="a red apple", size="64x64",
+                                   response_format="b64_json", extra_body={"steps": 2, "seed": 1})
+        assert png(r.data[0].b64_json).shape == (64, 64, 3)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
