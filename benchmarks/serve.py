@@ -126,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     body = {"prompt": "a red circle", "width": a.size, "height": a.size, "steps": a.steps,
             "sampler_name": "Euler a"}
     phases = {"batching": (a.max_batch, 50.0), "one_at_a_time": (1, 0.0)}
-    out: dict = {"settings": vars(a) | {"json": None}, "machine": machine.name(machine.info()),
+    out: dict = {"command": "python -m benchmarks.serve " + " ".join(sys.argv[1:] if argv is None else argv),
+                 "settings": vars(a) | {"json": None}, "machine": machine.name(machine.info()),
                  "cpu": machine.info()["cpu"]}
     for name, (max_batch, wait) in phases.items():
         app = App({"model": a.model, "backend": a.backend, "max_batch": max_batch,

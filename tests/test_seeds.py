@@ -43,6 +43,15 @@ def test_batched_images_equal_each_alone(pipe, scheduler):
     assert not np.array_equal(pipe(prompts, seed=11, **kw).images[1], batched.images[1])
 
 
+def test_euler_ancestral_batch_at_sizes_whose_latents_are_not_16_aligned(pipe):
+    """24x24: a [4, 3, 3] latent is 36 values, not a multiple of torch's 16-value blocks:
+    alone, each step draws its own noise; batched, each image's generator must too."""
+    kw = dict(steps=3, height=24, width=24, scheduler="euler_a")
+    batched = pipe(["a"] * 4, seeds=[1, 2, 3, 4], **kw).images
+    for k in range(4):
+        assert np.array_equal(batched[k], pipe("a", seed=k + 1, **kw).images[0]), k
+
+
 def test_batched_img2img_and_inpainting_equal_each_alone(pipe):
     rs = np.random.RandomState(0)
     image = Image.fromarray((rs.rand(64, 64, 3) * 255).astype(np.uint8))

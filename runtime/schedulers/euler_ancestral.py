@@ -24,14 +24,16 @@ class AncestralState(State):
     """Scratch, and the noise of every step of the run (calls start .. calls - 1) drawn at
     once (so the loop allocates nothing) when that continues the generator's stream
     exactly: torch's CPU randn works in blocks of 16 values, so for a step size that is a
-    multiple of 16 (any [B, 4, h, w] with h, w multiples of 2) one [draws, B, 4, h, w]
-    draw equals `draws` draws of [B, 4, h, w] in a row. Past PREDRAW_BYTES (e.g. 1000
+    multiple of 16 one [draws, B, 4, h, w] draw equals `draws` draws of [B, 4, h, w] in a
+    row. One image's [4, h, w] must be (h * w a multiple of 4): per-image seeds draw each
+    image's [draws, 1, 4, h, w] from its own generator, which must equal what that image
+    alone draws (B = 1). Past PREDRAW_BYTES (e.g. 1000
     steps at 1024x1024) each step draws its own."""
 
     def __init__(self, shape: tuple[int, ...], calls: int, rng: Any, start: int):
         super().__init__(shape, start=start)
         size, draws = math.prod(shape), calls - start  # one draw per call of this run
-        fits = size % 16 == 0 and draws * size * 4 <= PREDRAW_BYTES
+        fits = math.prod(shape[1:]) % 16 == 0 and draws * size * 4 <= PREDRAW_BYTES
         self.noise = rng.randn((draws, *shape)) if fits else None  # [draws, B, 4, h, w]
 
 

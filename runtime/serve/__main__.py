@@ -17,6 +17,7 @@ import signal
 import socket
 import sys
 import threading
+from dataclasses import asdict
 
 from runtime.args import OneLineParser
 from runtime.backends import BACKENDS
@@ -30,7 +31,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--backend", default="auto", choices=BACKENDS)
     p.add_argument("--replicas", type=int, default=1, help="generator replicas (one Pipeline "
                    "each; one GPU each on GPU backends)")
-    p.add_argument("--host", default="127.0.0.1", help="listen address (0.0.0.0: every interface)")
+    p.add_argument("--host", default=None, help="listen address (default 127.0.0.1; with "
+                   "--address 0.0.0.0, every interface of every node)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=int, default=8, help="images per UNet batch")
     p.add_argument("--batch-wait-ms", type=float, default=50.0,
@@ -61,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         import ray
         from ray import serve
 
-        from runtime.serve.app import Settings, build
+        from runtime.serve.app import SERVE_APP, Settings, build
     except ImportError as e:
         say(f"error: serving needs the serve extra (pip install 'sdrt[serve]'): {e}")
         return 2
@@ -69,10 +71,11 @@ def main(argv: list[str] | None = None) -> int:
                         max_batch=1 if args.no_batching else args.max_batch,
                         batch_wait_ms=0.0 if args.no_batching else args.batch_wait_ms,
                         max_queued=args.max_queued, safety=not args.no_safety)
+    host = args.host or ("127.0.0.1" if args.address is None else "0.0.0.0")
     try:
         settings.check()
         if args.address is None:
-            check_port(args.host, args.port)
+            check_port(host, args.port)
     except (UsageError, BundleError) as e:
         say(f"error: {e}")
         return 2
@@ -82,16 +85,19 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        serve.start(http_options={"host": args.host, "port": args.port})
-        serve.run(build(vars(settings)), name="sdrt", route_prefix="/")
+        serve.start(http_options={"host": host, "port": args.port})
+        serve.run(build(asdict(settings)), name=SERVE_APP, route_prefix="/")
         if args.address is not None:  # the cluster keeps serving after this command
-            say(f"deployed {args.model} as application sdrt on {args.address}")
+            say(f"deployed {args.model} as application {SERVE_APP} on {args.address}")
             return 0
-        say(f"serving {args.model} on http://{args.host}:{args.port} "
-            f"(API docs: http://{args.host}:{args.port}/docs); Ctrl-C stops")
+        say(f"serving {args.model} on http://{host}:{args.port} "
+            f"(API docs: http://{host}:{args.port}/docs); Ctrl-C stops")
         stop.wait()
     except KeyboardInterrupt:
         pass
+    except (UsageError, BundleError) as e:  # e.g. more replicas than the cluster can place
+        say(f"error: {e}")
+        return 2
     except Exception as e:  # a replica that cannot start (its log above says why)
         say(f"error: the application did not start: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
         return 1

@@ -10,6 +10,7 @@ tiling, variation seeds, scripts) is refused with one line, never silently ignor
 from __future__ import annotations
 
 import secrets
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -19,27 +20,28 @@ from runtime.pipeline import UsageError, check_settings, check_text
 from runtime.schedulers import SCHEDULERS
 from runtime.serve.jobs import Job
 
-MAX_IMAGES = 16  # images per HTTP request (batch_size x n_iter, or n)
-
-# A1111 sampler names (and our own names, and k-diffusion aliases) -> our schedulers
-SAMPLER_ALIASES = {
-    **{name.lower(): key for key, name in A1111_SAMPLERS.items()},
-    **{key: key for key in SCHEDULERS},
-    "pndm": "pndm", "k_euler_a": "euler_a", "k_euler": "euler", "k_lms": "lms",
-    "k_dpmpp_2m": "dpmpp_2m", "k_dpmpp_2m_ka": "dpmpp_2m_karras",
-}
+# what GET /sdapi/v1/samplers lists beside each A1111 name (k-diffusion's names)
 A1111_ALIASES = {"euler_a": ["k_euler_a", "k_euler_ancestral"], "euler": ["k_euler"],
                  "lms": ["k_lms"], "ddim": [], "pndm": ["pndm"], "dpmpp_2m": ["k_dpmpp_2m"],
                  "dpmpp_2m_karras": ["k_dpmpp_2m_ka"]}
+# A1111 names, their aliases and our own names (lower case) -> our schedulers
+SAMPLER_ALIASES = {
+    **{name.lower(): key for key, name in A1111_SAMPLERS.items()},
+    **{alias: key for key, aliases in A1111_ALIASES.items() for alias in aliases},
+    **{key: key for key in SCHEDULERS},
+}
 
 
 def scheduler_for(sampler: str | None, schedule: str | None = None) -> str:
     """A1111's sampler_name (+ its newer `scheduler` field: Automatic, Karras) or one
     of our names -> our scheduler; UsageError naming the choices otherwise."""
     name = (sampler or "Euler").strip().lower()
-    if schedule and schedule.strip().lower() == "karras" and name == "dpm++ 2m":
+    schedule = (schedule or "").strip().lower()
+    if schedule == "karras":  # the only sampler we have with Karras sigmas
+        if name not in ("dpm++ 2m", "dpm++ 2m karras", "dpmpp_2m", "dpmpp_2m_karras"):
+            raise UsageError(f"the Karras schedule is supported with DPM++ 2M only, not {sampler!r}")
         name = "dpm++ 2m karras"
-    elif schedule and schedule.strip().lower() not in ("automatic", "karras", ""):
+    elif schedule not in ("automatic", ""):
         raise UsageError(f"scheduler {schedule!r} is not supported; use Automatic or Karras")
     if name not in SAMPLER_ALIASES:
         raise UsageError(f"sampler {sampler!r} is not supported; choose one of "
@@ -51,13 +53,28 @@ def random_seed() -> int:
     return secrets.randbits(32)  # A1111 draws 32-bit seeds
 
 
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask of a replica (the server's settings)."""
+
+    images: int = 16  # per request (batch_size x n_iter, or n)
+    side: int = 1024  # px
+    steps: int = 150
+
+
 def make_jobs(prompt: str, negative: str, steps: int, scheduler: str, guidance: float,
-              width: int, height: int, seed: int | None, images: int) -> list[Job]:
+              width: int, height: int, seed: int | None, images: int,
+              limits: Limits) -> list[Job]:
     """`images` jobs with seeds seed, seed + 1, ... (A1111's all_seeds): each image is
     reproducible alone from its own seed. UsageError for anything the Pipeline would
-    refuse without a model (one line)."""
-    if not 1 <= images <= MAX_IMAGES:
-        raise UsageError(f"{images} images per request; ask for 1 to {MAX_IMAGES}")
+    refuse without a model, or past the server's limits (one line)."""
+    if not 1 <= images <= limits.images:
+        raise UsageError(f"{images} images per request; ask for 1 to {limits.images}")
+    if isinstance(steps, int) and steps > limits.steps:
+        raise UsageError(f"steps {steps} is more than this server's {limits.steps}")
+    for name, side in (("width", width), ("height", height)):
+        if isinstance(side, int) and side > limits.side:
+            raise UsageError(f"{name} {side} is more than this server's {limits.side} px")
     check_text(prompt)
     check_text(negative)
     first = random_seed() if seed is None or seed == -1 else seed
@@ -81,30 +98,46 @@ class Txt2Img(BaseModel):
     sampler_name: str | None = None
     sampler_index: str | None = None  # deprecated in A1111; sampler_name wins
     scheduler: str | None = None
-    batch_size: int = 1
-    n_iter: int = 1
-    # features we do not have: accepted only at their defaults
+    batch_size: int = Field(1, ge=1)
+    n_iter: int = Field(1, ge=1)
+    # features we do not have: accepted only at their defaults (webuiapi sends them all)
     enable_hr: bool = False
     restore_faces: bool | None = False
     tiling: bool | None = False
     subseed_strength: float = 0.0
+    seed_resize_from_h: int = 0
+    seed_resize_from_w: int = 0
     styles: list[str] | None = None
     script_name: str | None = None
     alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
     override_settings: dict[str, Any] = Field(default_factory=dict)
+    init_images: list[str] | None = None
+    # k-diffusion's sampler knobs: their defaults are what our samplers do (eta 1: Euler a)
+    eta: float | None = None
+    s_churn: float | None = None
+    s_tmin: float | None = None
+    s_tmax: float | None = None
+    s_noise: float | None = None
 
-    def jobs(self) -> list[Job]:
+    def jobs(self, limits: Limits) -> list[Job]:
         unsupported = [("enable_hr", "hires fix"), ("restore_faces", "face restoration"),
                        ("tiling", "tiling"), ("subseed_strength", "variation seeds"),
+                       ("seed_resize_from_h", "seed resize"), ("seed_resize_from_w", "seed resize"),
                        ("styles", "styles"), ("script_name", "scripts"),
-                       ("alwayson_scripts", "scripts"), ("override_settings", "override_settings")]
+                       ("alwayson_scripts", "scripts"), ("override_settings", "override_settings"),
+                       ("init_images", "img2img (this route is txt2img)")]
         for name, what in unsupported:
-            if getattr(self, name):
+            if getattr(self, name) and getattr(self, name) != -1:
                 raise UsageError(f"{name}: {what} is not supported by this server")
+        for name, default in (("eta", 1.0), ("s_churn", 0.0), ("s_tmin", 0.0), ("s_noise", 1.0)):
+            if getattr(self, name) not in (None, default):
+                raise UsageError(f"{name} {getattr(self, name)} is not supported (only {default:g})")
+        if self.s_tmax not in (None, 0.0) and self.s_tmax != float("inf"):
+            raise UsageError(f"s_tmax {self.s_tmax} is not supported")
         scheduler = scheduler_for(self.sampler_name or self.sampler_index, self.scheduler)
         return make_jobs(self.prompt, self.negative_prompt, self.steps, scheduler,
                          self.cfg_scale, self.width, self.height, self.seed,
-                         self.batch_size * self.n_iter)
+                         self.batch_size * self.n_iter, limits)
 
 
 class ImagesGenerations(BaseModel):
@@ -114,7 +147,7 @@ class ImagesGenerations(BaseModel):
     model_config = ConfigDict(extra="allow")
     prompt: str
     model: str | None = None
-    n: int = 1
+    n: int = Field(1, ge=1)
     size: str | None = None  # "WxH" or "auto": the model's default size
     response_format: str | None = "b64_json"
     quality: str | None = None  # accepted, no effect (one quality here)
@@ -126,7 +159,9 @@ class ImagesGenerations(BaseModel):
     scheduler: str = "pndm"
     seed: int | None = None
 
-    def jobs(self, default_size: tuple[int, int]) -> list[Job]:
+    def jobs(self, default_size: tuple[int, int], model: str, limits: Limits) -> list[Job]:
+        if self.model not in (None, model):
+            raise UsageError(f"model {self.model!r} is not served here; this server has {model!r}")
         if self.response_format not in (None, "b64_json"):
             raise UsageError(f"response_format {self.response_format!r} is not supported; "
                              f"use b64_json (this server keeps no image URLs)")
@@ -138,4 +173,4 @@ class ImagesGenerations(BaseModel):
                 raise UsageError(f"size must be WIDTHxHEIGHT or auto, got {self.size!r}") from None
         return make_jobs(self.prompt, self.negative_prompt, self.steps,
                          scheduler_for(self.scheduler), self.guidance_scale, width, height,
-                         self.seed, self.n)
+                         self.seed, self.n, limits)

@@ -31,19 +31,21 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
-from runtime.bundle import read_manifest, resolve_model
+from runtime.args import first_line
+from runtime.bundle import MAX_BATCH, MAX_SIDE, VAE_FACTOR, read_manifest, resolve_model
 from runtime.metadata import A1111_SAMPLERS
 from runtime.pipeline import UsageError
-from runtime.serve.api import A1111_ALIASES, ImagesGenerations, Txt2Img
+from runtime.serve.api import A1111_ALIASES, ImagesGenerations, Limits, Txt2Img
 from runtime.serve.jobs import Job, Made, run_jobs
 from runtime.serve.metrics import Metrics
 
 GPU_BACKENDS = ("tensorrt", "ort-cuda")
+SERVE_APP = "sdrt"  # the application's name from the CLI (serve_config.yaml names its own)
 # Serve ships the decorated classes by value when they are defined (cloudpickle): what
 # their methods use must be defined above them
 
 
-@dataclass
+@dataclass(frozen=True)
 class Settings:
     model: str = "demo"
     backend: str = "auto"
@@ -53,12 +55,22 @@ class Settings:
     max_queued: int = 64  # images waiting at the ingress before 503s
     gpus_per_replica: float | None = None  # None: 1 for a GPU backend or a GPU cluster, else 0
     safety: bool = True
+    max_images: int = 16  # per request
+    max_side: int = 1024  # px, per request
+    max_steps: int = 150  # per request: a replica is never held for hours by one request
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(self.max_images, self.max_side, self.max_steps)
 
     def check(self) -> None:
         """UsageError with one line, before anything starts."""
-        for name, low in (("replicas", 1), ("max_batch", 1), ("max_queued", 1)):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < low:
-                raise UsageError(f"{name} must be an integer >= {low}, got {getattr(self, name)!r}")
+        for name, low, high in (("replicas", 1, 1024), ("max_batch", 1, MAX_BATCH),
+                                ("max_queued", 1, 1 << 20), ("max_images", 1, MAX_BATCH),
+                                ("max_side", VAE_FACTOR, MAX_SIDE), ("max_steps", 1, 10_000)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high:
+                raise UsageError(f"{name} must be an integer in [{low}, {high}], got {v!r}")
         if not 0 <= self.batch_wait_ms <= 10_000:
             raise UsageError(f"batch_wait_ms must be in [0, 10000], got {self.batch_wait_ms}")
         read_manifest(resolve_model(self.model))  # BundleError: not a bundle
@@ -103,7 +115,7 @@ class Generator:
     def describe(self) -> dict[str, Any]:
         return {"backend": self.pipe.backend, "precision": self.pipe.precision, "made": self.made}
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
+    @serve.batch  # max_batch_size and batch_wait_timeout_s: set from Settings in __init__
     async def generate(self, jobs: list[Job]) -> list[Made]:
         # the Pipeline blocks: a worker thread keeps this replica answering meanwhile
         made = await asyncio.to_thread(run_jobs, self.pipe, jobs, self.name)
@@ -114,7 +126,7 @@ class Generator:
 METRICS = Metrics()  # per process: the ingress replica's
 
 
-def metrics() -> Metrics:
+def process_metrics() -> Metrics:
     """This process's METRICS, looked up in the imported module: Serve ships the FastAPI
     app's middleware by value (cloudpickle), whose globals would be a copy of its own."""
     return sys.modules[__name__].METRICS  # type: ignore[attr-defined]
@@ -141,12 +153,17 @@ async def _invalid(request: Request, exc: RequestValidationError) -> JSONRespons
 @app.middleware("http")
 async def _count(request: Request, call_next):
     t = time.perf_counter()
-    response = await call_next(request)
-    route = request.url.path
-    metrics().requests.labels(route, str(response.status_code)).inc()
-    if request.method == "POST":
-        metrics().latency.labels(route).observe(time.perf_counter() - t)
-    return response
+    status = 500  # an exception out of a route is a 500 to the client
+    try:
+        response = await call_next(request)
+        status = response.status_code
+        return response
+    finally:
+        # the route's template as the label (a scan of random paths adds no series)
+        route = getattr(request.scope.get("route"), "path", "other")
+        process_metrics().requests.labels(route, str(status)).inc()
+        if request.method == "POST":
+            process_metrics().latency.labels(route).observe(time.perf_counter() - t)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
@@ -158,13 +175,10 @@ class Ingress:
         self.model = model_info(self.settings.model)  # from the manifest: no generator call
         self.recent_batch_s = 1.0  # for Retry-After
 
-    async def _model(self) -> dict[str, Any]:
-        return self.model
-
     async def _make(self, jobs: list[Job]) -> list[Made]:
         """Every job's outcome, or Overloaded. Cancelled (client gone): its jobs that have
         not started are dropped by Serve."""
-        metrics().queued.inc(len(jobs))
+        process_metrics().queued.inc(len(jobs))
         responses: list = []
         try:
             for job in jobs:
@@ -176,11 +190,14 @@ class Ingress:
         except asyncio.CancelledError:
             cancel(responses)
             raise
+        except Exception:  # a replica died, or failed: the other images are not wanted
+            cancel(responses)
+            raise
         finally:
-            metrics().queued.dec(len(jobs))
+            process_metrics().queued.dec(len(jobs))
         for m in made:
             if m.error is None:
-                metrics().made(m.batch, m.timings)
+                process_metrics().made(m.batch, m.timings)
                 self.recent_batch_s = m.timings.get("batch_total", self.recent_batch_s)
         return made
 
@@ -195,15 +212,18 @@ class Ingress:
             wait = str(max(1, math.ceil(self.recent_batch_s)))
             return _error(request, 503, f"server busy: more than {self.settings.max_queued} "
                           f"images queued; retry in {wait} s", {"Retry-After": wait})
-        refused = [m.error for m in made if m.error]
+        except Exception as e:  # e.g. the replica died mid-batch (Serve replaces it)
+            return _error(request, 500, f"generation failed: {type(e).__name__}: "
+                          f"{first_line(e)[:200]}; retry")
+        refused = [m for m in made if m.error]
         if refused:
-            return _error(request, 400, refused[0])
+            return _error(request, refused[0].status, str(refused[0].error))
         return jobs, made
 
     @app.post("/sdapi/v1/txt2img")
     async def txt2img(self, body: Txt2Img, request: Request):
-        model = await self._model()
-        done = await self._run(request, body.jobs)
+        model = self.model
+        done = await self._run(request, lambda: body.jobs(self.settings.limits))
         if isinstance(done, JSONResponse):
             return done
         jobs, out = done
@@ -226,8 +246,9 @@ class Ingress:
 
     @app.post("/v1/images/generations")
     async def images(self, body: ImagesGenerations, request: Request):
-        model = await self._model()
-        done = await self._run(request, lambda: body.jobs(tuple(model["default_size"])))
+        model = self.model
+        done = await self._run(request, lambda: body.jobs(
+            tuple(model["default_size"]), model["name"], self.settings.limits))
         if isinstance(done, JSONResponse):
             return done
         out = done[1]
@@ -242,16 +263,31 @@ class Ingress:
 
     @app.get("/sdapi/v1/sd-models")
     async def sd_models(self):
-        m = await self._model()
+        m = self.model
         return [{"title": f"{m['name']} [{m['hash'][:10]}]", "model_name": m["name"],
                  "hash": m["hash"][:10], "sha256": m["hash"], "filename": m["path"], "config": None}]
 
     @app.get("/sdapi/v1/options")
     async def options(self):
-        m = await self._model()
+        m = self.model
         return {"sd_model_checkpoint": f"{m['name']} [{m['hash'][:10]}]",
                 "sd_checkpoint_hash": m["hash"], "CLIP_stop_at_last_layers": 1,
                 "samples_format": "png"}
+
+    @app.post("/sdapi/v1/options")
+    async def set_options(self, body: dict[str, Any], request: Request):
+        """Clients post the checkpoint they want: ours is accepted, another refused."""
+        want = body.get("sd_model_checkpoint")
+        m = self.model
+        if want is not None and want not in (m["name"], f"{m['name']} [{m['hash'][:10]}]"):
+            return _error(request, 400, f"model {want!r} is not served here; this server "
+                          f"has {m['name']!r}")
+        return None
+
+    @app.get("/sdapi/v1/schedulers")
+    async def schedulers(self):
+        return [{"name": "automatic", "label": "Automatic", "aliases": None},
+                {"name": "karras", "label": "Karras", "aliases": None}]
 
     @app.get("/sdapi/v1/scripts")
     async def scripts(self):
@@ -259,35 +295,56 @@ class Ingress:
 
     @app.get("/v1/models")
     async def models(self):
-        m = await self._model()
+        m = self.model
         return {"object": "list", "data": [{"id": m["name"], "object": "model", "created": 0,
                                             "owned_by": "sdrt"}]}
 
     @app.get("/health")
     async def health(self, request: Request):
+        """From Serve's own state (a replica busy with a batch is healthy): 200 while
+        at least one generator replica runs, else 503."""
         try:
-            m = await asyncio.wait_for(self.gen.describe.remote(), timeout=10)
-        except Exception as e:  # no generator replica answers (or all are busy and queued)
-            return _error(request, 503, f"no model replica answers: {type(e).__name__}")
-        return {"status": "ok", "model": self.model["name"], "backend": m["backend"],
-                "precision": m["precision"], "images_made": m["made"]}  # by the replica that answered
+            app_status = serve.status().applications[serve.get_replica_context().app_name]
+            replicas = app_status.deployments["Generator"].replica_states.get("RUNNING", 0)
+        except Exception as e:  # noqa: BLE001 (the controller is gone or restarting)
+            return _error(request, 503, f"Serve status unavailable: {type(e).__name__}")
+        if not replicas:
+            return _error(request, 503, "no model replica is running (starting or replaced)")
+        return {"status": "ok", "model": self.model["name"], "replicas": replicas}
+
+    @app.get("/sdrt/v1/replica")
+    async def replica(self, request: Request):
+        """One generator replica's backend, precision and images made (queued behind its
+        work like any request: not a health check)."""
+        try:
+            return await asyncio.wait_for(self.gen.describe.remote(), timeout=60)
+        except Exception as e:  # noqa: BLE001
+            return _error(request, 503, f"no model replica answered: {type(e).__name__}")
 
     @app.get("/metrics")
     async def metrics(self):
-        return Response(metrics().text(), media_type=metrics().content_type)
+        return Response(process_metrics().text(), media_type=process_metrics().content_type)
 
 
 def build(args: dict[str, Any]) -> serve.Application:
     """The application from Settings fields (the CLI's flags; serve_config.yaml's args)."""
     s = Settings(**args)
     s.check()
+    import ray
+
+    have = ray.cluster_resources() if ray.is_initialized() else {}
     gpus = s.gpus_per_replica
     if gpus is None:
-        import ray
-
-        on_gpu = s.backend in GPU_BACKENDS or (
-            s.backend == "auto" and ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0)
+        on_gpu = s.backend in GPU_BACKENDS or (s.backend == "auto" and have.get("GPU", 0) > 0)
         gpus = 1.0 if on_gpu else 0.0
+    # replicas the cluster cannot place would leave the app deploying forever: say so
+    # (an autoscaling cluster that adds nodes on demand: pass gpus_per_replica=0 or add them)
+    if have and gpus * s.replicas > have.get("GPU", 0):
+        raise UsageError(f"{s.replicas} replica(s) x {gpus:g} GPU but this Ray cluster has "
+                         f"{have.get('GPU', 0):g} GPU(s)")
+    if have and not gpus and s.replicas > have.get("CPU", 0):
+        raise UsageError(f"{s.replicas} replica(s) x 1 CPU but this Ray cluster has "
+                         f"{have.get('CPU', 0):g} CPU(s)")
     generator = Generator.options(
         num_replicas=s.replicas, max_ongoing_requests=2 * s.max_batch,
         max_queued_requests=s.max_queued,

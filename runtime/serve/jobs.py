@@ -13,6 +13,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from runtime.args import first_line
 from runtime.images import png_bytes
 from runtime.metadata import A1111_SAMPLERS, parameters_text
 from runtime.pipeline import Pipeline, Request, UsageError
@@ -48,6 +49,7 @@ class Made:
     batch: int = 0  # images in the Pipeline call it ran in
     timings: dict[str, float] = field(default_factory=dict)  # that call's stages, seconds
     error: str | None = None
+    status: int = 400  # HTTP status of an error: 400 the request's fault, 500 ours
 
 
 def infotext(job: Job, model: str) -> str:
@@ -71,18 +73,26 @@ def run_jobs(pipe: Pipeline, jobs: Sequence[Job], model: str) -> list[Made]:
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, job in enumerate(jobs):
         try:
-            check_job(pipe, job)
+            req = check_job(pipe, job)
         except UsageError as e:
             made[i] = Made(seed=job.seed, error=str(e))
             continue
-        groups[job.key].append(i)
+        # the text length too: a call pads every prompt to its longest one's chunks,
+        # which would change a short prompt's conditioning
+        groups[(*job.key, req.text_tokens)].append(i)
     for idx in groups.values():
         first = jobs[idx[0]]
         t = time.perf_counter()
-        result = pipe([jobs[i].prompt for i in idx], [jobs[i].negative_prompt for i in idx],
-                      steps=first.steps, scheduler=first.scheduler,
-                      guidance_scale=first.guidance_scale, height=first.height,
-                      width=first.width, seeds=[jobs[i].seed for i in idx])
+        try:
+            result = pipe([jobs[i].prompt for i in idx], [jobs[i].negative_prompt for i in idx],
+                          steps=first.steps, scheduler=first.scheduler,
+                          guidance_scale=first.guidance_scale, height=first.height,
+                          width=first.width, seeds=[jobs[i].seed for i in idx])
+        except Exception as e:  # this call's images fail; the other groups still run
+            for i in idx:
+                made[i] = Made(seed=jobs[i].seed, error=first_line(e) or type(e).__name__,
+                               status=400 if isinstance(e, UsageError) else 500)
+            continue
         timings = {**result.timings, "batch_total": time.perf_counter() - t}
         for k, i in enumerate(idx):
             text = infotext(jobs[i], model)
