@@ -907,7 +907,9 @@ class Pipeline:
                  rng: Generator, progress: Callable[[int, int], None] | None,
                  on_step_end: StepHook | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(final latents [B, 4, h, w], seconds of each UNet call, when each step ended).
-        Everything the loop touches is allocated before it: the loop allocates nothing."""
+        Everything the loop touches is allocated before it: the loop allocates nothing.
+        The latents may be a view of the UNet input (`sample[:B]`, for schedulers that do
+        not scale it), which on_step_end hooks see and may change like any latents."""
         sched, start = req.schedule, req.start
         latents, b, shape = init.latents, req.batch, req.latent_shape
         state = sched.new_state(shape, rng, start)  # after the draws: Euler a continues rng
