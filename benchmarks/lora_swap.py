@@ -6,7 +6,9 @@ in this process: loads the bundle on ort-cpu with a warm engine cache (the cold-
 figure), runs one generation, swaps A, B, A again and none, each followed by a
 generation, and reads the swap times and the resident set size (VmRSS) after each. The
 first ever swap builds the LoRA-ready graph in the engine cache: run twice and read the
-second. Prints a JSON line; --json writes it to a file.
+second. A swap between LoRAs writes the LoRA-ready engine's weight inputs in place;
+the first swap loads that engine (every mapped weight). Prints a JSON line; --json
+writes it to a file.
 """
 
 from __future__ import annotations
@@ -81,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     out = {k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}
     out["swap_vs_cold_load"] = round(out["swap_B_s"] / out["cold_load_s"], 2)
     out["machine"] = machine.name(machine.info())
+    out["cpu"] = machine.info()["cpu"]
+    out["command"] = "python -m benchmarks.lora_swap " + " ".join(sys.argv[1:] if argv is None else argv)
     line = json.dumps(out)
     print(line)
     if a.json:

@@ -401,11 +401,11 @@ def ort_cpu_key(entry: GraphEntry, ort_version: str | None = None,
 
 def ort_cpu_lora_key(entry: GraphEntry, ort_version: str | None = None) -> CacheKey:
     """Key of the optimized fp32 graph that takes LoRA weights (OrtEngine `weights`):
-    ORT's optimizer without its NCHWc conv layout (which renames conv weights) and with
-    every initializer external, so each mapped weight can be overridden by name."""
+    ORT's optimizer without its NCHWc conv layout (which renames conv weights), then
+    every mapped weight made a graph input (backends/ort.py weights_as_inputs)."""
     from runtime.backends.ort import LORA_DISABLED_OPTIMIZERS, LORA_MIN_BYTES
 
-    how = f"external>={LORA_MIN_BYTES}B; off:{','.join(LORA_DISABLED_OPTIMIZERS)}"
+    how = f"external>={LORA_MIN_BYTES}B; off:{','.join(LORA_DISABLED_OPTIMIZERS)}; weights as inputs"
     return replace(ort_cpu_key(entry, ort_version), precision="fp32-lora", options=how)
 
 

@@ -35,7 +35,7 @@ from runtime.files import read_small, why_not_creatable, write_all_new
 from runtime.images import load_image, png_bytes
 from runtime.integrity import file_hashes
 from runtime.lora import LoraError, parse_lora_arg
-from runtime.lora_apply import read_loras
+from runtime.lora_apply import missing_support, read_loras
 from runtime.metadata import A1111_SAMPLERS, parameters_text
 from runtime.pipeline import (
     Pipeline,
@@ -160,6 +160,8 @@ def read_lora_args(args: argparse.Namespace) -> list[tuple[Path, float]]:
     if loras and args.backend not in ("auto", "ort-cpu"):
         raise UsageError(f"--lora runs on ort-cpu for now, not {args.backend}; or bake the "
                          f"LoRA into a bundle with `python -m export --lora`")
+    if loras and missing_support():
+        raise UsageError(str(missing_support()))
     return loras
 
 

@@ -140,23 +140,25 @@ def read_lora(path: str | Path, params: Mapping[str, Mapping[str, tuple[int, ...
     return LoraFile(path, fmt, layers)
 
 
-def delta(layer: LoraLayer, scale: float, transposed: bool = False) -> np.ndarray:
+def delta(layer: LoraLayer, scale: float, transposed: bool = False,
+          scratch: np.ndarray | None = None) -> np.ndarray:
     """scale * scaling * up @ down in the parameter's shape, float32: [out, in] for a Linear,
     [out, in, kh, kw] for a Conv2d (peft's conv delta: a 1x1 `up` after the `down` conv is
     a matmul over the rank, i.e. einsum("or,rikl->oikl")). `transposed` (a Linear): the
     [in, out] delta of a weight stored transposed, computed as down.T @ up.T, so no copy
-    of a large matrix is ever transposed."""
+    of a large matrix is ever transposed. `scratch`: a float32 buffer of at least the
+    weight's size to compute it in (a swap reuses one instead of faulting in new pages)."""
     out, rank = layer.up.shape[:2]
     up, down = layer.up.reshape(out, rank), layer.down.reshape(rank, -1)
-    if transposed:
-        if layer.down.ndim != 2:
-            raise ValueError(f"{layer.key}: only a Linear's weight is stored transposed")
-        d = down.T @ up.T  # [in, out]
-        d *= np.float32(scale * layer.scaling)
-        return d
-    d = up @ down  # [out, in * kh * kw]
-    d *= np.float32(scale * layer.scaling)  # peft: (B @ A) * scaling, one float32 multiply
-    return d.reshape(out, *layer.down.shape[1:])
+    if transposed and layer.down.ndim != 2:
+        raise ValueError(f"{layer.key}: only a Linear's weight is stored transposed")
+    # the scale goes on the rank-sized factor, not the full product (peft multiplies
+    # (B @ A) by it: a pass over the whole weight more; the two differ by rounding only)
+    s = np.float32(scale * layer.scaling)
+    a, b = (down.T, up.T * s) if transposed else (up * s, down)  # [in, out] / [out, in*kh*kw]
+    d = None if scratch is None else scratch[:a.shape[0] * b.shape[1]].reshape(a.shape[0], b.shape[1])
+    d = np.matmul(a, b, out=d)
+    return d if transposed else d.reshape(out, *layer.down.shape[1:])
 
 
 def _factors(path: Path, key: str, p: Mapping[str, np.ndarray], name: str,

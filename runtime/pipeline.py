@@ -378,7 +378,8 @@ class Pipeline:
                  and (safety or n != "safety_checker") and n not in LATE_GRAPHS]
         self.use_cache = use_cache
         self.loras: list[tuple[Path, float]] = []  # set_loras(): (file, scale), in order
-        self._lora_graphs: set[str] = set()  # graphs running LoRA weights
+        self._lora_graphs: set[str] = set()  # graphs on a LoRA-ready engine (weights as inputs)
+        self._lora_touched: dict[str, set[str]] = {}  # component -> parameters the LoRAs change
 
         # check the bundle's graph files on a thread beside the engine loads (those changed
         # since they last matched are hashed: xxh3, 0.4 s for a full-size UNet); its verdict
@@ -489,10 +490,19 @@ class Pipeline:
         with `python -m export --lora`). UsageError for a file this model cannot use; if
         loading fails midway, every graph is back on the bundle's weights (no LoRA)."""
         from runtime.lora import LoraError
-        from runtime.lora_apply import LORA_GRAPHS, lora_weights, read_loras
+        from runtime.lora_apply import (
+            LORA_GRAPHS,
+            all_params,
+            lora_weights,
+            missing_support,
+            read_loras,
+            touched,
+        )
 
         if not self.engines:
             raise UsageError("this Pipeline is closed")
+        if loras and missing_support():
+            raise UsageError(str(missing_support()))
         if self.backend != "ort-cpu" or not self.use_cache:
             raise UsageError(f"run-time LoRAs run on --backend ort-cpu with the engine cache "
                              f"(this is {self.backend}); or bake them in with `python -m "
@@ -506,27 +516,36 @@ class Pipeline:
         except LoraError as e:
             raise UsageError(str(e)) from None
         t = time.perf_counter()
-        graphs = list(LORA_GRAPHS.values())
         # base weights are read from the bundle's files: checked again, as at load (a
         # stat each when unchanged; an export over the bundle since is caught here)
         self._checked(integrity.BundleCheck(
-            integrity_files(self.bundle, self.manifest, graphs),
+            integrity_files(self.bundle, self.manifest, list(LORA_GRAPHS.values())),
             cache.verified_memo(self.bundle) if self.use_cache else None))
-        weights = lora_weights(self.bundle, self.manifest, read)
+        now, every = touched(read), all_params(self.manifest)
         try:
-            for graph in graphs:
-                new = weights.pop(graph, None)
-                if new is None and graph not in self._lora_graphs:
-                    continue  # untouched before and now: the engine stays
-                self._lora_graphs.discard(graph)  # until its new engine has loaded
+            for component, graph in LORA_GRAPHS.items():
+                loaded = graph in self._lora_graphs  # a LoRA-ready engine: weights are inputs
+                if not now[component]:
+                    if loaded:  # no LoRA here any more: the bundle's own engine, bit for bit
+                        self._lora_graphs.discard(graph)
+                        self.engine_set.replace_weights(graph, self.manifest, self.bundle,
+                                                        None, self._loaded)
+                    continue
+                # a swap rewrites what the old or new LoRAs touch, from the base weights
+                # (A -> B -> A is A exactly); a first LoRA loads every mapped weight
+                also = self._lora_touched.get(component, set()) if loaded else every[component]
+                into = getattr(self.engines[graph], "weights", None) if loaded else None
+                new = lora_weights(self.bundle, self.manifest, read, {component: also},
+                                   into).get(graph, {})
+                if not loaded:
+                    self._lora_graphs.discard(graph)  # until its engine has loaded
                 self.engine_set.replace_weights(graph, self.manifest, self.bundle, new,
-                                                self._loaded)
-                if new is not None:
-                    self._lora_graphs.add(graph)
-                del new  # ORT copied the weights: ours go now (holding them is a second copy)
+                                                self._loaded, in_place=loaded)
+                self._lora_graphs.add(graph)
+                del new  # in place: our copies go now; a new engine keeps these arrays
         except BaseException:
-            self.loras = []
-            for graph in graphs:  # back to the bundle's weights everywhere, then the error
+            self.loras, self._lora_touched = [], {}
+            for graph in LORA_GRAPHS.values():  # back to the bundle's weights everywhere
                 if graph in self._lora_graphs or graph not in self.engines:
                     self.engine_set.replace_weights(graph, self.manifest, self.bundle, None,
                                                     self._loaded)
@@ -534,6 +553,7 @@ class Pipeline:
             raise
         finally:
             backends.give_back_freed_memory()
+        self._lora_touched = now
         self.loras = [(Path(p), float(s)) for p, s in loras]
         seconds = time.perf_counter() - t
         self.load_report.seconds += seconds

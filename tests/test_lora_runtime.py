@@ -35,7 +35,9 @@ def test_runtime_loras_match_diffusers_and_swap_exactly(pipe, files):  # noqa: F
     img_a = images(pipe)
     compare(img_a, diffusers_images(a))
     assert np.abs(img_a.astype(int) - base).max() > 10  # the LoRA does something
+    unet = pipe.engines["unet"]
     pipe.set_loras(b)  # two stacked, one at a negative scale
+    assert pipe.engines["unet"] is unet  # a swap writes the weight inputs: no new session
     compare(images(pipe), diffusers_images(b))
     pipe.set_loras(a)
     assert np.array_equal(images(pipe), img_a)  # A -> B -> A: A's image, bit for bit
@@ -95,7 +97,8 @@ def test_the_cli_runs_a_lora_on_ort_cpu(files, tmp_path):  # noqa: F811
 def test_a_swap_that_fails_midway_leaves_the_bundle_weights(files, tmp_path, monkeypatch):  # noqa: F811
     """The text encoder swapped, then the UNet's load fails: every graph is back on the
     bundle's own weights (none missing), the error is raised, and the images are the
-    bundle's; the engines keep no copy of LoRA weights once loaded (ORT has its own)."""
+    bundle's. A LoRA-ready engine's weights are its graph's inputs: the engine's arrays
+    are the one copy (the session holds none of them as initializers)."""
     from runtime import backends
     from runtime.engine import EngineError
 
@@ -103,14 +106,17 @@ def test_a_swap_that_fails_midway_leaves_the_bundle_weights(files, tmp_path, mon
     with Pipeline(demo_bundle(), "ort-cpu", safety=False) as p:
         base = images(p)
         p.set_loras([(files["peft_meta"], 0.7)])
-        assert p.engines["unet"].weights is None and p.engines["text_encoder"].weights is None
+        for graph in ("unet", "text_encoder"):
+            engine, mapped = p.engines[graph], p.manifest.graphs[graph].weights
+            assert set(engine.weights) == {w.initializer for w in mapped.values()}
+            assert set(engine.weights) <= {t.name for t in engine.session.get_inputs()}
         real = backends.EngineSet.replace_weights
 
-        def fail_on_unet(self, name, manifest, bundle, weights, on_load=None):
+        def fail_on_unet(self, name, manifest, bundle, weights, on_load=None, in_place=False):
             if name == "unet" and weights is not None:
                 self.engines.pop(name).release()  # as a real failure: the old one is gone
                 raise EngineError("simulated load failure")
-            return real(self, name, manifest, bundle, weights, on_load)
+            return real(self, name, manifest, bundle, weights, on_load, in_place)
 
         monkeypatch.setattr(backends.EngineSet, "replace_weights", fail_on_unet)
         with pytest.raises(EngineError, match="simulated"):
@@ -138,3 +144,17 @@ def test_bundle_files_changed_since_load_are_refused(files, tmp_path, monkeypatc
         (bundle / w.file).write_bytes(bytes(data))
         with pytest.raises(BundleError, match="does not match its hash"):
             p.set_loras([(files["peft_meta"], 0.7)])
+
+
+def test_without_the_onnx_package_loras_are_one_line(files, tmp_path, monkeypatch):  # noqa: F811
+    """The LoRA-ready graph is edited with onnx (the `lora` extra): without it, --lora
+    says so in one line, exit 2, before any model loads."""
+    import importlib.util
+
+    from runtime.generate import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "onnx" else real(name, *a))
+    assert main([PROMPT, "--lora", str(files["kohya"]), "--output-dir", str(tmp_path)]) == 2
+    assert not list(tmp_path.iterdir())

@@ -174,14 +174,21 @@ class EngineSet:
 
     def replace_weights(self, name: str, manifest: Manifest, bundle: Path,
                         weights: dict | None,
-                        on_load: Callable[[str, Engine, float], None] | None = None) -> Engine:
-        """Graph `name` again, running `weights` (initializer -> array: LoRA) instead of
-        the graph's own, or its own again with None. ort-cpu only: a session from the
-        cached LoRA-ready graph (cache.ort_cpu_lora_key). The old engine goes first, so
+                        on_load: Callable[[str, Engine, float], None] | None = None,
+                        in_place: bool = False) -> Engine:
+        """Graph `name` running `weights` (initializer -> array: LoRA), or its own again
+        with None. ort-cpu only: a session from the cached LoRA-ready graph, whose mapped
+        weights are inputs (cache.ort_cpu_lora_key): a new engine takes every mapped
+        weight (and keeps the arrays); `in_place` writes some of them into the loaded
+        LoRA-ready engine instead (a swap: no new session). The old engine goes first, so
         two copies of a UNet's weights are never held at once."""
         if self.backend != "ort-cpu" or not self.use_cache:
             raise ValueError("run-time LoRA weights need the ort-cpu backend with the "
                              "engine cache on")
+        if in_place:
+            engine = self.engines[name]
+            engine.set_weights(weights or {})  # type: ignore[attr-defined]
+            return engine
         old = self.engines.pop(name, None)
         if old is not None:
             old.release()

@@ -22,7 +22,7 @@ from runtime import cache
 from runtime.args import first_line
 from runtime.backends.ort_cuda import MAX_GRAPHS, DeviceBinding, DeviceBindings, provider_options
 from runtime.bundle import GraphSpec
-from runtime.engine import Engine
+from runtime.engine import Engine, SpecMismatch
 
 PROVIDERS = {"ort-cpu": "CPUExecutionProvider", "ort-cuda": "CUDAExecutionProvider"}
 
@@ -30,17 +30,16 @@ PROVIDERS = {"ort-cpu": "CPUExecutionProvider", "ort-cuda": "CUDAExecutionProvid
 # ORT's NCHWc layout pass rewrites conv weights into blocked `reorder_token_N`
 # initializers; a graph that takes LoRA weights by name is optimized without it.
 LORA_DISABLED_OPTIMIZERS = ["NchwcTransformer"]
-# ORT overrides only external initializers: a LoRA-ready graph keeps every tensor of this
-# size on out of the graph (export/weight_map.py maps weights from this size; shape
-# constants, smaller, must stay inline for ORT's shape inference)
+# a LoRA-ready graph saves every tensor of this size on externally, under its own name
+# (export/weight_map.py maps weights from this size; shape constants, smaller, must stay
+# inline for ORT's shape inference); the mapped ones then become graph inputs
 LORA_MIN_BYTES = 128
 
 
 def session_options(optimized_out: Path | None = None, optimize: bool = True,
-                    all_external: bool = False,
-                    weights: dict[str, np.ndarray] | None = None) -> ort.SessionOptions:
-    """`all_external`: save every initializer of the optimized graph externally (ORT
-    overrides only external ones); `weights`: initializers to use instead of the file's."""
+                    all_external: bool = False) -> ort.SessionOptions:
+    """`all_external`: save every initializer of the optimized graph externally, down to
+    LORA_MIN_BYTES (the sizes export/weight_map.py maps)."""
     so = ort.SessionOptions()
     so.log_severity_level = 3  # errors only: ORT's warnings are not the user's business
     if not optimize:
@@ -54,10 +53,31 @@ def session_options(optimized_out: Path | None = None, optimize: bool = True,
         so.add_session_config_entry(
             "session.optimized_model_external_initializers_min_size_in_bytes",
             str(LORA_MIN_BYTES) if all_external else "1024")
-    if weights:  # ORT copies them at session start: the caller's arrays may go after
-        so.add_external_initializers(list(weights),
-                                     [ort.OrtValue.ortvalue_from_numpy(a) for a in weights.values()])
     return so
+
+
+def weights_as_inputs(path: Path, names: set[str]) -> None:
+    """Rewrite the optimized graph at `path` so that the initializers `names` (a bundle's
+    mapped weights) are graph inputs instead: a LoRA swap then writes new weights into
+    the arrays bound to them, with no new session (their bytes stay unused in the .data
+    file). Needs the `onnx` package (the `lora` extra)."""
+    try:
+        import onnx
+    except ImportError:
+        raise RuntimeError("run-time LoRAs need the onnx package: pip install 'sdrt[lora]'") from None
+    model = onnx.load(str(path), load_external_data=False)
+    g = model.graph
+    moved = [t for t in g.initializer if t.name in names]
+    if len(moved) != len(names):
+        lost = sorted(names - {t.name for t in moved})
+        raise RuntimeError(f"ORT's optimizer renamed or folded {len(lost)} mapped weights "
+                           f"(e.g. {lost[0]}): run-time LoRAs cannot reach them")
+    keep = [t for t in g.initializer if t.name not in names]
+    g.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                   for t in moved)
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    onnx.save(model, str(path))
 
 
 class OrtEngine(Engine):
@@ -83,9 +103,11 @@ class OrtEngine(Engine):
         `check_source`: called before the optimized graph is built from the bundle's
         graph (its hash check; raises when the file is damaged).
         `weights` (ort-cpu, with cache_key = cache.ort_cpu_lora_key): initializer name ->
-        float32 array, run instead of the graph's own (LoRA: runtime/lora.py)."""
+        float32 array for every weight the bundle maps (LoRA: runtime/lora_apply.py), fed
+        as inputs of the LoRA-ready graph; the engine keeps these arrays (the only copy:
+        ORT has none) and set_weights() rewrites them in place."""
         super().__init__(spec, path)
-        self.weights = weights  # dropped once loaded: ORT holds its own copy
+        self.weights = weights
         self.lora = weights is not None
         self.check_source = check_source
         self.source = Path(source) if source is not None else self.path
@@ -118,6 +140,8 @@ class OrtEngine(Engine):
                                                                all_external=self.lora),
                              providers=[PROVIDERS[self.backend]],
                              disabled_optimizers=LORA_DISABLED_OPTIMIZERS if self.lora else None)
+        if self.weights is not None:
+            weights_as_inputs(out, set(self.weights))
         return out
 
     def _cached_graph(self, rebuild: bool = False) -> Path | None:
@@ -145,7 +169,7 @@ class OrtEngine(Engine):
         # ort-cpu's cached graph is already optimized for this CPU; ort-cuda's fp16
         # graph still gets ORT's own (fast) session-time optimizations.
         optimize = not (optimized and self.backend == "ort-cpu")
-        options = session_options(optimize=optimize, weights=self.weights)
+        options = session_options(optimize=optimize)
         if not self.on_device:
             return ort.InferenceSession(str(path), options, providers=[PROVIDERS[self.backend]])
         if self.cuda_graph:
@@ -183,11 +207,15 @@ class OrtEngine(Engine):
             # on the CPU nothing but the graph can fail a session; on CUDA the device can
             raise self.error(f"cannot load {self.path}: {first_line(e)}",
                              unreadable=not self.on_device) from None
-        self.weights = None  # the session took its own copy of them
         if provider not in self.session.get_providers():  # ORT falls back silently
             raise self.error(f"{provider} is not active (got {self.session.get_providers()})")
-        self.check_io([t.name for t in self.session.get_inputs()],
-                      [t.name for t in self.session.get_outputs()])
+        inputs = {t.name for t in self.session.get_inputs()}
+        if self.weights is not None:  # the LoRA-ready graph: the weights are inputs too
+            if not set(self.weights) <= inputs:
+                raise self.error(f"the LoRA-ready graph does not take {len(set(self.weights) - inputs)} "
+                                 f"weights as inputs; remove its cache entry", kind=SpecMismatch)
+            inputs -= set(self.weights)
+        self.check_io(inputs, [t.name for t in self.session.get_outputs()])
         if self.on_device:
             self.device = DeviceBindings(self.session, self.spec, self.cuda_graph,
                                          max_graphs=self.max_graphs)
@@ -203,6 +231,8 @@ class OrtEngine(Engine):
             return
         binding = self.session.io_binding()
         self.inputs, self.outputs = {}, {}
+        for name, w in (self.weights or {}).items():  # bound once per shapes, kept across runs
+            binding.bind_input(name, "cpu", 0, w.dtype, w.shape, w.ctypes.data)
         for t in self.spec.inputs:
             shape, dtype = shapes[t.name], np.dtype(t.dtype)
             buf = np.zeros(shape, dtype)
@@ -214,6 +244,18 @@ class OrtEngine(Engine):
             binding.bind_output(name, "cpu", 0, dtype, shape, out.ctypes.data)
             self.outputs[name] = out
         self.binding = binding
+
+    def set_weights(self, weights: dict[str, np.ndarray]) -> None:
+        """New values for some of the LoRA-ready graph's weight inputs, written into the
+        bound arrays in place: the next run uses them, no session is rebuilt."""
+        if self.weights is None:
+            raise self.error("set_weights() on an engine without weight inputs")
+        unknown = sorted(set(weights) - set(self.weights))
+        if unknown:
+            raise self.error(f"unknown weights {unknown[:3]}")
+        for name, value in weights.items():
+            if value is not self.weights[name]:  # lora_weights(into=) wrote it there already
+                np.copyto(self.weights[name], value)
 
     def _copy_in(self, name: str, array: np.ndarray) -> None:
         if self.current is not None:
@@ -231,6 +273,6 @@ class OrtEngine(Engine):
         return self.outputs
 
     def _release(self) -> None:
-        self.binding, self.session = None, None
+        self.binding, self.session, self.weights = None, None, None
         self.device, self.current = None, None
         self.inputs, self.outputs = {}, {}
