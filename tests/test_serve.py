@@ -32,14 +32,26 @@ SMALL = {"width": 64, "height": 64, "steps": 3}
 
 
 @pytest.fixture(scope="module")
-def server():
+def lora_dir(tmp_path_factory):
+    """A LoRA folder with one random PEFT-layout LoRA for the demo UNet (numpy only)."""
+    from benchmarks.lora_swap import random_lora
+    from runtime.bundle import demo_bundle
+
+    folder = tmp_path_factory.mktemp("loras")
+    random_lora(demo_bundle(), folder / "style.safetensors", rank=8, seed=3)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(lora_dir):
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     port = free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build({"model": "demo", "backend": "ort-cpu", "max_batch": MAX_BATCH,
-                         "batch_wait_ms": 300, "max_queued": MAX_QUEUED}),
+                         "batch_wait_ms": 300, "max_queued": MAX_QUEUED,
+                         "lora_dir": str(lora_dir)}),
                   name="sdrt", route_prefix="/")
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -283,3 +295,37 @@ def test_the_readme_serve_command_serves_and_stops_cleanly():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_lora_tags_in_prompts_run_that_lora_and_batch_apart(server, lora_dir):
+    """<lora:style:40> as A1111 takes it: the image equals our Pipeline's with that LoRA set
+    (tags out of the prompt), and requests with other LoRAs in the same moment are
+    batched apart, each still its own picture."""
+    from runtime.bundle import demo_bundle
+    from runtime.pipeline import Pipeline
+
+    with Pipeline(demo_bundle(), "ort-cpu") as pipe:
+        plain = pipe("a red circle", seed=5, scheduler="euler", guidance_scale=7.0, **SMALL).images[0]
+        pipe.set_loras([(lora_dir / "style.safetensors", 40.0)])
+        styled = pipe("a red circle", seed=5, scheduler="euler", guidance_scale=7.0, **SMALL).images[0]
+    assert np.abs(styled.astype(int) - plain).max() > 10  # the LoRA does something
+    prompts = ["a red circle <lora:style:40>", "a red circle", "<lora:style:40> a red circle"]
+    with ThreadPoolExecutor(3) as pool:
+        rs = list(pool.map(lambda p: txt2img(server, prompt=p, seed=5), prompts))
+    got = [png(r.json()["images"][0]) for r in rs]
+    assert np.array_equal(got[0], styled) and np.array_equal(got[2], styled)
+    assert np.array_equal(got[1], plain)
+    assert "a red circle <lora:style:40>\n" in json.loads(rs[0].json()["info"])["infotexts"][0]
+    names = [x["name"] for x in requests.get(f"{server}/sdapi/v1/loras", timeout=30).json()]
+    assert names == ["style"]
+
+
+@pytest.mark.parametrize("prompt,says", [
+    ("x <lora:nothere:1>", "LoRA 'nothere' is not in the server's LoRA folder"),
+    ("x <lora:../style:1>", "must be a file name in the LoRA folder"),
+    ("x <lora:style:1:0.5>", "only <lora:name> and <lora:name:scale>"),
+    ("x <lora:style:big>", "is not a number"),
+])
+def test_bad_lora_tags_get_one_line(server, prompt, says):
+    r = txt2img(server, prompt=prompt)
+    assert r.status_code == 400 and says in r.json()["detail"], r.text

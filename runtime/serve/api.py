@@ -9,6 +9,7 @@ tiling, variation seeds, scripts) is refused with one line, never silently ignor
 
 from __future__ import annotations
 
+import re
 import secrets
 from dataclasses import dataclass
 from typing import Any
@@ -49,6 +50,32 @@ def scheduler_for(sampler: str | None, schedule: str | None = None) -> str:
     return SAMPLER_ALIASES[name]
 
 
+LORA_TAG = re.compile(r"<lora:([^>]*)>")
+
+
+def lora_tags(prompt: str) -> tuple[str, tuple[tuple[str, float], ...]]:
+    """A1111's `<lora:name:scale>` tags (scale 1 when left out) taken out of the prompt:
+    (the prompt without them, ((name, scale), ...) in prompt order). UsageError for a
+    malformed tag or a name that is not a plain file name in the server's LoRA folder."""
+    loras = []
+    for body in LORA_TAG.findall(prompt):
+        parts = body.split(":")
+        if len(parts) > 2 or not parts[0].strip():
+            raise UsageError(f"<lora:{body}>: only <lora:name> and <lora:name:scale> are supported")
+        name = parts[0].strip()
+        if name in (".", "..") or any(c in name for c in "/\\\0"):
+            raise UsageError(f"<lora:{body}>: the name must be a file name in the LoRA folder")
+        try:
+            scale = float(parts[1]) if len(parts) == 2 else 1.0
+        except ValueError:
+            raise UsageError(f"<lora:{body}>: the scale {parts[1]!r} is not a number") from None
+        if not -100 <= scale <= 100:
+            raise UsageError(f"<lora:{body}>: the scale must be in [-100, 100]")
+        loras.append((name, scale))
+    text = re.sub(r"\s{2,}", " ", LORA_TAG.sub("", prompt)).strip() if loras else prompt
+    return text, tuple(loras)
+
+
 def random_seed() -> int:
     return secrets.randbits(32)  # A1111 draws 32-bit seeds
 
@@ -60,6 +87,7 @@ class Limits:
     images: int = 16  # per request (batch_size x n_iter, or n)
     side: int = 1024  # px
     steps: int = 150
+    loras: bool = False  # whether <lora:...> tags are taken (the server has a LoRA folder)
 
 
 def make_jobs(prompt: str, negative: str, steps: int, scheduler: str, guidance: float,
@@ -70,18 +98,21 @@ def make_jobs(prompt: str, negative: str, steps: int, scheduler: str, guidance: 
     refuse without a model, or past the server's limits (one line)."""
     if not 1 <= images <= limits.images:
         raise UsageError(f"{images} images per request; ask for 1 to {limits.images}")
+    text, loras = lora_tags(prompt)
+    if loras and not limits.loras:
+        raise UsageError("this server takes no LoRAs (start it with --lora-dir)")
     if isinstance(steps, int) and steps > limits.steps:
         raise UsageError(f"steps {steps} is more than this server's {limits.steps}")
     for name, side in (("width", width), ("height", height)):
         if isinstance(side, int) and side > limits.side:
             raise UsageError(f"{name} {side} is more than this server's {limits.side} px")
-    check_text(prompt)
+    check_text(text)
     check_text(negative)
     first = random_seed() if seed is None or seed == -1 else seed
     check_settings(steps, scheduler, guidance, 1, first, height, width)
     check_settings(steps, scheduler, guidance, 1, first + images - 1, height, width)
-    return [Job(prompt, negative, steps, scheduler, float(guidance), width, height, first + k)
-            for k in range(images)]
+    return [Job(text, negative, steps, scheduler, float(guidance), width, height, first + k,
+                loras) for k in range(images)]
 
 
 class Txt2Img(BaseModel):

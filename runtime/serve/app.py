@@ -22,6 +22,7 @@ import math
 import sys
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -33,6 +34,7 @@ from ray.serve.handle import DeploymentHandle
 
 from runtime.args import first_line
 from runtime.bundle import MAX_BATCH, MAX_SIDE, VAE_FACTOR, read_manifest, resolve_model
+from runtime.lora_apply import missing_support
 from runtime.metadata import A1111_SAMPLERS
 from runtime.pipeline import UsageError
 from runtime.serve.api import A1111_ALIASES, ImagesGenerations, Limits, Txt2Img
@@ -58,10 +60,16 @@ class Settings:
     max_images: int = 16  # per request
     max_side: int = 1024  # px, per request
     max_steps: int = 150  # per request: a replica is never held for hours by one request
+    lora_dir: str | None = None  # <lora:name:scale> in prompts: name.safetensors from here
 
     @property
     def limits(self) -> Limits:
-        return Limits(self.max_images, self.max_side, self.max_steps)
+        return Limits(self.max_images, self.max_side, self.max_steps, self.lora_dir is not None)
+
+    @property
+    def pipeline_backend(self) -> str:
+        """Run-time LoRAs run on ort-cpu: `auto` picks it when there is a LoRA folder."""
+        return "ort-cpu" if self.lora_dir is not None and self.backend == "auto" else self.backend
 
     def check(self) -> None:
         """UsageError with one line, before anything starts."""
@@ -73,6 +81,15 @@ class Settings:
                 raise UsageError(f"{name} must be an integer in [{low}, {high}], got {v!r}")
         if not 0 <= self.batch_wait_ms <= 10_000:
             raise UsageError(f"batch_wait_ms must be in [0, 10000], got {self.batch_wait_ms}")
+        if self.lora_dir is not None:
+            if not Path(self.lora_dir).is_dir():
+                raise UsageError(f"LoRA folder {self.lora_dir} is not a folder")
+            if self.pipeline_backend != "ort-cpu":
+                raise UsageError(f"run-time LoRAs run on ort-cpu, not {self.backend}; bake them "
+                                 f"into a bundle with `python -m export --lora` instead")
+            why = missing_support()
+            if why:
+                raise UsageError(why)
         read_manifest(resolve_model(self.model))  # BundleError: not a bundle
 
 
@@ -106,7 +123,9 @@ class Generator:
         from runtime.pipeline import Pipeline
 
         s = Settings(**settings)
-        self.pipe = Pipeline(s.model, s.backend, safety=s.safety, log=lambda m: print(m, flush=True))
+        self.pipe = Pipeline(s.model, s.pipeline_backend, safety=s.safety,
+                             log=lambda m: print(m, flush=True))
+        self.lora_dir = Path(s.lora_dir) if s.lora_dir is not None else None
         self.name = s.model if s.model == "demo" else self.pipe.bundle.name
         self.made = 0  # images made by this replica (tests: cancelled work is not done)
         self.generate.set_max_batch_size(s.max_batch)
@@ -118,7 +137,7 @@ class Generator:
     @serve.batch  # max_batch_size and batch_wait_timeout_s: set from Settings in __init__
     async def generate(self, jobs: list[Job]) -> list[Made]:
         # the Pipeline blocks: a worker thread keeps this replica answering meanwhile
-        made = await asyncio.to_thread(run_jobs, self.pipe, jobs, self.name)
+        made = await asyncio.to_thread(run_jobs, self.pipe, jobs, self.name, self.lora_dir)
         self.made += sum(m.error is None for m in made)
         return made
 
@@ -288,6 +307,13 @@ class Ingress:
     async def schedulers(self):
         return [{"name": "automatic", "label": "Automatic", "aliases": None},
                 {"name": "karras", "label": "Karras", "aliases": None}]
+
+    @app.get("/sdapi/v1/loras")
+    async def loras(self):
+        """The LoRA folder's files, as A1111 lists them (name: what <lora:name:...> takes)."""
+        folder = self.settings.lora_dir
+        files = sorted(Path(folder).glob("*.safetensors")) if folder else []
+        return [{"name": f.stem, "alias": f.stem, "path": str(f), "metadata": {}} for f in files]
 
     @app.get("/sdapi/v1/scripts")
     async def scripts(self):

@@ -12,6 +12,7 @@ import time
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from runtime.args import first_line
 from runtime.images import png_bytes
@@ -31,11 +32,13 @@ class Job:
     width: int
     height: int
     seed: int
+    loras: tuple[tuple[str, float], ...] = ()  # (name in the LoRA folder, scale), in order
 
     @property
-    def key(self) -> tuple[int, int, int, str, float]:
-        """Jobs with equal keys can share a UNet batch."""
-        return (self.width, self.height, self.steps, self.scheduler, self.guidance_scale)
+    def key(self) -> tuple:
+        """Jobs with equal keys can share a UNet batch (one set of LoRAs per call)."""
+        return (self.width, self.height, self.steps, self.scheduler, self.guidance_scale,
+                self.loras)
 
 
 @dataclass
@@ -53,7 +56,8 @@ class Made:
 
 
 def infotext(job: Job, model: str) -> str:
-    return parameters_text(job.prompt, job.negative_prompt, {
+    tags = "".join(f" <lora:{name}:{scale:g}>" for name, scale in job.loras)  # as A1111 keeps them
+    return parameters_text(job.prompt + tags, job.negative_prompt, {
         "Steps": job.steps, "Sampler": A1111_SAMPLERS[job.scheduler],
         "CFG scale": f"{job.guidance_scale:g}", "Seed": job.seed,
         "Size": f"{job.width}x{job.height}", "Model": model, "Version": "sdrt"})
@@ -66,9 +70,24 @@ def check_job(pipe: Pipeline, job: Job) -> Request:
                         height=job.height, width=job.width, seeds=[job.seed])
 
 
-def run_jobs(pipe: Pipeline, jobs: Sequence[Job], model: str) -> list[Made]:
+def lora_files(folder: Path | None, loras: tuple[tuple[str, float], ...]) -> list[tuple[Path, float]]:
+    """`<lora:name:scale>` names -> files of the server's LoRA folder (UsageError)."""
+    if loras and folder is None:
+        raise UsageError("this server takes no LoRAs (start it with --lora-dir)")
+    out = []
+    for name, scale in loras:
+        path = folder / (name if name.endswith(".safetensors") else f"{name}.safetensors")  # type: ignore[operator]
+        if not path.is_file():
+            raise UsageError(f"LoRA {name!r} is not in the server's LoRA folder")
+        out.append((path, scale))
+    return out
+
+
+def run_jobs(pipe: Pipeline, jobs: Sequence[Job], model: str,
+             lora_dir: Path | None = None) -> list[Made]:
     """Each job's outcome, in order. A refused job does not stop the others; jobs with
-    one key run as one call, in the order their first job came."""
+    one key run as one call, those needing the LoRAs already set first (a swap costs),
+    then in the order their first job came."""
     made: list[Made | None] = [None] * len(jobs)
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, job in enumerate(jobs):
@@ -80,10 +99,14 @@ def run_jobs(pipe: Pipeline, jobs: Sequence[Job], model: str) -> list[Made]:
         # the text length too: a call pads every prompt to its longest one's chunks,
         # which would change a short prompt's conditioning
         groups[(*job.key, req.text_tokens)].append(i)
-    for idx in groups.values():
+    current = tuple((p.stem, s) for p, s in pipe.loras)
+    for idx in sorted(groups.values(), key=lambda idx: jobs[idx[0]].loras != current):
         first = jobs[idx[0]]
         t = time.perf_counter()
         try:
+            files = lora_files(lora_dir, first.loras)
+            if [(p, s) for p, s in files] != list(pipe.loras):
+                pipe.set_loras(files)  # UsageError: a LoRA this model cannot use
             result = pipe([jobs[i].prompt for i in idx], [jobs[i].negative_prompt for i in idx],
                           steps=first.steps, scheduler=first.scheduler,
                           guidance_scale=first.guidance_scale, height=first.height,
