@@ -7,8 +7,9 @@ figure), runs one generation, swaps A, B, A again and none, each followed by a
 generation, and reads the swap times and the resident set size (VmRSS) after each. The
 first ever swap builds the LoRA-ready graph in the engine cache: run twice and read the
 second. A swap between LoRAs writes the LoRA-ready engine's weight inputs in place;
-the first swap loads that engine (every mapped weight). Prints a JSON line; --json
-writes it to a file.
+the first swap loads that engine (every mapped weight). It also times UNet calls at
+--step-size on the bundle's engine and on the LoRA-ready one (weights as inputs), and
+records the peak RSS (VmHWM) after each phase. Prints a JSON line; --json writes it.
 """
 
 from __future__ import annotations
@@ -56,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="sd14-random", help="demo | sd14-random | bundle folder")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--size", type=int, default=256, help="image side of the generations (px)")
+    p.add_argument("--step-size", type=int, default=512,
+                   help="image side of the UNet-call timing, bundle's engine vs LoRA-ready (px)")
+    p.add_argument("--step-calls", type=int, default=4, help="UNet calls per timing (the first is left out)")
     p.add_argument("--json", type=Path, help="also write the result here")
     a = p.parse_args(argv)
     bundle = resolve(a.model)
@@ -70,18 +74,31 @@ def main(argv: list[str] | None = None) -> int:
         def generate(label: str) -> None:
             pipe("a lighthouse", steps=1, height=a.size, width=a.size, seed=1)
             out[f"rss_{label}_gib"] = (rss_bytes() or 0) / gib
+            out[f"peak_rss_after_{label}_gib"] = peak_rss_bytes() / gib  # VmHWM so far
+
+        def unet_call_s(label: str) -> None:  # euler: one UNet call per step
+            r = pipe("a lighthouse", steps=a.step_calls, scheduler="euler", height=a.step_size,
+                     width=a.step_size, seed=1)
+            out[f"unet_call_{label}_s"] = float(np.median(r.unet_calls[1:]))
 
         generate("no_lora")
+        if a.step_calls > 1:
+            unet_call_s("bundle")
         for label, loras in (("A", [(files["A"], 1.0)]), ("B", [(files["B"], 0.8)]),
                              ("A_again", [(files["A"], 1.0)]), ("none", [])):
             t = time.perf_counter()
             pipe.set_loras(loras)
             out[f"swap_{label}_s"] = time.perf_counter() - t
             generate(label)
+            if label == "A" and a.step_calls > 1:
+                unet_call_s("lora_ready")
         pipe.close()
     out["peak_rss_gib"] = peak_rss_bytes() / gib
     out = {k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}
     out["swap_vs_cold_load"] = round(out["swap_B_s"] / out["cold_load_s"], 2)
+    if "unet_call_bundle_s" in out:
+        out["unet_call_lora_ready_vs_bundle"] = round(out["unet_call_lora_ready_s"]
+                                                      / out["unet_call_bundle_s"], 3)
     out["machine"] = machine.name(machine.info())
     out["cpu"] = machine.info()["cpu"]
     out["command"] = "python -m benchmarks.lora_swap " + " ".join(sys.argv[1:] if argv is None else argv)

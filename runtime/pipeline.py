@@ -534,11 +534,11 @@ class Pipeline:
                 # a swap rewrites what the old or new LoRAs touch, from the base weights
                 # (A -> B -> A is A exactly); a first LoRA loads every mapped weight
                 also = self._lora_touched.get(component, set()) if loaded else every[component]
+                if not loaded:  # its weights go before every mapped weight is read: one copy
+                    self.engine_set.drop(graph)
                 into = getattr(self.engines[graph], "weights", None) if loaded else None
                 new = lora_weights(self.bundle, self.manifest, read, {component: also},
                                    into).get(graph, {})
-                if not loaded:
-                    self._lora_graphs.discard(graph)  # until its engine has loaded
                 self.engine_set.replace_weights(graph, self.manifest, self.bundle, new,
                                                 self._loaded, in_place=loaded)
                 self._lora_graphs.add(graph)

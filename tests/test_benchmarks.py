@@ -100,13 +100,15 @@ def test_lora_swap_benchmark_runs_on_the_demo(tmp_path, capsys):
 
     from benchmarks.lora_swap import main
 
-    assert main(["--model", "demo", "--rank", "2", "--size", "64", "--json",
-                 str(tmp_path / "r.json")]) == 0
+    assert main(["--model", "demo", "--rank", "2", "--size", "64", "--step-size", "64",
+                 "--step-calls", "3", "--json", str(tmp_path / "r.json")]) == 0
     r = json.loads((tmp_path / "r.json").read_text())
     assert r["layers"] == 48 and r["rank"] == 2
-    for k in ("cold_load_s", "swap_A_s", "swap_B_s", "swap_A_again_s", "swap_none_s"):
-        assert r[k] > 0
+    for k in ("cold_load_s", "swap_A_s", "swap_B_s", "swap_A_again_s", "swap_none_s",
+              "unet_call_bundle_s", "unet_call_lora_ready_s", "peak_rss_after_A_gib"):
+        assert r[k] > 0, k
     assert r["rss_none_gib"] > 0 and r["swap_vs_cold_load"] > 0
+    assert r["peak_rss_after_none_gib"] >= r["peak_rss_after_A_gib"]  # VmHWM only grows
 
 
 def test_the_serving_load_test_runs_and_reports_every_figure(tmp_path):

@@ -158,3 +158,29 @@ def test_without_the_onnx_package_loras_are_one_line(files, tmp_path, monkeypatc
                         lambda name, *a: None if name == "onnx" else real(name, *a))
     assert main([PROMPT, "--lora", str(files["kohya"]), "--output-dir", str(tmp_path)]) == 2
     assert not list(tmp_path.iterdir())
+
+
+def test_a_read_error_during_an_in_place_swap_leaves_the_bundle_weights(files, tmp_path,  # noqa: F811
+                                                                        monkeypatch):
+    """A swap writes the LoRA-ready engine's bound weights in place: a read error halfway
+    (some weights new, some old) must not leave that engine running: every graph goes
+    back to the bundle's own engine, the error is raised, and the images are the bundle's."""
+    from runtime import lora_apply
+
+    monkeypatch.setenv("SDRT_CACHE_DIR", str(tmp_path / "cache"))
+    with Pipeline(demo_bundle(), "ort-cpu", safety=False) as p:
+        base = images(p)
+        p.set_loras([(files["peft_meta"], 0.7)])
+        real, calls = lora_apply.read_base, [0]
+
+        def fail_late(*args):
+            calls[0] += 1
+            if calls[0] == 30:
+                raise OSError("simulated read error")
+            return real(*args)
+
+        monkeypatch.setattr(lora_apply, "read_base", fail_late)
+        with pytest.raises(OSError, match="simulated"):
+            p.set_loras([(files["kohya"], 1.0)])
+        assert calls[0] == 30 and p.loras == [] and set(p.engines) >= {"text_encoder", "unet"}
+        assert np.array_equal(images(p), base)

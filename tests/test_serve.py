@@ -128,7 +128,10 @@ def test_a_long_prompt_in_the_batch_changes_no_other_picture(server):
     ({"prompt": "(a:1.2.3)"}, 400, "prompt syntax"),
     ({"batch_size": -2, "n_iter": -2}, 422, "batch_size: "),
     ({"sampler_name": "Euler", "scheduler": "Karras"}, 400, "Karras schedule is supported with DPM++"),
-    ({"eta": 0.5}, 400, "eta 0.5 is not supported"),
+    ({"sampler_name": "Euler a", "eta": 0.5}, 400, "eta 0.5 is not supported with this sampler"),
+    ({"sampler_name": "DDIM", "eta": 1.0}, 400, "eta 1 is not supported with this sampler (it runs 0)"),
+    ({"override_settings": {"CLIP_stop_at_last_layers": 2}}, 400, "override_settings CLIP_stop"),
+    ({"refiner_checkpoint": "sdxl_refiner"}, 400, "refiners is not supported"),
     ({"init_images": ["abc"]}, 400, "this route is txt2img"),
     ({"width": 2048}, 400, "more than this server's 1024 px"),
     ({"steps": 151}, 400, "more than this server's 150"),
@@ -140,13 +143,24 @@ def test_bad_a1111_requests_get_one_line(server, body, status, says):
     assert says in detail and "\n" not in detail
 
 
+def test_settings_a_client_repeats_are_accepted(server):
+    """override_settings that equal what GET /options reports, eta where the sampler
+    ignores it, A1111's seed_resize -1: no effect, so no refusal."""
+    r = txt2img(server, override_settings={"CLIP_stop_at_last_layers": 1,
+                                           "sd_model_checkpoint": "demo"},
+                sampler_name="DPM++ 2M", eta=0.3, seed_resize_from_h=-1)
+    assert r.status_code == 200, r.text
+
+
 def test_bad_openai_request_is_an_openai_error(server):
     openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
     with pytest.raises(openai.BadRequestError, match="response_format 'url' is not supported"):
         client.images.generate(prompt="x", size="64x64", response_format="url")
-    with pytest.raises(openai.BadRequestError, match="model 'dall-e-3' is not served here"):
-        client.images.generate(model="dall-e-3", prompt="x", size="64x64")
+    # a client's default model name gets this server's one model (GET /v1/models says which)
+    r = client.images.generate(model="dall-e-2", prompt="x", size="64x64", response_format="b64_json",
+                               extra_body={"steps": 2})
+    assert png(r.data[0].b64_json).shape == (64, 64, 3)
 
 
 def test_sampler_aliases_and_karras_map_to_our_schedulers():

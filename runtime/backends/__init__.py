@@ -186,13 +186,12 @@ class EngineSet:
             raise ValueError("run-time LoRA weights need the ort-cpu backend with the "
                              "engine cache on")
         if in_place:
+            if weights is None:
+                raise ValueError("in_place needs weights; None reloads the bundle's own engine")
             engine = self.engines[name]
-            engine.set_weights(weights or {})  # type: ignore[attr-defined]
+            engine.set_weights(weights)  # type: ignore[attr-defined]
             return engine
-        old = self.engines.pop(name, None)
-        if old is not None:
-            old.release()
-            give_back_freed_memory()
+        self.drop(name)
         if weights is None:
             return self.add(name, manifest, bundle, on_load)
         import time
@@ -215,6 +214,14 @@ class EngineSet:
         if on_load:
             on_load(name, engine, time.perf_counter() - t)
         return engine
+
+    def drop(self, name: str) -> None:
+        """Release graph `name`'s engine, if loaded, and hand its memory back (before
+        another copy of its weights is made)."""
+        old = self.engines.pop(name, None)
+        if old is not None:
+            old.release()
+            give_back_freed_memory()
 
     @staticmethod
     def _check_source(bundle: Path, manifest: Manifest, name: str) -> Callable[[], None]:

@@ -65,6 +65,8 @@ def weights_as_inputs(path: Path, names: set[str]) -> None:
         import onnx
     except ImportError:
         raise RuntimeError("run-time LoRAs need the onnx package: pip install 'sdrt[lora]'") from None
+    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+
     model = onnx.load(str(path), load_external_data=False)
     g = model.graph
     moved = [t for t in g.initializer if t.name in names]
@@ -73,11 +75,18 @@ def weights_as_inputs(path: Path, names: set[str]) -> None:
         raise RuntimeError(f"ORT's optimizer renamed or folded {len(lost)} mapped weights "
                            f"(e.g. {lost[0]}): run-time LoRAs cannot reach them")
     keep = [t for t in g.initializer if t.name not in names]
+    listed = {i.name for i in g.input}  # IR < 4 lists initializers as inputs already
     g.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
-                   for t in moved)
+                   for t in moved if t.name not in listed)
+    for t in keep:  # the rest is written again, alone: the moved bytes leave the disk
+        if uses_external_data(t):
+            load_external_data_for_tensor(t, str(path.parent))
     del g.initializer[:]
     g.initializer.extend(keep)
-    onnx.save(model, str(path))
+    data = path.with_name(path.name + ".data")
+    data.unlink(missing_ok=True)
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data.name, size_threshold=LORA_MIN_BYTES)
 
 
 class OrtEngine(Engine):
@@ -254,8 +263,11 @@ class OrtEngine(Engine):
         if unknown:
             raise self.error(f"unknown weights {unknown[:3]}")
         for name, value in weights.items():
-            if value is not self.weights[name]:  # lora_weights(into=) wrote it there already
-                np.copyto(self.weights[name], value)
+            w = self.weights[name]
+            if value.shape != w.shape:
+                raise self.error(f"weight {name} is {list(value.shape)}, the graph takes {list(w.shape)}")
+            if value is not w:  # lora_weights(into=) wrote it there already
+                np.copyto(w, value)
 
     def _copy_in(self, name: str, array: np.ndarray) -> None:
         if self.current is not None:

@@ -40,6 +40,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-queued", type=int, default=64,
                    help="images waiting before requests get 503 (Retry-After)")
     p.add_argument("--no-batching", action="store_true", help="one image per UNet call")
+    p.add_argument("--max-images", type=int, default=16, help="images per request at most")
+    p.add_argument("--max-side", type=int, default=1024, help="width and height at most (px)")
+    p.add_argument("--max-steps", type=int, default=150, help="steps per request at most")
     p.add_argument("--no-safety", action="store_true", help="skip the safety checker")
     p.add_argument("--lora-dir", default=None, help="a folder of LoRA .safetensors files: "
                    "prompts then take A1111's <lora:name:scale> (ort-cpu)")
@@ -65,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         import ray
         from ray import serve
 
-        from runtime.serve.app import SERVE_APP, Settings, build
+        from runtime.serve.app import SERVE_APP, Settings, build, check_resources
     except ImportError as e:
         say(f"error: serving needs the serve extra (pip install 'sdrt[serve]'): {e}")
         return 2
@@ -73,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
                         max_batch=1 if args.no_batching else args.max_batch,
                         batch_wait_ms=0.0 if args.no_batching else args.batch_wait_ms,
                         max_queued=args.max_queued, safety=not args.no_safety,
-                        lora_dir=args.lora_dir)
+                        lora_dir=args.lora_dir, max_images=args.max_images,
+                        max_side=args.max_side, max_steps=args.max_steps)
     host = args.host or ("127.0.0.1" if args.address is None else "0.0.0.0")
     try:
         settings.check()
@@ -88,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
+        if args.address is None:  # a fixed machine: replicas it cannot place are an error
+            check_resources(settings, ray.cluster_resources())
         serve.start(http_options={"host": host, "port": args.port})
         serve.run(build(asdict(settings)), name=SERVE_APP, route_prefix="/")
         if args.address is not None:  # the cluster keeps serving after this command

@@ -143,6 +143,7 @@ class Txt2Img(BaseModel):
     alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
     override_settings: dict[str, Any] = Field(default_factory=dict)
     init_images: list[str] | None = None
+    refiner_checkpoint: str | None = None
     # k-diffusion's sampler knobs: their defaults are what our samplers do (eta 1: Euler a)
     eta: float | None = None
     s_churn: float | None = None
@@ -150,22 +151,35 @@ class Txt2Img(BaseModel):
     s_tmax: float | None = None
     s_noise: float | None = None
 
-    def jobs(self, limits: Limits) -> list[Job]:
+    def jobs(self, limits: Limits, options: dict[str, Any]) -> list[Job]:
+        """`options`: what GET /sdapi/v1/options reports (override_settings may repeat them)."""
         unsupported = [("enable_hr", "hires fix"), ("restore_faces", "face restoration"),
                        ("tiling", "tiling"), ("subseed_strength", "variation seeds"),
-                       ("seed_resize_from_h", "seed resize"), ("seed_resize_from_w", "seed resize"),
                        ("styles", "styles"), ("script_name", "scripts"),
-                       ("alwayson_scripts", "scripts"), ("override_settings", "override_settings"),
+                       ("alwayson_scripts", "scripts"), ("refiner_checkpoint", "refiners"),
                        ("init_images", "img2img (this route is txt2img)")]
         for name, what in unsupported:
-            if getattr(self, name) and getattr(self, name) != -1:
+            if getattr(self, name):
                 raise UsageError(f"{name}: {what} is not supported by this server")
-        for name, default in (("eta", 1.0), ("s_churn", 0.0), ("s_tmin", 0.0), ("s_noise", 1.0)):
-            if getattr(self, name) not in (None, default):
-                raise UsageError(f"{name} {getattr(self, name)} is not supported (only {default:g})")
-        if self.s_tmax not in (None, 0.0) and self.s_tmax != float("inf"):
-            raise UsageError(f"s_tmax {self.s_tmax} is not supported")
+        for name in ("seed_resize_from_h", "seed_resize_from_w"):  # A1111's "off": -1 or 0
+            if getattr(self, name) not in (-1, 0):
+                raise UsageError(f"{name}: seed resize is not supported by this server")
+        for key, value in self.override_settings.items():  # clients repeat what they read
+            same = options.get(key, object()) == value or (  # the checkpoint: title or name
+                key == "sd_model_checkpoint" and value == str(options[key]).split(" [")[0])
+            if not same:
+                raise UsageError(f"override_settings {key}={value!r} is not supported here")
         scheduler = scheduler_for(self.sampler_name or self.sampler_index, self.scheduler)
+        # k-diffusion's knobs at the values our samplers have; eta only where A1111 reads it
+        want = {"s_churn": 0.0, "s_tmin": 0.0, "s_noise": 1.0,
+                "eta": {"euler_a": 1.0, "ddim": 0.0}.get(scheduler)}
+        for name, value in want.items():
+            got = getattr(self, name)
+            if value is not None and got is not None and got != value:
+                raise UsageError(f"{name} {got:g} is not supported with this sampler (it runs "
+                                 f"{value:g})")
+        if self.s_tmax not in (None, 0.0, float("inf")):
+            raise UsageError(f"s_tmax {self.s_tmax} is not supported")
         return make_jobs(self.prompt, self.negative_prompt, self.steps, scheduler,
                          self.cfg_scale, self.width, self.height, self.seed,
                          self.batch_size * self.n_iter, limits)
@@ -190,9 +204,9 @@ class ImagesGenerations(BaseModel):
     scheduler: str = "pndm"
     seed: int | None = None
 
-    def jobs(self, default_size: tuple[int, int], model: str, limits: Limits) -> list[Job]:
-        if self.model not in (None, model):
-            raise UsageError(f"model {self.model!r} is not served here; this server has {model!r}")
+    def jobs(self, default_size: tuple[int, int], limits: Limits) -> list[Job]:
+        # `model` is not checked: this server has one, and clients send their own default
+        # names ("dall-e-2"); the response is that one model's, as GET /v1/models says
         if self.response_format not in (None, "b64_json"):
             raise UsageError(f"response_format {self.response_format!r} is not supported; "
                              f"use b64_json (this server keeps no image URLs)")

@@ -43,6 +43,7 @@ from runtime.serve.metrics import Metrics
 
 GPU_BACKENDS = ("tensorrt", "ort-cuda")
 SERVE_APP = "sdrt"  # the application's name from the CLI (serve_config.yaml names its own)
+HEALTH_CACHE_S = 2.0  # /health asks the Serve controller at most this often
 # Serve ships the decorated classes by value when they are defined (cloudpickle): what
 # their methods use must be defined above them
 
@@ -131,6 +132,11 @@ class Generator:
         self.generate.set_max_batch_size(s.max_batch)
         self.generate.set_batch_wait_timeout_s(s.batch_wait_ms / 1000)
 
+    def check_health(self) -> None:
+        """Serve replaces a replica whose Pipeline lost its engines (a failed reload)."""
+        if not self.pipe.engines:
+            raise RuntimeError("the Pipeline has no engines")
+
     def describe(self) -> dict[str, Any]:
         return {"backend": self.pipe.backend, "precision": self.pipe.precision, "made": self.made}
 
@@ -158,7 +164,8 @@ def _error(request: Request, status: int, message: str, headers: dict | None = N
         kind = "server_error" if status >= 500 else "invalid_request_error"
         body: dict = {"error": {"message": message, "type": kind, "param": None, "code": None}}
     else:  # A1111's
-        body = {"error": "Overloaded" if status == 503 else "BadRequest", "detail": message}
+        kind = {503: "Overloaded", 500: "InternalServerError"}.get(status, "BadRequest")
+        body = {"error": kind, "detail": message}
     return JSONResponse(body, status_code=status, headers=headers)
 
 
@@ -193,6 +200,7 @@ class Ingress:
         self.settings = Settings(**settings)
         self.model = model_info(self.settings.model)  # from the manifest: no generator call
         self.recent_batch_s = 1.0  # for Retry-After
+        self.health_at, self.running = -math.inf, 0  # /health's last look at Serve's state
 
     async def _make(self, jobs: list[Job]) -> list[Made]:
         """Every job's outcome, or Overloaded. Cancelled (client gone): its jobs that have
@@ -242,7 +250,7 @@ class Ingress:
     @app.post("/sdapi/v1/txt2img")
     async def txt2img(self, body: Txt2Img, request: Request):
         model = self.model
-        done = await self._run(request, lambda: body.jobs(self.settings.limits))
+        done = await self._run(request, lambda: body.jobs(self.settings.limits, self._options()))
         if isinstance(done, JSONResponse):
             return done
         jobs, out = done
@@ -267,7 +275,7 @@ class Ingress:
     async def images(self, body: ImagesGenerations, request: Request):
         model = self.model
         done = await self._run(request, lambda: body.jobs(
-            tuple(model["default_size"]), model["name"], self.settings.limits))
+            tuple(model["default_size"]), self.settings.limits))
         if isinstance(done, JSONResponse):
             return done
         out = done[1]
@@ -286,12 +294,15 @@ class Ingress:
         return [{"title": f"{m['name']} [{m['hash'][:10]}]", "model_name": m["name"],
                  "hash": m["hash"][:10], "sha256": m["hash"], "filename": m["path"], "config": None}]
 
-    @app.get("/sdapi/v1/options")
-    async def options(self):
+    def _options(self) -> dict[str, Any]:
         m = self.model
         return {"sd_model_checkpoint": f"{m['name']} [{m['hash'][:10]}]",
                 "sd_checkpoint_hash": m["hash"], "CLIP_stop_at_last_layers": 1,
                 "samples_format": "png"}
+
+    @app.get("/sdapi/v1/options")
+    async def options(self):
+        return self._options()
 
     @app.post("/sdapi/v1/options")
     async def set_options(self, body: dict[str, Any], request: Request):
@@ -329,11 +340,16 @@ class Ingress:
     async def health(self, request: Request):
         """From Serve's own state (a replica busy with a batch is healthy): 200 while
         at least one generator replica runs, else 503."""
-        try:
-            app_status = serve.status().applications[serve.get_replica_context().app_name]
-            replicas = app_status.deployments["Generator"].replica_states.get("RUNNING", 0)
-        except Exception as e:  # noqa: BLE001 (the controller is gone or restarting)
-            return _error(request, 503, f"Serve status unavailable: {type(e).__name__}")
+        now = time.monotonic()
+        if now - self.health_at > HEALTH_CACHE_S:  # serve.status() is a blocking RPC
+            try:
+                status = await asyncio.wait_for(asyncio.to_thread(serve.status), 5)
+                app_status = status.applications[serve.get_replica_context().app_name]
+                self.running = app_status.deployments["Generator"].replica_states.get("RUNNING", 0)
+            except Exception as e:  # noqa: BLE001 (the controller is gone or restarting)
+                return _error(request, 503, f"Serve status unavailable: {type(e).__name__}")
+            self.health_at = now
+        replicas = self.running
         if not replicas:
             return _error(request, 503, "no model replica is running (starting or replaced)")
         return {"status": "ok", "model": self.model["name"], "replicas": replicas}
@@ -352,25 +368,33 @@ class Ingress:
         return Response(process_metrics().text(), media_type=process_metrics().content_type)
 
 
+def gpus_per_replica(s: Settings, have: dict[str, float]) -> float:
+    """1 for a GPU backend, or `auto` on a cluster with GPUs; else 0 (CPU replicas)."""
+    if s.gpus_per_replica is not None:
+        return s.gpus_per_replica
+    on_gpu = s.backend in GPU_BACKENDS or (s.backend == "auto" and have.get("GPU", 0) > 0)
+    return 1.0 if on_gpu else 0.0
+
+
+def check_resources(s: Settings, have: dict[str, float]) -> None:
+    """UsageError when a fixed machine (the CLI's local Ray) cannot place every replica:
+    Serve would leave the app deploying forever. Not for clusters that grow on demand."""
+    gpus = gpus_per_replica(s, have)
+    if gpus * s.replicas > have.get("GPU", 0):
+        raise UsageError(f"{s.replicas} replica(s) x {gpus:g} GPU but this machine has "
+                         f"{have.get('GPU', 0):g} GPU(s)")
+    if not gpus and s.replicas > have.get("CPU", 0):
+        raise UsageError(f"{s.replicas} replica(s) x 1 CPU but this machine has "
+                         f"{have.get('CPU', 0):g} CPU(s)")
+
+
 def build(args: dict[str, Any]) -> serve.Application:
     """The application from Settings fields (the CLI's flags; serve_config.yaml's args)."""
     s = Settings(**args)
     s.check()
-    import ray
+    import ray  # noqa: I001 (the cluster's resources, when connected)
 
-    have = ray.cluster_resources() if ray.is_initialized() else {}
-    gpus = s.gpus_per_replica
-    if gpus is None:
-        on_gpu = s.backend in GPU_BACKENDS or (s.backend == "auto" and have.get("GPU", 0) > 0)
-        gpus = 1.0 if on_gpu else 0.0
-    # replicas the cluster cannot place would leave the app deploying forever: say so
-    # (an autoscaling cluster that adds nodes on demand: pass gpus_per_replica=0 or add them)
-    if have and gpus * s.replicas > have.get("GPU", 0):
-        raise UsageError(f"{s.replicas} replica(s) x {gpus:g} GPU but this Ray cluster has "
-                         f"{have.get('GPU', 0):g} GPU(s)")
-    if have and not gpus and s.replicas > have.get("CPU", 0):
-        raise UsageError(f"{s.replicas} replica(s) x 1 CPU but this Ray cluster has "
-                         f"{have.get('CPU', 0):g} CPU(s)")
+    gpus = gpus_per_replica(s, ray.cluster_resources() if ray.is_initialized() else {})
     generator = Generator.options(
         num_replicas=s.replicas, max_ongoing_requests=2 * s.max_batch,
         max_queued_requests=s.max_queued,
