@@ -130,7 +130,7 @@ def test_a_long_prompt_in_the_batch_changes_no_other_picture(server):
     ({"sampler_name": "Euler", "scheduler": "Karras"}, 400, "Karras schedule is supported with DPM++"),
     ({"sampler_name": "Euler a", "eta": 0.5}, 400, "eta 0.5 is not supported with this sampler"),
     ({"sampler_name": "DDIM", "eta": 1.0}, 400, "eta 1 is not supported with this sampler (it runs 0)"),
-    ({"override_settings": {"CLIP_stop_at_last_layers": 2}}, 400, "override_settings CLIP_stop"),
+    ({"override_settings": {"CLIP_stop_at_last_layers": 2}}, 400, "setting CLIP_stop_at_last_layers=2"),
     ({"refiner_checkpoint": "sdxl_refiner"}, 400, "refiners is not supported"),
     ({"init_images": ["abc"]}, 400, "this route is txt2img"),
     ({"width": 2048}, 400, "more than this server's 1024 px"),
@@ -150,6 +150,13 @@ def test_settings_a_client_repeats_are_accepted(server):
                                            "sd_model_checkpoint": "demo"},
                 sampler_name="DPM++ 2M", eta=0.3, seed_resize_from_h=-1)
     assert r.status_code == 200, r.text
+
+
+def test_posted_options_that_change_nothing_pass(server):
+    ok = requests.post(f"{server}/sdapi/v1/options", json={"sd_model_checkpoint": "demo"}, timeout=30)
+    other = requests.post(f"{server}/sdapi/v1/options", json={"sd_model_checkpoint": "sd15"}, timeout=30)
+    assert ok.status_code == 200 and other.status_code == 400
+    assert "setting sd_model_checkpoint='sd15' is not supported" in other.json()["detail"]
 
 
 def test_bad_openai_request_is_an_openai_error(server):

@@ -76,6 +76,18 @@ def lora_tags(prompt: str) -> tuple[str, tuple[tuple[str, float], ...]]:
     return text, tuple(loras)
 
 
+def check_overrides(settings: dict[str, Any], options: dict[str, Any]) -> None:
+    """A1111 settings a client sends (override_settings, POST /options): accepted when
+    they repeat what GET /options says (the checkpoint by its title or its name), else
+    UsageError naming the first other one: this server changes no setting."""
+    for key, value in settings.items():
+        same = options.get(key, object()) == value or (
+            key == "sd_model_checkpoint" and value == str(options[key]).split(" [")[0])
+        if not same:
+            raise UsageError(f"setting {key}={value!r} is not supported here (GET "
+                             f"/sdapi/v1/options shows what this server has)")
+
+
 def random_seed() -> int:
     return secrets.randbits(32)  # A1111 draws 32-bit seeds
 
@@ -164,11 +176,7 @@ class Txt2Img(BaseModel):
         for name in ("seed_resize_from_h", "seed_resize_from_w"):  # A1111's "off": -1 or 0
             if getattr(self, name) not in (-1, 0):
                 raise UsageError(f"{name}: seed resize is not supported by this server")
-        for key, value in self.override_settings.items():  # clients repeat what they read
-            same = options.get(key, object()) == value or (  # the checkpoint: title or name
-                key == "sd_model_checkpoint" and value == str(options[key]).split(" [")[0])
-            if not same:
-                raise UsageError(f"override_settings {key}={value!r} is not supported here")
+        check_overrides(self.override_settings, options)
         scheduler = scheduler_for(self.sampler_name or self.sampler_index, self.scheduler)
         # k-diffusion's knobs at the values our samplers have; eta only where A1111 reads it
         want = {"s_churn": 0.0, "s_tmin": 0.0, "s_noise": 1.0,

@@ -37,7 +37,7 @@ from runtime.bundle import MAX_BATCH, MAX_SIDE, VAE_FACTOR, read_manifest, resol
 from runtime.lora_apply import missing_support
 from runtime.metadata import A1111_SAMPLERS
 from runtime.pipeline import UsageError
-from runtime.serve.api import A1111_ALIASES, ImagesGenerations, Limits, Txt2Img
+from runtime.serve.api import A1111_ALIASES, ImagesGenerations, Limits, Txt2Img, check_overrides
 from runtime.serve.jobs import Job, Made, run_jobs
 from runtime.serve.metrics import Metrics
 
@@ -155,6 +155,8 @@ def process_metrics() -> Metrics:
     """This process's METRICS, looked up in the imported module: Serve ships the FastAPI
     app's middleware by value (cloudpickle), whose globals would be a copy of its own."""
     return sys.modules[__name__].METRICS  # type: ignore[attr-defined]
+
+
 app = FastAPI(title="sdrt", description="Stable Diffusion v1.x on sdrt engines: "
               "AUTOMATIC1111 and OpenAI image APIs, dynamically batched.")
 
@@ -211,14 +213,10 @@ class Ingress:
             for job in jobs:
                 responses.append(self.gen.generate.remote(job))
             made = list(await asyncio.gather(*responses))
-        except BackPressureError:
-            cancel(responses)
-            raise Overloaded() from None
-        except asyncio.CancelledError:
-            cancel(responses)
-            raise
-        except Exception:  # a replica died, or failed: the other images are not wanted
-            cancel(responses)
+        except BaseException as e:  # overloaded, the client gone, a replica dead: the
+            cancel(responses)  # request's other images are not wanted
+            if isinstance(e, BackPressureError):
+                raise Overloaded() from None
             raise
         finally:
             process_metrics().queued.dec(len(jobs))
@@ -306,12 +304,12 @@ class Ingress:
 
     @app.post("/sdapi/v1/options")
     async def set_options(self, body: dict[str, Any], request: Request):
-        """Clients post the checkpoint they want: ours is accepted, another refused."""
-        want = body.get("sd_model_checkpoint")
-        m = self.model
-        if want is not None and want not in (m["name"], f"{m['name']} [{m['hash'][:10]}]"):
-            return _error(request, 400, f"model {want!r} is not served here; this server "
-                          f"has {m['name']!r}")
+        """Clients post the options they read (the checkpoint they want): what /options
+        says is accepted, anything else refused, as in override_settings."""
+        try:
+            check_overrides(body, self._options())
+        except UsageError as e:
+            return _error(request, 400, str(e))
         return None
 
     @app.get("/sdapi/v1/schedulers")
