@@ -647,11 +647,18 @@ class Pipeline:
             if cfg and negative_prompt_embeds is None and prompt_embeds.shape[1] % MAX_TOKENS:
                 raise UsageError("prompt_embeds whose length is not a multiple of 77 need "
                                  "negative_prompt_embeds of the same shape (with guidance)")
-        elif negative_prompt_embeds is not None:
-            raise UsageError("negative_prompt_embeds need prompt_embeds")
-        if prompt_embeds is None:
+        elif negative_prompt_embeds is not None:  # a text prompt, the negative side given
+            if negative_prompt is not None:
+                raise UsageError("pass a negative prompt or negative_prompt_embeds, not both")
+            cond.update(self._tokens(prompts, None))  # [P, k, 77]
+            if cfg:  # as diffusers: the same shape as the prompt's embeddings
+                want = (len(prompts), cond["text_ids"].shape[1] * MAX_TOKENS, m.hidden)
+                cond["negative_prompt_embeds"] = self._check_embeds(
+                    "negative_prompt_embeds", negative_prompt_embeds, want)
+        else:
             cond.update(self._tokens(prompts + (negs if cfg else ()), None))
-        elif cfg and negative_prompt_embeds is None:  # negative prompts at the embeds' length
+        if prompt_embeds is not None and cfg and negative_prompt_embeds is None:
+            # negative prompts at the embeds' length
             cond.update(self._tokens(negs, prompt_embeds.shape[1] // MAX_TOKENS))
             if cond["text_ids"].shape[1] * MAX_TOKENS != prompt_embeds.shape[1]:
                 raise UsageError(f"the negative prompt is longer than prompt_embeds' "

@@ -106,6 +106,25 @@ def test_prompt_embeds_without_negative_embeds_pad_the_empty_prompt(biased):
     compare(got.images, plain.images)  # torch's encoding vs the text encoder engine's
 
 
+def test_a_text_prompt_with_negative_prompt_embeds_as_diffusers_takes_them(biased):
+    """diffusers encodes the prompt and takes the negative side as given: so do we, its
+    shape the prompt's own ([P, 77k, C]); a negative prompt beside them is refused."""
+    c, bundle = biased
+    uncond = a1111_embeds(c, bundle, NEGATIVE)  # [1, 77, C]
+    pipe = reference(c, bundle, "euler", safety=False)
+    ref = pipe(PROMPT, negative_prompt_embeds=uncond, num_inference_steps=5, guidance_scale=7.5,
+               generator=torch.Generator().manual_seed(4), output_type="np")
+    with Pipeline(bundle, "ort-cpu") as ours:
+        got = ours(PROMPT, negative_prompt_embeds=uncond.numpy(), steps=5, scheduler="euler",
+                   seed=4)
+        with pytest.raises(UsageError, match="not both"):
+            ours.request(PROMPT, NEGATIVE, negative_prompt_embeds=uncond.numpy())
+        with pytest.raises(UsageError, match=r"negative_prompt_embeds must be a float array of "
+                                             r"shape \[1, 77, "):
+            ours.request(PROMPT, negative_prompt_embeds=np.zeros((1, 154, c.hidden), np.float32))
+    compare(got.images, (ref.images * 255).round().astype(np.uint8))
+
+
 def as_format_1_0(bundle):
     """The manifest a 1.0 export wrote: the UNet's text axis fixed at 77, no VAE
     encoder, no minor version, no tokens in the profile (its graphs are unchanged)."""
