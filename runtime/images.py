@@ -73,7 +73,16 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     does; ValueError with one line when it is not an image, is too large, or PIL cannot
     decode it."""
     try:
-        img = Image.open(io.BytesIO(read_small(Path(path), MAX_IMAGE_BYTES)))  # a regular file
+        data = read_small(Path(path), MAX_IMAGE_BYTES)  # a regular file
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read image {path}: {first_line(e)}") from None
+    return decode_image(data, f"image {path}")
+
+
+def decode_image(data: bytes, what: str = "image") -> Image.Image:
+    """An image file's bytes decoded as load_image does (a served request's init image)."""
+    try:
+        img = Image.open(io.BytesIO(data))
         if max(img.size) > MAX_SIDE:  # before decoding: a decompression bomb costs nothing here
             raise ValueError(f"{img.size[0]}x{img.size[1]} is larger than {MAX_SIDE} px a side")
         img.load()
@@ -81,9 +90,9 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         # mask too: the mask processor takes its grayscale after resizing)
         return ImageOps.exif_transpose(img).convert("RGB")
     except UnidentifiedImageError:
-        raise ValueError(f"cannot read image {path}: not an image format PIL knows") from None
+        raise ValueError(f"cannot read {what}: not an image format PIL knows") from None
     except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
-        raise ValueError(f"cannot read image {path}: {first_line(e)}") from None
+        raise ValueError(f"cannot read {what}: {first_line(e)}") from None
 
 
 def as_pil(image: Image.Image | np.ndarray, what: str) -> Image.Image:

@@ -350,3 +350,48 @@ def test_lora_tags_in_prompts_run_that_lora_and_batch_apart(server, lora_dir):
 def test_bad_lora_tags_get_one_line(server, prompt, says):
     r = txt2img(server, prompt=prompt)
     assert r.status_code == 400 and says in r.json()["detail"], r.text
+
+
+def test_img2img_as_webuiapi_sends_it_equals_our_pipeline(server):
+    """POST /sdapi/v1/img2img: the init image resized to width x height, at
+    denoising_strength; the same picture as our Pipeline's img2img with that seed, and
+    two requests with different images at once each get their own."""
+    webuiapi = pytest.importorskip("webuiapi")
+    from runtime.bundle import demo_bundle
+    from runtime.pipeline import Pipeline
+
+    rs = np.random.RandomState(0)
+    pictures = [Image.fromarray((rs.rand(80, 96, 3) * 255).astype(np.uint8)) for _ in range(2)]
+    kw = dict(steps=4, scheduler="euler_a", guidance_scale=7.0, height=64, width=64, strength=0.6)
+    with Pipeline(demo_bundle(), "ort-cpu") as pipe:
+        want = [pipe("a boat", image=p, seed=9, **kw).images[0] for p in pictures]
+    host, port = server.removeprefix("http://").split(":")
+    api = webuiapi.WebUIApi(host=host, port=int(port), sampler="Euler a", steps=4)
+
+    def one(picture):
+        return api.img2img(images=[picture], prompt="a boat", seed=9, denoising_strength=0.6,
+                           width=64, height=64, cfg_scale=7.0)
+
+    with ThreadPoolExecutor(2) as pool:
+        got = list(pool.map(one, pictures))
+    for r, w in zip(got, want, strict=True):
+        assert np.array_equal(np.asarray(r.images[0]), w)
+        assert r.info["denoising_strength"] == 0.6 and "Denoising strength: 0.6" in r.info["infotexts"][0]
+    assert "init_images" not in got[0].parameters
+
+
+@pytest.mark.parametrize("body,says", [
+    ({"init_images": []}, "give one image, got 0"),
+    ({"init_images": ["not base64!"]}, "not base64"),
+    ({"init_images": [base64.b64encode(b"not an image").decode()]}, "not an image format"),
+    ({"mask": "x"}, "inpainting is not served yet"),
+    ({"denoising_strength": 0}, "denoising_strength must be in (0, 1]"),
+    ({"resize_mode": 2}, "resize_mode 2 is not supported"),
+])
+def test_bad_img2img_requests_get_one_line(server, body, says):
+    picture = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(picture, format="PNG")
+    data_url = "data:image/png;base64," + base64.b64encode(picture.getvalue()).decode()
+    full = {**SMALL, "init_images": [data_url], **body}
+    r = requests.post(f"{server}/sdapi/v1/img2img", json=full, timeout=120)
+    assert r.status_code == 400 and says in r.json()["detail"], r.text

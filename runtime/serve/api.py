@@ -9,13 +9,17 @@ tiling, variation seeds, scripts) is refused with one line, never silently ignor
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
 import re
 import secrets
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from runtime.images import MAX_IMAGE_BYTES, decode_image
 from runtime.metadata import A1111_SAMPLERS
 from runtime.pipeline import UsageError, check_settings, check_text
 from runtime.schedulers import SCHEDULERS
@@ -102,9 +106,27 @@ class Limits:
     loras: bool = False  # whether <lora:...> tags are taken (the server has a LoRA folder)
 
 
+def image_bytes(b64: str) -> bytes:
+    """A base64 image as clients send it (A1111 accepts a data: URL prefix too), checked
+    to decode (UsageError with one line)."""
+    _, comma, tail = b64.partition(",") if b64.startswith("data:") else ("", "", b64)
+    try:
+        data = base64.b64decode(tail, validate=True)
+    except (binascii.Error, ValueError):
+        raise UsageError("init_images: not base64") from None
+    if len(data) > MAX_IMAGE_BYTES:
+        raise UsageError(f"init_images: more than {MAX_IMAGE_BYTES >> 20} MiB")
+    try:
+        decode_image(data, "init_images[0]")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return data
+
+
 def make_jobs(prompt: str, negative: str, steps: int, scheduler: str, guidance: float,
               width: int, height: int, seed: int | None, images: int,
-              limits: Limits) -> list[Job]:
+              limits: Limits, image: bytes | None = None,
+              strength: float | None = None) -> list[Job]:
     """`images` jobs with seeds seed, seed + 1, ... (A1111's all_seeds): each image is
     reproducible alone from its own seed. UsageError for anything the Pipeline would
     refuse without a model, or past the server's limits (one line)."""
@@ -123,8 +145,12 @@ def make_jobs(prompt: str, negative: str, steps: int, scheduler: str, guidance: 
     first = random_seed() if seed is None or seed == -1 else seed
     check_settings(steps, scheduler, guidance, 1, first, height, width)
     check_settings(steps, scheduler, guidance, 1, first + images - 1, height, width)
+    if image is not None and not (isinstance(strength, (int, float)) and 0 < strength <= 1):
+        raise UsageError(f"denoising_strength must be in (0, 1], got {strength!r}")
+    sha = hashlib.sha256(image).hexdigest() if image is not None else ""
     return [Job(text, negative, steps, scheduler, float(guidance), width, height, first + k,
-                loras) for k in range(images)]
+                loras, image, sha, None if image is None else float(strength))  # type: ignore[arg-type]
+            for k in range(images)]
 
 
 class Txt2Img(BaseModel):
@@ -163,13 +189,16 @@ class Txt2Img(BaseModel):
     s_tmax: float | None = None
     s_noise: float | None = None
 
+    takes_images: ClassVar[bool] = False  # init_images: the img2img route's
+
     def jobs(self, limits: Limits, options: dict[str, Any]) -> list[Job]:
         """`options`: what GET /sdapi/v1/options reports (override_settings may repeat them)."""
         unsupported = [("enable_hr", "hires fix"), ("restore_faces", "face restoration"),
                        ("tiling", "tiling"), ("subseed_strength", "variation seeds"),
                        ("styles", "styles"), ("script_name", "scripts"),
                        ("alwayson_scripts", "scripts"), ("refiner_checkpoint", "refiners"),
-                       ("init_images", "img2img (this route is txt2img)")]
+                       *(() if self.takes_images else
+                         (("init_images", "img2img (this route is txt2img)"),))]
         for name, what in unsupported:
             if getattr(self, name):
                 raise UsageError(f"{name}: {what} is not supported by this server")
@@ -190,7 +219,39 @@ class Txt2Img(BaseModel):
             raise UsageError(f"s_tmax {self.s_tmax} is not supported")
         return make_jobs(self.prompt, self.negative_prompt, self.steps, scheduler,
                          self.cfg_scale, self.width, self.height, self.seed,
-                         self.batch_size * self.n_iter, limits)
+                         self.batch_size * self.n_iter, limits, *self._image())
+
+    def _image(self) -> tuple[bytes | None, float | None]:
+        return None, None
+
+
+class Img2Img(Txt2Img):
+    """POST /sdapi/v1/img2img: one init image, resized to width x height (A1111's resize
+    mode 0, "just resize"; diffusers' img2img preprocessing), at denoising_strength.
+    Inpainting (a mask) is not served yet: refused."""
+
+    takes_images: ClassVar[bool] = True
+    init_images: list[str] = Field(default_factory=list)
+    denoising_strength: float = 0.75
+    resize_mode: int = 0
+    mask: str | None = None
+    include_init_images: bool = False
+    initial_noise_multiplier: float | None = None
+
+    def _image(self) -> tuple[bytes | None, float | None]:
+        if len(self.init_images) != 1:
+            raise UsageError(f"init_images: give one image, got {len(self.init_images)}")
+        if self.mask:
+            raise UsageError("mask: inpainting is not served yet (python -m runtime.generate "
+                             "--mask runs it)")
+        if self.resize_mode != 0:
+            raise UsageError(f"resize_mode {self.resize_mode} is not supported (only 0: just resize)")
+        if self.include_init_images:
+            raise UsageError("include_init_images is not supported")
+        if self.initial_noise_multiplier not in (None, 1.0):
+            raise UsageError(f"initial_noise_multiplier {self.initial_noise_multiplier} is not "
+                             f"supported (only 1)")
+        return image_bytes(self.init_images[0]), self.denoising_strength
 
 
 class ImagesGenerations(BaseModel):

@@ -37,7 +37,14 @@ from runtime.bundle import MAX_BATCH, MAX_SIDE, VAE_FACTOR, read_manifest, resol
 from runtime.lora_apply import missing_support
 from runtime.metadata import A1111_SAMPLERS
 from runtime.pipeline import UsageError
-from runtime.serve.api import A1111_ALIASES, ImagesGenerations, Limits, Txt2Img, check_overrides
+from runtime.serve.api import (
+    A1111_ALIASES,
+    ImagesGenerations,
+    Img2Img,
+    Limits,
+    Txt2Img,
+    check_overrides,
+)
 from runtime.serve.jobs import Job, Made, run_jobs
 from runtime.serve.metrics import Metrics
 
@@ -247,6 +254,14 @@ class Ingress:
 
     @app.post("/sdapi/v1/txt2img")
     async def txt2img(self, body: Txt2Img, request: Request):
+        return await self._a1111(body, request)
+
+    @app.post("/sdapi/v1/img2img")
+    async def img2img(self, body: Img2Img, request: Request):
+        return await self._a1111(body, request)
+
+    async def _a1111(self, body: Txt2Img, request: Request):
+        """txt2img and img2img: A1111's response (images, parameters, info JSON)."""
         model = self.model
         done = await self._run(request, lambda: body.jobs(self.settings.limits, self._options()))
         if isinstance(done, JSONResponse):
@@ -265,9 +280,12 @@ class Ingress:
             "restore_faces": False, "sd_model_name": model["name"],
             "sd_model_hash": model["hash"][:10], "clip_skip": 1,
             "infotexts": [m.infotext for m in out], "nsfw": [m.nsfw for m in out],
-            "batch_sizes": [m.batch for m in out], "version": "sdrt"}
+            "batch_sizes": [m.batch for m in out], "version": "sdrt",
+            **({"denoising_strength": jobs[0].strength} if jobs[0].strength is not None else {})}
         return {"images": [base64.b64encode(m.png).decode() for m in out],
-                "parameters": body.model_dump(), "info": json.dumps(info)}
+                # as A1111: the parameters without the (large) input images
+                "parameters": body.model_dump(exclude={"init_images", "mask"}),
+                "info": json.dumps(info)}
 
     @app.post("/v1/images/generations")
     async def images(self, body: ImagesGenerations, request: Request):

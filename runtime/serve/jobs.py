@@ -14,8 +14,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from PIL import Image
+
 from runtime.args import first_line
-from runtime.images import png_bytes
+from runtime.images import decode_image, png_bytes
 from runtime.metadata import A1111_SAMPLERS, parameters_text
 from runtime.pipeline import Pipeline, Request, UsageError
 
@@ -33,12 +35,20 @@ class Job:
     height: int
     seed: int
     loras: tuple[tuple[str, float], ...] = ()  # (name in the LoRA folder, scale), in order
+    image: bytes | None = None  # img2img: the init image file's bytes (PNG, JPEG, ...)
+    image_sha: str = ""  # its sha256: which jobs share an init image
+    strength: float | None = None  # img2img's denoising strength
 
     @property
     def key(self) -> tuple:
-        """Jobs with equal keys can share a UNet batch (one set of LoRAs per call)."""
+        """Jobs with equal keys can share a UNet batch: one set of LoRAs and one init
+        image per call."""
         return (self.width, self.height, self.steps, self.scheduler, self.guidance_scale,
-                self.loras)
+                self.loras, self.image_sha, self.strength)
+
+    def init_image(self) -> Image.Image | None:
+        """The init image decoded as the CLI's --init-image (runtime.images.load_image)."""
+        return None if self.image is None else decode_image(self.image)
 
 
 @dataclass
@@ -60,14 +70,17 @@ def infotext(job: Job, model: str) -> str:
     return parameters_text(job.prompt + tags, job.negative_prompt, {
         "Steps": job.steps, "Sampler": A1111_SAMPLERS[job.scheduler],
         "CFG scale": f"{job.guidance_scale:g}", "Seed": job.seed,
-        "Size": f"{job.width}x{job.height}", "Model": model, "Version": "sdrt"})
+        "Size": f"{job.width}x{job.height}", "Model": model,
+        "Denoising strength": None if job.strength is None else f"{job.strength:g}",
+        "Version": "sdrt"})
 
 
 def check_job(pipe: Pipeline, job: Job) -> Request:
     """The job as a one-image request: every check the Pipeline makes (UsageError)."""
     return pipe.request(job.prompt, job.negative_prompt, steps=job.steps,
                         scheduler=job.scheduler, guidance_scale=job.guidance_scale,
-                        height=job.height, width=job.width, seeds=[job.seed])
+                        height=job.height, width=job.width, seeds=[job.seed],
+                        image=job.init_image(), strength=job.strength)
 
 
 def lora_files(folder: Path | None, loras: tuple[tuple[str, float], ...]) -> list[tuple[Path, float]]:
@@ -110,7 +123,8 @@ def run_jobs(pipe: Pipeline, jobs: Sequence[Job], model: str,
             result = pipe([jobs[i].prompt for i in idx], [jobs[i].negative_prompt for i in idx],
                           steps=first.steps, scheduler=first.scheduler,
                           guidance_scale=first.guidance_scale, height=first.height,
-                          width=first.width, seeds=[jobs[i].seed for i in idx])
+                          width=first.width, seeds=[jobs[i].seed for i in idx],
+                          image=first.init_image(), strength=first.strength)
         except Exception as e:  # this call's images fail; the other groups still run
             for i in idx:
                 made[i] = Made(seed=jobs[i].seed, error=first_line(e) or type(e).__name__,
