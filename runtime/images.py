@@ -79,12 +79,14 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     return decode_image(data, f"image {path}")
 
 
-def decode_image(data: bytes, what: str = "image") -> Image.Image:
-    """An image file's bytes decoded as load_image does (a served request's init image)."""
+def decode_image(data: bytes, what: str = "image", formats: tuple[str, ...] | None = None,
+                 max_side: int = MAX_SIDE) -> Image.Image:
+    """An image file's bytes decoded as load_image does (a served request's init image:
+    `formats`, the PIL formats taken from the network; `max_side`, its bound)."""
     try:
-        img = Image.open(io.BytesIO(data))
-        if max(img.size) > MAX_SIDE:  # before decoding: a decompression bomb costs nothing here
-            raise ValueError(f"{img.size[0]}x{img.size[1]} is larger than {MAX_SIDE} px a side")
+        img = Image.open(io.BytesIO(data), formats=formats)
+        if max(img.size) > max_side:  # before decoding: a decompression bomb costs nothing here
+            raise ValueError(f"{img.size[0]}x{img.size[1]} is larger than {max_side} px a side")
         img.load()
         # as diffusers.utils.load_image: the camera's orientation applied, then RGB (a
         # mask too: the mask processor takes its grayscale after resizing)
@@ -115,7 +117,7 @@ def default_size(image: Image.Image) -> tuple[int, int]:
     return h - h % VAE_FACTOR, w - w % VAE_FACTOR
 
 
-def _resized(image: Image.Image, height: int, width: int) -> Image.Image:
+def resized(image: Image.Image, height: int, width: int) -> Image.Image:
     # VaeImageProcessor.resize, resize_mode "default": Lanczos to exactly (width, height)
     if image.size == (width, height):
         return image
@@ -128,7 +130,7 @@ def image_input(image: Image.Image, height: int, width: int) -> np.ndarray:
     modes; they are converted to RGB here first)."""
     if image.mode != "RGB":  # RGBA, L, P: RGB first, so a resize never depends on it
         image = image.convert("RGB")
-    x = np.asarray(_resized(image, height, width))  # [H, W, 3] uint8
+    x = np.asarray(resized(image, height, width))  # [H, W, 3] uint8
     x = x.astype(np.float32) / np.float32(255.0)  # pil_to_numpy
     return (np.float32(2.0) * x - np.float32(1.0)).transpose(2, 0, 1)[None].copy()  # normalize
 
@@ -137,5 +139,5 @@ def mask_input(mask: Image.Image, height: int, width: int) -> np.ndarray:
     """The inpainting mask: [1, 1, H, W] float32, 1 where to paint (white), 0 where to keep:
     the mask processor's resize (in the mask's own mode, as diffusers), grayscale, /255,
     then binarize at 0.5."""
-    x = np.asarray(_resized(mask, height, width).convert("L")).astype(np.float32) / np.float32(255.0)
+    x = np.asarray(resized(mask, height, width).convert("L")).astype(np.float32) / np.float32(255.0)
     return (x >= np.float32(0.5)).astype(np.float32)[None, None]

@@ -594,7 +594,8 @@ class Pipeline:
 
         Prompts take A1111's syntax: `(word)` x1.1, `[word]` /1.1, `(word:1.3)`, `BREAK`,
         and any length (77 tokens a chunk; runtime/prompts.py). Or give `prompt_embeds`
-        [prompts, T, C] (and `negative_prompt_embeds`) as diffusers takes them.
+        [prompts, T, C] (and `negative_prompt_embeds`) as diffusers takes them; or a text
+        prompt with `negative_prompt_embeds` in its own shape [prompts, 77k, C].
         `image` (a PIL image or [H, W, 3] uint8): img2img from it at `strength` (default
         0.8), the output at its size rounded down to multiples of 8 unless height/width are
         given; with `mask` (white = repaint): inpainting, strength default 1.0, output at
@@ -602,6 +603,8 @@ class Pipeline:
         `seeds`: one per image (instead of `seed`): image k is then the image this request
         gives alone with seed=seeds[k], whatever else is in the batch."""
         m = self.manifest
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise UsageError("pass a negative prompt or negative_prompt_embeds, not both")
         if prompt_embeds is not None:
             if prompt is not None:
                 raise UsageError("pass a prompt or prompt_embeds, not both")
@@ -648,13 +651,12 @@ class Pipeline:
                 raise UsageError("prompt_embeds whose length is not a multiple of 77 need "
                                  "negative_prompt_embeds of the same shape (with guidance)")
         elif negative_prompt_embeds is not None:  # a text prompt, the negative side given
-            if negative_prompt is not None:
-                raise UsageError("pass a negative prompt or negative_prompt_embeds, not both")
             cond.update(self._tokens(prompts, None))  # [P, k, 77]
             if cfg:  # as diffusers: the same shape as the prompt's embeddings
-                want = (len(prompts), cond["text_ids"].shape[1] * MAX_TOKENS, m.hidden)
+                k = cond["text_ids"].shape[1]
                 cond["negative_prompt_embeds"] = self._check_embeds(
-                    "negative_prompt_embeds", negative_prompt_embeds, want)
+                    f"negative_prompt_embeds (the prompt's {k} chunk(s) of 77 tokens)",
+                    negative_prompt_embeds, (len(prompts), k * MAX_TOKENS, m.hidden))
         else:
             cond.update(self._tokens(prompts + (negs if cfg else ()), None))
         if prompt_embeds is not None and cfg and negative_prompt_embeds is None:

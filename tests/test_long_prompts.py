@@ -119,8 +119,11 @@ def test_a_text_prompt_with_negative_prompt_embeds_as_diffusers_takes_them(biase
                    seed=4)
         with pytest.raises(UsageError, match="not both"):
             ours.request(PROMPT, NEGATIVE, negative_prompt_embeds=uncond.numpy())
-        with pytest.raises(UsageError, match=r"negative_prompt_embeds must be a float array of "
-                                             r"shape \[1, 77, "):
+        with pytest.raises(UsageError, match="not both"):  # beside both embeds too (diffusers)
+            ours.request(None, NEGATIVE, prompt_embeds=uncond.numpy(),
+                         negative_prompt_embeds=uncond.numpy())
+        with pytest.raises(UsageError, match=r"negative_prompt_embeds \(the prompt's 1 chunk\(s\) "
+                                             r"of 77 tokens\) must be a float array of shape \[1, 77, "):
             ours.request(PROMPT, negative_prompt_embeds=np.zeros((1, 154, c.hidden), np.float32))
     compare(got.images, (ref.images * 255).round().astype(np.uint8))
 

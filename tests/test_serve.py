@@ -377,7 +377,15 @@ def test_img2img_as_webuiapi_sends_it_equals_our_pipeline(server):
     for r, w in zip(got, want, strict=True):
         assert np.array_equal(np.asarray(r.images[0]), w)
         assert r.info["denoising_strength"] == 0.6 and "Denoising strength: 0.6" in r.info["infotexts"][0]
-    assert "init_images" not in got[0].parameters
+    assert got[0].parameters["init_images"] is None  # as A1111: not sent back
+    # one image, two seeds: one UNet batch, each image its seed's own
+    both = api.img2img(images=[pictures[0]], prompt="a boat", seed=9, denoising_strength=0.6,
+                       width=64, height=64, cfg_scale=7.0, batch_size=2)
+    assert both.info["batch_sizes"] == [2, 2] and both.info["all_seeds"] == [9, 10]
+    with Pipeline(demo_bundle(), "ort-cpu") as pipe:
+        tenth = pipe("a boat", image=pictures[0], seed=10, **kw).images[0]
+    assert np.array_equal(np.asarray(both.images[0]), want[0])
+    assert np.array_equal(np.asarray(both.images[1]), tenth)
 
 
 @pytest.mark.parametrize("body,says", [
@@ -387,6 +395,7 @@ def test_img2img_as_webuiapi_sends_it_equals_our_pipeline(server):
     ({"mask": "x"}, "inpainting is not served yet"),
     ({"denoising_strength": 0}, "denoising_strength must be in (0, 1]"),
     ({"resize_mode": 2}, "resize_mode 2 is not supported"),
+    ({"init_images": ["A" * (44 << 20)]}, "init_images: more than 32 MiB"),
 ])
 def test_bad_img2img_requests_get_one_line(server, body, says):
     picture = io.BytesIO()
@@ -395,3 +404,11 @@ def test_bad_img2img_requests_get_one_line(server, body, says):
     full = {**SMALL, "init_images": [data_url], **body}
     r = requests.post(f"{server}/sdapi/v1/img2img", json=full, timeout=120)
     assert r.status_code == 400 and says in r.json()["detail"], r.text
+
+
+def test_img2img_takes_base64_with_line_breaks(server):
+    """A1111 decodes base64 as Python's b64decode does: line-wrapped text too."""
+    picture = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(picture, format="PNG")
+    body = {**SMALL, "init_images": [base64.encodebytes(picture.getvalue()).decode()]}
+    assert requests.post(f"{server}/sdapi/v1/img2img", json=body, timeout=120).status_code == 200

@@ -12,14 +12,16 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import io
 import re
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from runtime.images import MAX_IMAGE_BYTES, decode_image
+from runtime.images import decode_image, resized
 from runtime.metadata import A1111_SAMPLERS
 from runtime.pipeline import UsageError, check_settings, check_text
 from runtime.schedulers import SCHEDULERS
@@ -85,10 +87,10 @@ def check_overrides(settings: dict[str, Any], options: dict[str, Any]) -> None:
     they repeat what GET /options says (the checkpoint by its title or its name), else
     UsageError naming the first other one: this server changes no setting."""
     for key, value in settings.items():
-        same = options.get(key, object()) == value or (
-            key == "sd_model_checkpoint" and value == str(options[key]).split(" [")[0])
+        same = value is None or options.get(key, object()) == value or (  # None: no change
+            key == "sd_model_checkpoint" and value == str(options[key]).rsplit(" [", 1)[0])
         if not same:
-            raise UsageError(f"setting {key}={value!r} is not supported here (GET "
+            raise UsageError(f"setting {key}={repr(value)[:100]} is not supported here (GET "
                              f"/sdapi/v1/options shows what this server has)")
 
 
@@ -106,27 +108,36 @@ class Limits:
     loras: bool = False  # whether <lora:...> tags are taken (the server has a LoRA folder)
 
 
-def image_bytes(b64: str) -> bytes:
-    """A base64 image as clients send it (A1111 accepts a data: URL prefix too), checked
-    to decode (UsageError with one line)."""
-    _, comma, tail = b64.partition(",") if b64.startswith("data:") else ("", "", b64)
+MAX_REQUEST_IMAGE_BYTES = 32 << 20  # an init image sent to the server
+SERVED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")  # what PIL may open from the network
+
+
+def init_image(b64: str, width: int, height: int, limits: Limits) -> bytes:
+    """A base64 image as clients send it (a data: URL prefix and line breaks accepted, as
+    A1111 does), decoded once and resized to width x height here (A1111's resize mode 0;
+    the Pipeline's own Lanczos resize, so the same pixels), as the PNG each job carries.
+    UsageError with one line."""
+    _, _, tail = b64.partition(",") if b64.startswith("data:") else ("", "", b64)
+    tail = "".join(tail.split())
+    if len(tail) * 3 // 4 > MAX_REQUEST_IMAGE_BYTES:  # before decoding anything
+        raise UsageError(f"init_images: more than {MAX_REQUEST_IMAGE_BYTES >> 20} MiB")
     try:
         data = base64.b64decode(tail, validate=True)
     except (binascii.Error, ValueError):
         raise UsageError("init_images: not base64") from None
-    if len(data) > MAX_IMAGE_BYTES:
-        raise UsageError(f"init_images: more than {MAX_IMAGE_BYTES >> 20} MiB")
     try:
-        decode_image(data, "init_images[0]")
+        img = decode_image(data, "init_images[0]", SERVED_FORMATS, max_side=4 * limits.side)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    return data
+    out = io.BytesIO()
+    resized(img, height, width).save(out, format="PNG")  # lossless: the pixels as resized
+    return out.getvalue()
 
 
 def make_jobs(prompt: str, negative: str, steps: int, scheduler: str, guidance: float,
-              width: int, height: int, seed: int | None, images: int,
-              limits: Limits, image: bytes | None = None,
-              strength: float | None = None) -> list[Job]:
+              width: int, height: int, seed: int | None, images: int, limits: Limits,
+              image_of: Callable[[int, int], tuple[bytes | None, float | None]] | None = None
+              ) -> list[Job]:
     """`images` jobs with seeds seed, seed + 1, ... (A1111's all_seeds): each image is
     reproducible alone from its own seed. UsageError for anything the Pipeline would
     refuse without a model, or past the server's limits (one line)."""
@@ -145,6 +156,8 @@ def make_jobs(prompt: str, negative: str, steps: int, scheduler: str, guidance: 
     first = random_seed() if seed is None or seed == -1 else seed
     check_settings(steps, scheduler, guidance, 1, first, height, width)
     check_settings(steps, scheduler, guidance, 1, first + images - 1, height, width)
+    # the init image last: the cheap checks above refuse a bad request before any decode
+    image, strength = image_of(width, height) if image_of is not None else (None, None)
     if image is not None and not (isinstance(strength, (int, float)) and 0 < strength <= 1):
         raise UsageError(f"denoising_strength must be in (0, 1], got {strength!r}")
     sha = hashlib.sha256(image).hexdigest() if image is not None else ""
@@ -219,9 +232,10 @@ class Txt2Img(BaseModel):
             raise UsageError(f"s_tmax {self.s_tmax} is not supported")
         return make_jobs(self.prompt, self.negative_prompt, self.steps, scheduler,
                          self.cfg_scale, self.width, self.height, self.seed,
-                         self.batch_size * self.n_iter, limits, *self._image())
+                         self.batch_size * self.n_iter, limits,
+                         (lambda w, h: self._image(w, h, limits)) if self.takes_images else None)
 
-    def _image(self) -> tuple[bytes | None, float | None]:
+    def _image(self, width: int, height: int, limits: Limits) -> tuple[bytes | None, float | None]:
         return None, None
 
 
@@ -238,7 +252,7 @@ class Img2Img(Txt2Img):
     include_init_images: bool = False
     initial_noise_multiplier: float | None = None
 
-    def _image(self) -> tuple[bytes | None, float | None]:
+    def _image(self, width: int, height: int, limits: Limits) -> tuple[bytes | None, float | None]:
         if len(self.init_images) != 1:
             raise UsageError(f"init_images: give one image, got {len(self.init_images)}")
         if self.mask:
@@ -251,7 +265,7 @@ class Img2Img(Txt2Img):
         if self.initial_noise_multiplier not in (None, 1.0):
             raise UsageError(f"initial_noise_multiplier {self.initial_noise_multiplier} is not "
                              f"supported (only 1)")
-        return image_bytes(self.init_images[0]), self.denoising_strength
+        return init_image(self.init_images[0], width, height, limits), self.denoising_strength
 
 
 class ImagesGenerations(BaseModel):

@@ -236,7 +236,7 @@ class Ingress:
     async def _run(self, request: Request, jobs_of) -> tuple[list[Job], list[Made]] | JSONResponse:
         """The request's jobs (`jobs_of()`) and their outcomes, or the error response."""
         try:
-            jobs = jobs_of()
+            jobs = await asyncio.to_thread(jobs_of)  # an init image's decode: off the event loop
             made = await self._make(jobs)
         except UsageError as e:
             return _error(request, 400, str(e))
@@ -284,7 +284,8 @@ class Ingress:
             **({"denoising_strength": jobs[0].strength} if jobs[0].strength is not None else {})}
         return {"images": [base64.b64encode(m.png).decode() for m in out],
                 # as A1111: the parameters without the (large) input images
-                "parameters": body.model_dump(exclude={"init_images", "mask"}),
+                "parameters": body.model_dump(exclude={"init_images", "mask"}) | (
+                    {"init_images": None, "mask": None} if isinstance(body, Img2Img) else {}),
                 "info": json.dumps(info)}
 
     @app.post("/v1/images/generations")

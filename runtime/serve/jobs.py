@@ -35,7 +35,8 @@ class Job:
     height: int
     seed: int
     loras: tuple[tuple[str, float], ...] = ()  # (name in the LoRA folder, scale), in order
-    image: bytes | None = None  # img2img: the init image file's bytes (PNG, JPEG, ...)
+    # img2img: the init image as a PNG at width x height (resized by the ingress)
+    image: bytes | None = field(default=None, repr=False)
     image_sha: str = ""  # its sha256: which jobs share an init image
     strength: float | None = None  # img2img's denoising strength
 
@@ -47,8 +48,11 @@ class Job:
                 self.loras, self.image_sha, self.strength)
 
     def init_image(self) -> Image.Image | None:
-        """The init image decoded as the CLI's --init-image (runtime.images.load_image)."""
-        return None if self.image is None else decode_image(self.image)
+        """The init image decoded as the CLI's --init-image is (UsageError)."""
+        try:
+            return None if self.image is None else decode_image(self.image)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
 
 
 @dataclass
@@ -75,12 +79,13 @@ def infotext(job: Job, model: str) -> str:
         "Version": "sdrt"})
 
 
-def check_job(pipe: Pipeline, job: Job) -> Request:
-    """The job as a one-image request: every check the Pipeline makes (UsageError)."""
+def check_job(pipe: Pipeline, job: Job, image: Image.Image | None) -> Request:
+    """The job as a one-image request (`image`: its decoded init image): every check the
+    Pipeline makes (UsageError)."""
     return pipe.request(job.prompt, job.negative_prompt, steps=job.steps,
                         scheduler=job.scheduler, guidance_scale=job.guidance_scale,
                         height=job.height, width=job.width, seeds=[job.seed],
-                        image=job.init_image(), strength=job.strength)
+                        image=image, strength=job.strength)
 
 
 def lora_files(folder: Path | None, loras: tuple[tuple[str, float], ...]) -> list[tuple[Path, float]]:
@@ -103,9 +108,12 @@ def run_jobs(pipe: Pipeline, jobs: Sequence[Job], model: str,
     then in the order their first job came."""
     made: list[Made | None] = [None] * len(jobs)
     groups: dict[tuple, list[int]] = defaultdict(list)
+    decoded: dict[str, Image.Image | None] = {}  # init images by sha256: each decoded once
     for i, job in enumerate(jobs):
         try:
-            req = check_job(pipe, job)
+            if job.image_sha not in decoded:
+                decoded[job.image_sha] = job.init_image()
+            req = check_job(pipe, job, decoded[job.image_sha])
         except UsageError as e:
             made[i] = Made(seed=job.seed, error=str(e))
             continue
@@ -124,7 +132,7 @@ def run_jobs(pipe: Pipeline, jobs: Sequence[Job], model: str,
                           steps=first.steps, scheduler=first.scheduler,
                           guidance_scale=first.guidance_scale, height=first.height,
                           width=first.width, seeds=[jobs[i].seed for i in idx],
-                          image=first.init_image(), strength=first.strength)
+                          image=decoded[first.image_sha], strength=first.strength)
         except Exception as e:  # this call's images fail; the other groups still run
             for i in idx:
                 made[i] = Made(seed=jobs[i].seed, error=first_line(e) or type(e).__name__,
