@@ -406,6 +406,20 @@ def test_bad_img2img_requests_get_one_line(server, body, says):
     assert r.status_code == 400 and says in r.json()["detail"], r.text
 
 
+def test_a_body_too_large_is_refused_before_it_is_read(server):
+    import http.client
+
+    host, port = server.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    conn.putrequest("POST", "/sdapi/v1/img2img")
+    conn.putheader("Content-Type", "application/json")
+    conn.putheader("Content-Length", str(1 << 30))  # announced, never sent
+    conn.endheaders()
+    r = conn.getresponse()
+    assert r.status == 413 and "at most 48 MiB" in json.loads(r.read())["detail"]
+    conn.close()
+
+
 def test_img2img_takes_base64_with_line_breaks(server):
     """A1111 decodes base64 as Python's b64decode does: line-wrapped text too."""
     picture = io.BytesIO()

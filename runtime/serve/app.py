@@ -51,6 +51,7 @@ from runtime.serve.metrics import Metrics
 GPU_BACKENDS = ("tensorrt", "ort-cuda")
 SERVE_APP = "sdrt"  # the application's name from the CLI (serve_config.yaml names its own)
 HEALTH_CACHE_S = 2.0  # /health asks the Serve controller at most this often
+MAX_BODY_BYTES = 48 << 20  # a request body: a 32 MiB init image in base64 and the rest
 # Serve ships the decorated classes by value when they are defined (cloudpickle): what
 # their methods use must be defined above them
 
@@ -190,6 +191,12 @@ async def _count(request: Request, call_next):
     t = time.perf_counter()
     status = 500  # an exception out of a route is a 500 to the client
     try:
+        size = request.headers.get("content-length", "0")
+        if size.isdigit() and int(size) > MAX_BODY_BYTES:  # before the body is read
+            response = _error(request, 413, f"request body of {int(size) >> 20} MiB; at most "
+                              f"{MAX_BODY_BYTES >> 20} MiB")
+            status = 413
+            return response
         response = await call_next(request)
         status = response.status_code
         return response
