@@ -77,6 +77,9 @@ SDXL_NAMES = ("input_blocks", "middle_block", "output_blocks", "lora_te2_", "tex
               "add_embedding", "label_emb")
 
 
+MAX_SCALE = 100.0  # |scale| of a LoRA: far past any useful one (--lora, set_loras, <lora:...>)
+
+
 def parse_lora_arg(text: str) -> tuple[Path, float]:
     """`--lora FILE[:SCALE]` (export and runtime.generate): scale 1.0 by default; a path
     may itself hold colons. LoraError for a scale outside [-100, 100] (NaN too)."""
@@ -89,8 +92,8 @@ def parse_lora_arg(text: str) -> tuple[Path, float]:
             path = text  # the colon was part of the path
     else:
         path = text
-    if not -100 <= value <= 100:
-        raise LoraError(f"--lora {text}: the scale must be a number in [-100, 100]")
+    if not -MAX_SCALE <= value <= MAX_SCALE:
+        raise LoraError(f"--lora {text}: the scale must be a number in [{-MAX_SCALE:g}, {MAX_SCALE:g}]")
     return Path(path), value
 
 

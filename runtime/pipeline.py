@@ -489,6 +489,7 @@ class Pipeline:
         bundle again. ort-cpu with the engine cache for now (other backends: bake them in
         with `python -m export --lora`). UsageError for a file this model cannot use; if
         loading fails midway, every graph is back on the bundle's weights (no LoRA)."""
+        from runtime.lora import MAX_SCALE as MAX_LORA_SCALE
         from runtime.lora import LoraError
         from runtime.lora_apply import (
             LORA_GRAPHS,
@@ -509,8 +510,9 @@ class Pipeline:
                              f"export --lora FILE:SCALE`")
         for _, scale in loras:
             if isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating)) \
-                    or not -100 <= scale <= 100:
-                raise UsageError(f"a LoRA scale must be a number in [-100, 100], got {scale!r}")
+                    or not -MAX_LORA_SCALE <= scale <= MAX_LORA_SCALE:
+                raise UsageError(f"a LoRA scale must be a number in [{-MAX_LORA_SCALE:g}, "
+                                 f"{MAX_LORA_SCALE:g}], got {scale!r}")
         try:
             read = read_loras(self.manifest, loras)
         except LoraError as e:

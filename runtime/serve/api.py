@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field
 
 from runtime.images import decode_image, resized
+from runtime.lora import MAX_SCALE
 from runtime.metadata import A1111_SAMPLERS
 from runtime.pipeline import UsageError, check_settings, check_text
 from runtime.schedulers import SCHEDULERS
@@ -75,8 +76,8 @@ def lora_tags(prompt: str) -> tuple[str, tuple[tuple[str, float], ...]]:
             scale = float(parts[1]) if len(parts) == 2 else 1.0
         except ValueError:
             raise UsageError(f"<lora:{body}>: the scale {parts[1]!r} is not a number") from None
-        if not -100 <= scale <= 100:
-            raise UsageError(f"<lora:{body}>: the scale must be in [-100, 100]")
+        if not -MAX_SCALE <= scale <= MAX_SCALE:
+            raise UsageError(f"<lora:{body}>: the scale must be in [{-MAX_SCALE:g}, {MAX_SCALE:g}]")
         loras.append((name, scale))
     text = re.sub(r"\s{2,}", " ", LORA_TAG.sub("", prompt)).strip() if loras else prompt
     return text, tuple(loras)
@@ -233,7 +234,7 @@ class Txt2Img(BaseModel):
         return make_jobs(self.prompt, self.negative_prompt, self.steps, scheduler,
                          self.cfg_scale, self.width, self.height, self.seed,
                          self.batch_size * self.n_iter, limits,
-                         (lambda w, h: self._image(w, h, limits)) if self.takes_images else None)
+                         lambda w, h: self._image(w, h, limits))
 
     def _image(self, width: int, height: int, limits: Limits) -> tuple[bytes | None, float | None]:
         return None, None
