@@ -403,12 +403,12 @@ def ort_cpu_lora_key(entry: GraphEntry, ort_version: str | None = None) -> Cache
     """Key of the optimized fp32 graph that takes LoRA weights (OrtEngine `weights`):
     ORT's optimizer without its NCHWc conv layout (which renames conv weights), then
     every mapped weight made a graph input (backends/ort.py weights_as_inputs)."""
-    from runtime.backends.ort import LORA_DISABLED_OPTIMIZERS, LORA_MIN_BYTES
+    from runtime.backends.ort import GROWS, LORA_DISABLED_OPTIMIZERS, LORA_MIN_BYTES
 
     names = sorted(w.initializer for w in (entry.weights or {}).values())
     which = hashlib.sha256("\n".join(names).encode()).hexdigest()[:12]  # the inputs it takes
     how = (f"external>={LORA_MIN_BYTES}B; off:{','.join(LORA_DISABLED_OPTIMIZERS)}; "
-           f"weights as inputs {which}")
+           f"weights as inputs {which}; tables' first axis {GROWS}")
     return replace(ort_cpu_key(entry, ort_version), precision="fp32-lora", options=how)
 
 

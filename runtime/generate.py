@@ -27,6 +27,7 @@ from runtime.bundle import (
     MAX_PROMPT_CHUNKS,
     VAE_FACTOR,
     BundleError,
+    Manifest,
     read_manifest,
     resolve_model,
 )
@@ -87,6 +88,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                    help="apply a LoRA (.safetensors, kohya/A1111 or diffusers/PEFT) at SCALE "
                         "(default 1); repeatable. Runs on ort-cpu (auto picks it)")
+    p.add_argument("--embedding", action="append", default=[], type=Path, metavar="FILE",
+                   help="textual inversion: a .safetensors embedding (diffusers' or A1111's; "
+                        "its word is the token it holds, or A1111's file name); repeatable. "
+                        "Runs on ort-cpu (auto picks it)")
     p.add_argument("--output-dir", type=Path, default=Path("outputs"))
     p.add_argument("--no-safety", action="store_true", help="skip the safety checker")
     return p.parse_args(argv)
@@ -163,6 +168,23 @@ def read_lora_args(args: argparse.Namespace) -> list[tuple[Path, float]]:
     if loras and missing_support():
         raise UsageError(str(missing_support()))
     return loras
+
+
+def read_embedding_args(args: argparse.Namespace, manifest: Manifest) -> None:
+    """--embedding FILE each: a file this model's text encoder can take (UsageError)."""
+    from runtime.embeddings import EmbeddingError, read_embedding
+
+    for path in args.embedding:
+        if not path.is_file():
+            raise UsageError(f"--embedding {path}: no such file")
+        if args.backend not in ("auto", "ort-cpu"):
+            raise UsageError(f"--embedding runs on ort-cpu for now, not {args.backend}")
+        if missing_support():
+            raise UsageError(str(missing_support()))
+        try:
+            read_embedding(path, manifest.hidden)
+        except EmbeddingError as e:
+            raise UsageError(str(e)) from None
 
 
 def slug(text: str, n: int = 40) -> str:
@@ -277,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
                 read_loras(manifest, loras)
             except LoraError as e:
                 raise UsageError(str(e)) from None
+        read_embedding_args(args, manifest)
         if image is not None:
             check_strength(args.strength if args.strength is not None else
                            1.0 if mask is not None else 0.8, args.steps)
@@ -291,10 +314,15 @@ def main(argv: list[str] | None = None) -> int:
             backend = "ort-cpu"
             say("backend: ort-cpu (run-time LoRAs run there; bake them into a bundle with "
                 "`python -m export --lora` for other backends)")
+        elif args.embedding and backend == "auto":
+            backend = "ort-cpu"
+            say("backend: ort-cpu (textual-inversion embeddings run there)")
         with Pipeline(args.model, backend, safety=not args.no_safety,
                       precision=args.precision, log=say) as pipe:
             if loras:
                 pipe.set_loras(loras)
+            if args.embedding:
+                pipe.set_embeddings(args.embedding)
             req = pipe.request(args.prompt, args.negative_prompt, steps=args.steps,
                                scheduler=args.scheduler, guidance_scale=args.guidance_scale,
                                height=args.height, width=args.width, batch_size=args.batch_size,

@@ -106,7 +106,7 @@ def read_lora(path: str | Path, params: Mapping[str, Mapping[str, tuple[int, ...
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise LoraError(f"{path}: {path.suffix} files are pickles, which are never loaded; "
                         "use the LoRA's .safetensors file")
-    tensors, header = _read_safetensors(path)
+    tensors, header = read_tensors(path)
     if not tensors:
         raise LoraError(f"{path}: no LoRA weights in it")
     parts: dict[tuple[str, str], dict[str, np.ndarray]] = {}  # (component, module) -> role -> tensor
@@ -180,8 +180,9 @@ def _factors(path: Path, key: str, p: Mapping[str, np.ndarray], name: str,
     return down, up
 
 
-def _read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Every tensor as float32, and the header's __metadata__ ({} when none)."""
+def read_tensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Every tensor of a safetensors file as float32, and the header's __metadata__ ({}
+    when none). LoraError (one line) for a missing or damaged file or a non-float tensor."""
     try:
         with safe_open(str(path), "np") as f:
             header = f.metadata() or {}

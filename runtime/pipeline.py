@@ -46,6 +46,8 @@ from runtime.bundle import (
     read_manifest,
     resolve_model,
 )
+from runtime.embeddings import TOKEN_TABLE, Embedding
+from runtime.embeddings import expand as expand_words
 from runtime.engine import Engine, EngineError, SpecMismatch
 from runtime.files import read_small
 from runtime.images import as_pil, clip_preprocess, default_size, image_input, mask_input, postprocess
@@ -198,6 +200,7 @@ CHECK_EVERY = 8
 # Graphs loaded on first use: the VAE encoder (img2img, inpainting), so text-to-image
 # never pays its load time or memory (OpenVINO compiles it: ~1 s for v1's encoder).
 LATE_GRAPHS = ("vae_encoder",)
+TEXT = "text_encoder"  # the graph (and LoRA component) embeddings change
 
 MAX_PROMPT_CHARS = 8192  # bounds the bracket parser's work (quadratic in nesting depth)
 MAX_GUIDANCE = 1000.0  # far past any useful value; beyond it float32 CFG arithmetic overflows
@@ -368,7 +371,7 @@ class Pipeline:
                 raise ValueError(f"{SCHEDULER_CONFIG}: {first_line(e)}") from None
             for name in ("vocab.json", "merges.txt"):
                 inside(self.bundle, TOKENIZER_DIR, name)
-            self.tokenizer = ClipTokenizer(self.bundle / TOKENIZER_DIR)
+            self.tokenizer = self._base_tokenizer = ClipTokenizer(self.bundle / TOKENIZER_DIR)
         except BundleError:
             raise
         except Exception as e:  # OSError, JSON errors; tokenizers raises plain Exception
@@ -380,6 +383,8 @@ class Pipeline:
         self.loras: list[tuple[Path, float]] = []  # set_loras(): (file, scale), in order
         self._lora_graphs: set[str] = set()  # graphs on a LoRA-ready engine (weights as inputs)
         self._lora_touched: dict[str, set[str]] = {}  # component -> parameters the LoRAs change
+        self.embeddings: list[Embedding] = []  # set_embeddings(): textual inversion
+        self._table: np.ndarray | None = None  # with embeddings: the token table [V + k, C]
 
         # check the bundle's graph files on a thread beside the engine loads (those changed
         # since they last matched are hashed: xxh3, 0.4 s for a full-size UNet); its verdict
@@ -499,15 +504,10 @@ class Pipeline:
             read_loras,
             touched,
         )
+        del missing_support  # checked by _check_weight_inputs
 
-        if not self.engines:
-            raise UsageError("this Pipeline is closed")
-        if loras and missing_support():
-            raise UsageError(str(missing_support()))
-        if self.backend != "ort-cpu" or not self.use_cache:
-            raise UsageError(f"run-time LoRAs run on --backend ort-cpu with the engine cache "
-                             f"(this is {self.backend}); or bake them in with `python -m "
-                             f"export --lora FILE:SCALE`")
+        self._check_weight_inputs("run-time LoRAs", bool(loras), "; or bake them in with "
+                                  "`python -m export --lora FILE:SCALE`")
         for _, scale in loras:
             if isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating)) \
                     or not -MAX_LORA_SCALE <= scale <= MAX_LORA_SCALE:
@@ -527,7 +527,8 @@ class Pipeline:
         try:
             for component, graph in LORA_GRAPHS.items():
                 loaded = graph in self._lora_graphs  # a LoRA-ready engine: weights are inputs
-                if not now[component]:
+                # embeddings keep the text encoder LoRA-ready: its token table is grown
+                if not now[component] and not (component == TEXT and self._table is not None):
                     if loaded:  # no LoRA here any more: the bundle's own engine, bit for bit
                         self._lora_graphs.discard(graph)
                         self.engine_set.replace_weights(graph, self.manifest, self.bundle,
@@ -541,12 +542,15 @@ class Pipeline:
                 into = getattr(self.engines[graph], "weights", None) if loaded else None
                 new = lora_weights(self.bundle, self.manifest, read, {component: also},
                                    into).get(graph, {})
+                if component == TEXT and self._table is not None and not loaded:
+                    new[self._table_name()] = self._table  # the embeddings' rows too
                 self.engine_set.replace_weights(graph, self.manifest, self.bundle, new,
                                                 self._loaded, in_place=loaded)
                 self._lora_graphs.add(graph)
                 del new  # in place: our copies go now; a new engine keeps these arrays
         except BaseException:
             self.loras, self._lora_touched = [], {}
+            self._forget_embeddings()  # the text encoder's table goes back too
             for graph in LORA_GRAPHS.values():  # back to the bundle's weights everywhere
                 if graph in self._lora_graphs or graph not in self.engines:
                     self.engine_set.replace_weights(graph, self.manifest, self.bundle, None,
@@ -561,6 +565,103 @@ class Pipeline:
         self.load_report.seconds += seconds
         self.log(f"LoRAs: {', '.join(f'{p.name}:{s:g}' for p, s in self.loras) or 'none'} "
                  f"({seconds:.2f} s)")
+
+    def set_embeddings(self, files: Sequence[str | Path]) -> None:
+        """Textual inversion: prompts may use these embeddings' words (runtime/
+        embeddings.py, diffusers' load_textual_inversion); each call replaces the last
+        set, [] removes them. ort-cpu with the engine cache, as set_loras; LoRAs stay.
+        UsageError (one line) for a file this model cannot use; if loading fails, the
+        Pipeline is left with no embeddings."""
+        from runtime.embeddings import EmbeddingError, check_unique, read_embedding
+        from runtime.lora_apply import read_base
+
+        self._check_weight_inputs("textual-inversion embeddings", bool(files))
+        table = (self.manifest.graphs[TEXT].weights or {}).get(TOKEN_TABLE)
+        if table is None or table.transposed or len(table.shape) != 2:
+            raise UsageError("this bundle has no map of its token-embedding table; re-export "
+                             "it with `python -m export` for embeddings")
+        try:
+            read = [read_embedding(f, table.shape[1]) for f in files]
+            check_unique(read, self._base_tokenizer.tokenizer.get_vocab())
+        except EmbeddingError as e:
+            raise UsageError(str(e)) from None
+        t = time.perf_counter()
+        self._checked(integrity.BundleCheck(  # its rows are read from the bundle: as set_loras
+            integrity_files(self.bundle, self.manifest, [TEXT]),
+            cache.verified_memo(self.bundle) if self.use_cache else None))
+        words = [w for e in read for w in e.tokens]
+        grown = None
+        if read:  # [V + k, C]: the bundle's rows, then each embedding's vectors in order
+            rows = table.shape[0]
+            grown = np.empty((rows + len(words), table.shape[1]), np.float32)
+            read_base(self.bundle, table.file, table.offset, TOKEN_TABLE, grown[:rows])
+            grown[rows:] = np.concatenate([e.vectors for e in read])
+        try:
+            self._set_table(grown)
+        except BaseException:
+            self._forget_embeddings()
+            raise
+        finally:
+            backends.give_back_freed_memory()
+        self.tokenizer = self._base_tokenizer.with_words(words) if words else self._base_tokenizer
+        self.embeddings, self._table = read, grown
+        seconds = time.perf_counter() - t
+        self.load_report.seconds += seconds
+        self.log(f"embeddings: {', '.join(f'{e.token} ({len(e.vectors)} vectors)' for e in read) or 'none'} "
+                 f"({seconds:.2f} s)")
+
+    def _set_table(self, grown: np.ndarray | None) -> None:
+        """The text encoder with this token table (None: the bundle's), its other weights
+        as they are (the bundle's, or with the LoRAs)."""
+        from runtime.lora_apply import all_params, lora_weights, read_base
+
+        loaded = TEXT in self._lora_graphs
+        if grown is None and not loaded:
+            return
+        if grown is None and not self._lora_touched.get(TEXT):  # nothing else changed
+            self._lora_graphs.discard(TEXT)
+            self.engine_set.replace_weights(TEXT, self.manifest, self.bundle, None, self._loaded)
+            return
+        name = self._table_name()
+        if grown is None:  # the LoRAs stay: the bundle's own table back in its place
+            entry = (self.manifest.graphs[TEXT].weights or {})[TOKEN_TABLE]
+            grown = np.empty(entry.shape, np.float32)
+            read_base(self.bundle, entry.file, entry.offset, TOKEN_TABLE, grown)
+        if loaded:
+            self.engine_set.replace_weights(TEXT, self.manifest, self.bundle, {name: grown},
+                                            self._loaded, in_place=True)
+            return
+        self.engine_set.drop(TEXT)  # a LoRA-ready text encoder with the bundle's weights
+        new = lora_weights(self.bundle, self.manifest, [], {TEXT: all_params(self.manifest)[TEXT]}
+                           ).get(TEXT, {})
+        new[name] = grown
+        self.engine_set.replace_weights(TEXT, self.manifest, self.bundle, new, self._loaded)
+        self._lora_graphs.add(TEXT)
+
+    def _forget_embeddings(self) -> None:
+        """No embeddings (after a failed load): the tokenizer without their words. The
+        caller puts the text encoder's weights back."""
+        self.embeddings, self._table, self.tokenizer = [], None, self._base_tokenizer
+        try:
+            self._set_table(None)
+        except Exception:  # the caller's error is the one to report; set_loras reloads
+            pass
+
+    def _table_name(self) -> str:  # the token table's initializer in the text encoder graph
+        return (self.manifest.graphs[TEXT].weights or {})[TOKEN_TABLE].initializer
+
+    def _check_weight_inputs(self, what: str, any_files: bool, hint: str = "") -> None:
+        """Run-time weights (LoRAs, embeddings) need an open Pipeline on ort-cpu with the
+        engine cache, and the onnx package to make the LoRA-ready graph."""
+        from runtime.lora_apply import missing_support
+
+        if not self.engines:
+            raise UsageError("this Pipeline is closed")
+        if any_files and missing_support():
+            raise UsageError(str(missing_support()))
+        if self.backend != "ort-cpu" or not self.use_cache:
+            raise UsageError(f"{what} run on --backend ort-cpu with the engine cache "
+                             f"(this is {self.backend}){hint}")
 
     @property
     def engines(self) -> dict[str, Engine]:
@@ -707,6 +808,7 @@ class Pipeline:
         top = MAX_PROMPT_CHUNKS if self.manifest.max_text_tokens is None else 1
         try:
             empty = encode_prompt(self.tokenizer, "", 1)
+            texts = tuple(expand_words(t, self.embeddings) for t in texts)  # multi-vector words
             encoded = [encode_prompt(self.tokenizer, t, top, chunked=top > 1) for t in texts]
             # one more row of `pad_to` empty chunks sets the least chunk count; cut below
             ids, weights = pad_chunks(encoded + [PromptTokens(

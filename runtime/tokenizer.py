@@ -79,6 +79,7 @@ class ClipTokenizer:
                 raise FileNotFoundError(f"tokenizer file missing: {f}")
             if f.stat().st_size > MAX_FILE_BYTES:  # CLIP's are 1.6 MB and 0.5 MB
                 raise ValueError(f"{f} is larger than {MAX_FILE_BYTES >> 20} MiB")
+        self.folder = folder
         self.tokenizer = build_clip_tokenizer(vocab_json, merges_txt)
         top = max(self.tokenizer.get_vocab().values())
         if top >= MAX_TOKEN_ID:  # ids are int32 in the graph's input_ids
@@ -86,6 +87,18 @@ class ClipTokenizer:
         self.max_length = max_length
         self.bos_id = self.tokenizer.token_to_id(BOS)  # 49406 in CLIP's vocabulary
         self.eos_id = self.tokenizer.token_to_id(EOS)  # 49407; also the pad id
+
+    def with_words(self, words: list[str]) -> ClipTokenizer:
+        """A new tokenizer with these words added (textual inversion), as transformers'
+        add_tokens adds them: matched in the lowercased text before BPE, with ids from
+        the vocabulary's size on, in order. This one is left as it is."""
+        out = ClipTokenizer(self.folder, self.max_length)
+        size = out.tokenizer.get_vocab_size(with_added_tokens=True)
+        out.tokenizer.add_tokens([AddedToken(w, normalized=True, special=False) for w in words])
+        ids = [out.tokenizer.token_to_id(w) for w in words]
+        if ids != list(range(size, size + len(words))):  # a word there already, or twice
+            raise ValueError(f"cannot add {words[:3]}...: some are words of the vocabulary")
+        return out
 
     def encode(self, prompts: list[str]) -> tuple[np.ndarray, list[int]]:
         """Token ids [B, max_length] int32 and, per prompt, how many tokens truncation dropped.

@@ -43,7 +43,21 @@ def lora_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(lora_dir):
+def embeddings_dir(tmp_path_factory):
+    """An embeddings folder with one A1111-format embedding: the word `shiny`, 2 vectors."""
+    from safetensors.numpy import save_file
+
+    from runtime.bundle import demo_bundle, read_manifest
+
+    folder = tmp_path_factory.mktemp("embeddings")
+    width = read_manifest(demo_bundle()).hidden
+    vectors = np.random.default_rng(2).standard_normal((2, width), np.float32)
+    save_file({"emb_params": vectors}, str(folder / "shiny.safetensors"))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(lora_dir, embeddings_dir):
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     port = free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -51,7 +65,7 @@ def server(lora_dir):
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build({"model": "demo", "backend": "ort-cpu", "max_batch": MAX_BATCH,
                          "batch_wait_ms": 300, "max_queued": MAX_QUEUED,
-                         "lora_dir": str(lora_dir)}),
+                         "lora_dir": str(lora_dir), "embeddings_dir": str(embeddings_dir)}),
                   name="sdrt", route_prefix="/")
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -226,7 +240,13 @@ def test_overload_gets_503_with_retry_after_not_a_timeout(server):
 
 
 def test_serve_cli_refuses_bad_settings_in_one_line(tmp_path):
+    from safetensors.numpy import save_file
+
+    (tmp_path / "emb").mkdir()
+    save_file({"<wide>": np.zeros(5, np.float32)}, str(tmp_path / "emb" / "wide.safetensors"))
     for argv, says in ((["--model", str(tmp_path)], "manifest"),
+                       (["--embeddings-dir", str(tmp_path / "none")], "is not a folder"),
+                       (["--embeddings-dir", str(tmp_path / "emb")], "another model"),
                        (["--replicas", "0"], "replicas must be"),
                        (["--port", "70000"], "port must be")):
         out = subprocess.run([sys.executable, "-m", "runtime.serve", *argv],
@@ -339,6 +359,28 @@ def test_lora_tags_in_prompts_run_that_lora_and_batch_apart(server, lora_dir):
     assert "a red circle <lora:style:40>\n" in json.loads(rs[0].json()["info"])["infotexts"][0]
     names = [x["name"] for x in requests.get(f"{server}/sdapi/v1/loras", timeout=30).json()]
     assert names == ["style"]
+
+
+def test_embedding_words_in_prompts_as_our_pipeline(server, lora_dir, embeddings_dir):
+    """The embeddings folder is loaded at start: `shiny` in a prompt (beside a LoRA tag
+    too) gives our Pipeline's image with that embedding set, and A1111's listing has it."""
+    from runtime.bundle import demo_bundle
+    from runtime.pipeline import Pipeline
+
+    kw = {"seed": 5, "scheduler": "euler", "guidance_scale": 7.0, **SMALL}
+    with Pipeline(demo_bundle(), "ort-cpu") as pipe:
+        plain = pipe("a shiny red circle", **kw).images[0]
+        pipe.set_embeddings([embeddings_dir / "shiny.safetensors"])
+        shiny = pipe("a shiny red circle", **kw).images[0]
+        pipe.set_loras([(lora_dir / "style.safetensors", 40.0)])
+        both = pipe("a shiny red circle", **kw).images[0]
+    assert np.abs(shiny.astype(int) - plain).max() > 10  # the word is the embedding's now
+    got = png(txt2img(server, prompt="a shiny red circle", seed=5).json()["images"][0])
+    assert np.array_equal(got, shiny)
+    got = png(txt2img(server, prompt="a shiny red circle <lora:style:40>", seed=5).json()["images"][0])
+    assert np.array_equal(got, both)
+    listed = requests.get(f"{server}/sdapi/v1/embeddings", timeout=30).json()
+    assert listed["loaded"]["shiny"]["vectors"] == 2
 
 
 @pytest.mark.parametrize("prompt,says", [

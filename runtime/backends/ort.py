@@ -34,6 +34,7 @@ LORA_DISABLED_OPTIMIZERS = ["NchwcTransformer"]
 # (export/weight_map.py maps weights from this size; shape constants, smaller, must stay
 # inline for ORT's shape inference); the mapped ones then become graph inputs
 LORA_MIN_BYTES = 128
+GROWS = "rows"  # the symbolic first axis of a LoRA-ready graph's lookup tables
 
 
 def session_options(optimized_out: Path | None = None, optimize: bool = True,
@@ -60,7 +61,8 @@ def weights_as_inputs(path: Path, names: set[str]) -> None:
     """Rewrite the optimized graph at `path` so that the initializers `names` (a bundle's
     mapped weights) are graph inputs instead: a LoRA swap then writes new weights into
     the arrays bound to them, with no new session (their bytes stay unused in the .data
-    file). Needs the `onnx` package (the `lora` extra)."""
+    file). Needs the `onnx` package (the `lora` extra). A weight only ever gathered from
+    (an embedding table) takes any number of rows (GROWS)."""
     try:
         import onnx
     except ImportError:
@@ -70,14 +72,22 @@ def weights_as_inputs(path: Path, names: set[str]) -> None:
     model = onnx.load(str(path), load_external_data=False)
     g = model.graph
     moved = [t for t in g.initializer if t.name in names]
+    # lookup tables (only ever a Gather's data): their rows axis is symbolic, so that
+    # textual inversion can bind a larger token-embedding table [V + k, C]
+    uses: dict[str, set[str]] = {}
+    for node in g.node:
+        for k, name in enumerate(node.input):
+            uses.setdefault(name, set()).add("table" if node.op_type == "Gather" and k == 0 else "other")
+    tables = {t.name for t in moved if uses.get(t.name) == {"table"}}
     if len(moved) != len(names):
         lost = sorted(names - {t.name for t in moved})
         raise RuntimeError(f"ORT's optimizer renamed or folded {len(lost)} mapped weights "
                            f"(e.g. {lost[0]}): run-time LoRAs cannot reach them")
     keep = [t for t in g.initializer if t.name not in names]
     listed = {i.name for i in g.input}  # IR < 4 lists initializers as inputs already
-    g.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
-                   for t in moved if t.name not in listed)
+    g.input.extend(onnx.helper.make_tensor_value_info(
+        t.name, t.data_type, [GROWS if t.name in tables and k == 0 else d for k, d in enumerate(t.dims)])
+        for t in moved if t.name not in listed)
     for t in keep:  # the rest is written again, alone: the moved bytes leave the disk
         if uses_external_data(t):
             load_external_data_for_tensor(t, str(path.parent))
@@ -133,6 +143,7 @@ class OrtEngine(Engine):
         self.binding: ort.IOBinding | None = None  # ort-cpu
         self.inputs: dict[str, np.ndarray] = {}  # ort-cpu: host arrays bound zero-copy
         self.outputs: dict[str, np.ndarray] = {}
+        self.tables: set[str] = set()  # weight inputs of any row count (GROWS)
         self.device: DeviceBindings | None = None  # ort-cuda
         self.current: DeviceBinding | None = None
 
@@ -224,6 +235,8 @@ class OrtEngine(Engine):
                 raise self.error(f"the LoRA-ready graph does not take {len(set(self.weights) - inputs)} "
                                  f"weights as inputs; remove its cache entry", kind=SpecMismatch)
             inputs -= set(self.weights)
+            self.tables = {i.name for i in self.session.get_inputs()
+                           if i.name in self.weights and i.shape and i.shape[0] == GROWS}
         self.check_io(inputs, [t.name for t in self.session.get_outputs()])
         if self.on_device:
             self.device = DeviceBindings(self.session, self.spec, self.cuda_graph,
@@ -256,7 +269,8 @@ class OrtEngine(Engine):
 
     def set_weights(self, weights: dict[str, np.ndarray]) -> None:
         """New values for some of the LoRA-ready graph's weight inputs, written into the
-        bound arrays in place: the next run uses them, no session is rebuilt."""
+        bound arrays in place: the next run uses them, no session is rebuilt. A lookup
+        table (`tables`) may get another number of rows."""
         if self.weights is None:
             raise self.error("set_weights() on an engine without weight inputs")
         unknown = sorted(set(weights) - set(self.weights))
@@ -264,9 +278,14 @@ class OrtEngine(Engine):
             raise self.error(f"unknown weights {unknown[:3]}")
         for name, value in weights.items():
             w = self.weights[name]
-            if value.shape != w.shape:
+            if value.shape != w.shape and name in self.tables and value.shape[1:] == w.shape[1:]:
+                # a lookup table with other rows (textual inversion): bound in its place
+                # by the next allocate(); the engine keeps this array
+                self.weights[name] = np.ascontiguousarray(value, np.float32)
+                self.shapes = None
+            elif value.shape != w.shape:
                 raise self.error(f"weight {name} is {list(value.shape)}, the graph takes {list(w.shape)}")
-            if value is not w:  # lora_weights(into=) wrote it there already
+            elif value is not w:  # lora_weights(into=) wrote it there already
                 np.copyto(w, value)
 
     def _copy_in(self, name: str, array: np.ndarray) -> None:

@@ -46,6 +46,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-safety", action="store_true", help="skip the safety checker")
     p.add_argument("--lora-dir", default=None, help="a folder of LoRA .safetensors files: "
                    "prompts then take A1111's <lora:name:scale> (ort-cpu)")
+    p.add_argument("--embeddings-dir", default=None, help="a folder of textual-inversion "
+                   ".safetensors embeddings, all loaded: prompts take their words (ort-cpu)")
     p.add_argument("--address", default=None, help="a Ray cluster to deploy onto (auto, "
                    "ray://host:10001); default: a local Ray instance")
     return p.parse_args(argv)
@@ -76,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
                         max_batch=1 if args.no_batching else args.max_batch,
                         batch_wait_ms=0.0 if args.no_batching else args.batch_wait_ms,
                         max_queued=args.max_queued, safety=not args.no_safety,
-                        lora_dir=args.lora_dir, max_images=args.max_images,
+                        lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir,
+                        max_images=args.max_images,
                         max_side=args.max_side, max_steps=args.max_steps)
     host = args.host or ("127.0.0.1" if args.address is None else "0.0.0.0")
     try:

@@ -70,6 +70,11 @@ class Settings:
     max_side: int = 1024  # px, per request
     max_steps: int = 150  # per request: a replica is never held for hours by one request
     lora_dir: str | None = None  # <lora:name:scale> in prompts: name.safetensors from here
+    embeddings_dir: str | None = None  # textual inversion: every .safetensors here, loaded
+
+    def embedding_files(self) -> list[Path]:
+        folder = self.embeddings_dir
+        return sorted(Path(folder).glob("*.safetensors")) if folder is not None else []
 
     @property
     def limits(self) -> Limits:
@@ -77,8 +82,9 @@ class Settings:
 
     @property
     def pipeline_backend(self) -> str:
-        """Run-time LoRAs run on ort-cpu: `auto` picks it when there is a LoRA folder."""
-        return "ort-cpu" if self.lora_dir is not None and self.backend == "auto" else self.backend
+        """Run-time LoRAs and embeddings run on ort-cpu: `auto` picks it for their folders."""
+        weights = self.lora_dir is not None or self.embeddings_dir is not None
+        return "ort-cpu" if weights and self.backend == "auto" else self.backend
 
     def check(self) -> None:
         """UsageError with one line, before anything starts."""
@@ -99,7 +105,25 @@ class Settings:
             why = missing_support()
             if why:
                 raise UsageError(why)
-        read_manifest(resolve_model(self.model))  # BundleError: not a bundle
+        manifest = read_manifest(resolve_model(self.model))  # BundleError: not a bundle
+        if self.embeddings_dir is not None:
+            check_embeddings(self, manifest.hidden)
+
+
+def check_embeddings(s: Settings, width: int) -> None:
+    """The embeddings folder: each file one this model takes, no word twice (UsageError)."""
+    from runtime.embeddings import EmbeddingError, check_unique, read_embedding
+
+    if not Path(str(s.embeddings_dir)).is_dir():
+        raise UsageError(f"embeddings folder {s.embeddings_dir} is not a folder")
+    if s.pipeline_backend != "ort-cpu":
+        raise UsageError(f"textual-inversion embeddings run on ort-cpu, not {s.backend}")
+    if missing_support():
+        raise UsageError(str(missing_support()))
+    try:
+        check_unique([read_embedding(f, width) for f in s.embedding_files()], {})
+    except EmbeddingError as e:
+        raise UsageError(str(e)) from None
 
 
 def model_info(model: str) -> dict[str, Any]:
@@ -135,6 +159,8 @@ class Generator:
         self.pipe = Pipeline(s.model, s.pipeline_backend, safety=s.safety,
                              log=lambda m: print(m, flush=True))
         self.lora_dir = Path(s.lora_dir) if s.lora_dir is not None else None
+        if s.embedding_files():
+            self.pipe.set_embeddings(s.embedding_files())
         self.name = s.model if s.model == "demo" else self.pipe.bundle.name
         self.made = 0  # images made by this replica (tests: cancelled work is not done)
         self.generate.set_max_batch_size(s.max_batch)
@@ -349,6 +375,17 @@ class Ingress:
         folder = self.settings.lora_dir
         files = sorted(Path(folder).glob("*.safetensors")) if folder else []
         return [{"name": f.stem, "alias": f.stem, "path": str(f), "metadata": {}} for f in files]
+
+    @app.get("/sdapi/v1/embeddings")
+    async def embeddings(self):
+        """The loaded textual-inversion embeddings, as A1111 lists them (by their word)."""
+        from runtime.embeddings import read_embedding
+
+        width = read_manifest(resolve_model(self.settings.model)).hidden
+        loaded = [read_embedding(f, width) for f in self.settings.embedding_files()]
+        return {"loaded": {e.token: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
+                                     "shape": width, "vectors": len(e.vectors)} for e in loaded},
+                "skipped": {}}
 
     @app.get("/sdapi/v1/scripts")
     async def scripts(self):

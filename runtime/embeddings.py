@@ -1,0 +1,94 @@
+"""Textual inversion: embeddings that add words to the prompt's vocabulary.
+
+A file holds one or more vectors [n, C] for one new word, in either format people have:
+diffusers' (`learned_embeds.safetensors`: one tensor named by its token, [C] or [n, C])
+or AUTOMATIC1111's (`emb_params` [n, C]; the token is the file's name, as A1111 names
+it). Only safetensors are read; pickles (.pt/.bin) are refused, never opened.
+
+As diffusers' load_textual_inversion: the token, and for n > 1 vectors `token_1` ..
+`token_{n-1}`, are added to the tokenizer (ids from the vocabulary's size on) and the
+text encoder's token-embedding table gets their rows; a prompt's `token` becomes
+`token token_1 ...` before it is tokenized (maybe_convert_prompt).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+A1111_KEY = "emb_params"
+TOKEN_TABLE = "embeddings.token_embedding.weight"  # the text encoder's, in the weight map
+MAX_VECTORS = 75  # a prompt chunk's tokens: more could never be used at once
+
+
+class EmbeddingError(ValueError):
+    """An embedding file this model cannot use; the message is one line."""
+
+
+@dataclass(frozen=True, eq=False)
+class Embedding:
+    path: Path
+    token: str  # the word that stands for it in prompts
+    vectors: np.ndarray  # [n, C] float32
+
+    @property
+    def tokens(self) -> list[str]:  # what the tokenizer gets, one per vector
+        return [self.token] + [f"{self.token}_{i}" for i in range(1, len(self.vectors))]
+
+
+def read_embedding(path: str | Path, width: int) -> Embedding:
+    """The embedding at `path` for a text encoder of hidden width `width` (EmbeddingError)."""
+    from runtime.lora import PICKLE_SUFFIXES, LoraError, read_tensors  # safetensors: when used
+
+    path = Path(path)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise EmbeddingError(f"{path}: {path.suffix} files are pickles, which are never "
+                             "loaded; use the embedding's .safetensors file")
+    try:
+        tensors, _ = read_tensors(path)
+    except LoraError as e:
+        raise EmbeddingError(str(e)) from None
+    if A1111_KEY in tensors and len(tensors) == 1:
+        token, vectors = path.stem, tensors[A1111_KEY]
+    elif len(tensors) == 1:
+        token, vectors = next(iter(tensors.items()))
+    else:  # SDXL's clip_l + clip_g, or not an embedding at all
+        raise EmbeddingError(f"{path}: not a textual-inversion embedding for this model "
+                             f"(tensors {sorted(tensors)[:4]}; expected one, or {A1111_KEY})")
+    vectors = vectors.reshape(1, -1) if vectors.ndim == 1 else vectors
+    if vectors.ndim != 2 or vectors.shape[1] != width:
+        raise EmbeddingError(f"{path}: vectors of shape {list(vectors.shape)}; this model's "
+                             f"text encoder takes [n, {width}] (an embedding for another model?)")
+    if not 1 <= len(vectors) <= MAX_VECTORS:
+        raise EmbeddingError(f"{path}: {len(vectors)} vectors; 1 to {MAX_VECTORS} fit a prompt")
+    if not np.isfinite(vectors).all():
+        raise EmbeddingError(f"{path}: its vectors contain NaN or inf")
+    if not token or re.search(r"\s", token) or len(token) > 100:
+        raise EmbeddingError(f"{path}: its token {token!r} must be one word (no spaces), "
+                             "at most 100 characters; rename the file")
+    return Embedding(path, token, np.ascontiguousarray(vectors, np.float32))
+
+
+def check_unique(embeddings: Sequence[Embedding], vocab: dict[str, int]) -> None:
+    """Each new token must be new: to the vocabulary and to the other embeddings."""
+    seen: dict[str, Path] = {}
+    for e in embeddings:
+        for t in e.tokens:
+            if t in vocab:
+                raise EmbeddingError(f"{e.path}: its token {t!r} is a word of the vocabulary "
+                                     "already; rename the file (A1111) or the token")
+            if t in seen:
+                raise EmbeddingError(f"{e.path}: its token {t!r} is also {seen[t]}'s")
+            seen[t] = e.path
+
+
+def expand(text: str, embeddings: Sequence[Embedding]) -> str:
+    """diffusers' maybe_convert_prompt: `token` -> `token token_1 ...` for multi-vector ones."""
+    for e in embeddings:
+        if len(e.vectors) > 1 and e.token in text:
+            text = text.replace(e.token, " ".join(e.tokens))
+    return text
