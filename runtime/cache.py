@@ -408,7 +408,7 @@ def ort_cpu_lora_key(entry: GraphEntry, ort_version: str | None = None) -> Cache
     names = sorted(w.initializer for w in (entry.weights or {}).values())
     which = hashlib.sha256("\n".join(names).encode()).hexdigest()[:12]  # the inputs it takes
     how = (f"external>={LORA_MIN_BYTES}B; off:{','.join(LORA_DISABLED_OPTIMIZERS)}; "
-           f"weights as inputs {which}; tables' first axis {GROWS}")
+           f"weights as inputs {which}; tables' first axes {GROWS}_k")
     return replace(ort_cpu_key(entry, ort_version), precision="fp32-lora", options=how)
 
 

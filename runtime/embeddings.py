@@ -14,6 +14,7 @@ text encoder's token-embedding table gets their rows; a prompt's `token` becomes
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,22 +74,31 @@ def read_embedding(path: str | Path, width: int) -> Embedding:
     return Embedding(path, token, np.ascontiguousarray(vectors, np.float32))
 
 
+def _norm(word: str) -> str:  # what the tokenizer matches added words on (tokenizer.py)
+    return unicodedata.normalize("NFC", word).lower()
+
+
 def check_unique(embeddings: Sequence[Embedding], vocab: dict[str, int]) -> None:
-    """Each new token must be new: to the vocabulary and to the other embeddings."""
+    """Each new word must be new to the vocabulary and to the other embeddings, as the
+    tokenizer sees words: lowercased (`Cat` would be matched in "a cat")."""
+    known = {_norm(w) for w in vocab}
     seen: dict[str, Path] = {}
     for e in embeddings:
         for t in e.tokens:
-            if t in vocab:
-                raise EmbeddingError(f"{e.path}: its token {t!r} is a word of the vocabulary "
+            if t in vocab or _norm(t) in known:
+                raise EmbeddingError(f"{e.path}: its word {t!r} is a word of the vocabulary "
                                      "already; rename the file (A1111) or the token")
-            if t in seen:
-                raise EmbeddingError(f"{e.path}: its token {t!r} is also {seen[t]}'s")
-            seen[t] = e.path
+            if _norm(t) in seen:
+                raise EmbeddingError(f"{e.path}: its word {t!r} is also {seen[_norm(t)]}'s")
+            seen[_norm(t)] = e.path
 
 
 def expand(text: str, embeddings: Sequence[Embedding]) -> str:
-    """diffusers' maybe_convert_prompt: `token` -> `token token_1 ...` for multi-vector ones."""
-    for e in embeddings:
-        if len(e.vectors) > 1 and e.token in text:
-            text = text.replace(e.token, " ".join(e.tokens))
-    return text
+    """diffusers' maybe_convert_prompt: `word` -> `word word_1 ...` for multi-vector
+    embeddings, wherever the tokenizer would match the word (case-insensitively, the
+    longest word first, as its added-word matching; A1111 likewise uses every vector)."""
+    multi = {_norm(e.token): " ".join(e.tokens) for e in embeddings if len(e.vectors) > 1}
+    if not multi:
+        return text
+    pattern = "|".join(re.escape(w) for w in sorted(multi, key=len, reverse=True))
+    return re.sub(pattern, lambda m: multi[_norm(m.group(0))], text, flags=re.IGNORECASE)

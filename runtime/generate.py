@@ -25,6 +25,7 @@ from runtime.backends import BACKENDS, PRECISIONS
 from runtime.bundle import (
     LATENT_CHANNELS,
     MAX_PROMPT_CHUNKS,
+    TOKENIZER_DIR,
     VAE_FACTOR,
     BundleError,
     Manifest,
@@ -50,8 +51,10 @@ from runtime.pipeline import (
     check_settings,
     check_strength,
     check_text,
+    read_embeddings,
 )
 from runtime.schedulers import SCHEDULERS
+from runtime.tokenizer import ClipTokenizer
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -171,20 +174,19 @@ def read_lora_args(args: argparse.Namespace) -> list[tuple[Path, float]]:
 
 
 def read_embedding_args(args: argparse.Namespace, manifest: Manifest) -> None:
-    """--embedding FILE each: a file this model's text encoder can take (UsageError)."""
-    from runtime.embeddings import EmbeddingError, read_embedding
-
+    """--embedding FILE each: a file this model's text encoder and tokenizer can take,
+    its word new (UsageError), checked before anything loads."""
+    if not args.embedding:
+        return
     for path in args.embedding:
         if not path.is_file():
             raise UsageError(f"--embedding {path}: no such file")
-        if args.backend not in ("auto", "ort-cpu"):
-            raise UsageError(f"--embedding runs on ort-cpu for now, not {args.backend}")
-        if missing_support():
-            raise UsageError(str(missing_support()))
-        try:
-            read_embedding(path, manifest.hidden)
-        except EmbeddingError as e:
-            raise UsageError(str(e)) from None
+    if args.backend not in ("auto", "ort-cpu"):
+        raise UsageError(f"--embedding runs on ort-cpu for now, not {args.backend}")
+    if missing_support():
+        raise UsageError("--embedding needs the onnx package: pip install 'sdrt[lora]'")
+    bundle = resolve_model(args.model)
+    read_embeddings(manifest, ClipTokenizer(bundle / TOKENIZER_DIR), args.embedding)
 
 
 def slug(text: str, n: int = 40) -> str:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.bundle import BundleError, Manifest, inside
+from runtime.embeddings import TOKEN_TABLE
 from runtime.lora import LoraFile, delta, read_lora
 
 LORA_GRAPHS = {"text_encoder": "text_encoder", "unet": "unet"}  # component -> graph
@@ -37,8 +38,10 @@ def bundle_params(manifest: Manifest) -> dict[str, dict[str, tuple[int, ...]]]:
         if not weights:
             raise BundleError("this bundle has no weight name map (exported before LoRA "
                               "support); re-export it with `python -m export` for LoRAs")
+        # the token table is not a LoRA target: textual inversion grows it (a LoRA key for
+        # it then matches no parameter: one line)
         out[component] = {name: w.shape[::-1] if w.transposed else w.shape
-                          for name, w in weights.items()}
+                          for name, w in weights.items() if name != TOKEN_TABLE}
     return out
 
 

@@ -103,6 +103,7 @@ class Request:
     # one generator per image instead of one for the batch: image k then equals the
     # same request alone with seed=seeds[k] (serving batches unrelated requests)
     seeds: tuple[int, ...] | None = None
+    vocabulary: int = 0  # the Pipeline's words when text_ids were made (set_embeddings)
 
     @property
     def batch(self) -> int:  # B: images in this call
@@ -321,6 +322,29 @@ def check_strength(strength: float, steps: int) -> float:
     return float(strength)
 
 
+def read_embeddings(manifest: Manifest, tokenizer: ClipTokenizer,
+                    files: Sequence[str | Path]) -> list[Embedding]:
+    """Embedding files this bundle's text encoder and tokenizer can take (UsageError, one
+    line): its token table mapped, one row per word of the vocabulary, and every new
+    word new. Pipeline.set_embeddings, and the CLIs before they load anything."""
+    from runtime.embeddings import EmbeddingError, check_unique, read_embedding
+
+    table = (manifest.graphs[TEXT].weights or {}).get(TOKEN_TABLE)
+    if table is None or table.transposed or len(table.shape) != 2:
+        raise UsageError("this bundle has no map of its token-embedding table; re-export it "
+                         "with `python -m export` for embeddings")
+    rows = tokenizer.tokenizer.get_vocab_size(with_added_tokens=True)
+    if rows != table.shape[0]:  # new ids start at the vocabulary's size: rows must too
+        raise UsageError(f"this bundle's tokenizer has {rows} words but its text encoder "
+                         f"{table.shape[0]} rows; embeddings cannot be added")
+    try:
+        read = [read_embedding(f, table.shape[1]) for f in files]
+        check_unique(read, tokenizer.tokenizer.get_vocab())
+    except EmbeddingError as e:
+        raise UsageError(str(e)) from None
+    return read
+
+
 def check_image_size(image: Image) -> Image:
     """An init image of at least 8 px a side (img2img rounds its size down to 8s)."""
     w, h = image.size
@@ -385,6 +409,7 @@ class Pipeline:
         self._lora_touched: dict[str, set[str]] = {}  # component -> parameters the LoRAs change
         self.embeddings: list[Embedding] = []  # set_embeddings(): textual inversion
         self._table: np.ndarray | None = None  # with embeddings: the token table [V + k, C]
+        self._vocabulary = 0  # bumped when the words change: Request.vocabulary must match
 
         # check the bundle's graph files on a thread beside the engine loads (those changed
         # since they last matched are hashed: xxh3, 0.4 s for a full-size UNet); its verdict
@@ -542,20 +567,23 @@ class Pipeline:
                 into = getattr(self.engines[graph], "weights", None) if loaded else None
                 new = lora_weights(self.bundle, self.manifest, read, {component: also},
                                    into).get(graph, {})
-                if component == TEXT and self._table is not None and not loaded:
-                    new[self._table_name()] = self._table  # the embeddings' rows too
                 self.engine_set.replace_weights(graph, self.manifest, self.bundle, new,
                                                 self._loaded, in_place=loaded)
                 self._lora_graphs.add(graph)
                 del new  # in place: our copies go now; a new engine keeps these arrays
         except BaseException:
             self.loras, self._lora_touched = [], {}
-            self._forget_embeddings()  # the text encoder's table goes back too
             for graph in LORA_GRAPHS.values():  # back to the bundle's weights everywhere
                 if graph in self._lora_graphs or graph not in self.engines:
                     self.engine_set.replace_weights(graph, self.manifest, self.bundle, None,
                                                     self._loaded)
             self._lora_graphs.clear()
+            if self._table is not None:  # the embeddings stay, on the bundle's weights
+                try:
+                    self._set_table(self._table)
+                except Exception as e:  # noqa: BLE001 (the LoRA error is the one raised)
+                    self.log(f"embeddings dropped: {first_line(e)}")
+                    self._forget_embeddings()
             raise
         finally:
             backends.give_back_freed_memory()
@@ -570,57 +598,51 @@ class Pipeline:
         """Textual inversion: prompts may use these embeddings' words (runtime/
         embeddings.py, diffusers' load_textual_inversion); each call replaces the last
         set, [] removes them. ort-cpu with the engine cache, as set_loras; LoRAs stay.
-        UsageError (one line) for a file this model cannot use; if loading fails, the
-        Pipeline is left with no embeddings."""
-        from runtime.embeddings import EmbeddingError, check_unique, read_embedding
+        UsageError (one line) for a file this model cannot use, before anything changes;
+        if loading fails after that, the Pipeline is left with no embeddings. Requests
+        made before this call are refused by run() (their token ids are stale)."""
         from runtime.lora_apply import read_base
 
         self._check_weight_inputs("textual-inversion embeddings", bool(files))
-        table = (self.manifest.graphs[TEXT].weights or {}).get(TOKEN_TABLE)
-        if table is None or table.transposed or len(table.shape) != 2:
-            raise UsageError("this bundle has no map of its token-embedding table; re-export "
-                             "it with `python -m export` for embeddings")
-        try:
-            read = [read_embedding(f, table.shape[1]) for f in files]
-            check_unique(read, self._base_tokenizer.tokenizer.get_vocab())
-        except EmbeddingError as e:
-            raise UsageError(str(e)) from None
-        t = time.perf_counter()
-        self._checked(integrity.BundleCheck(  # its rows are read from the bundle: as set_loras
-            integrity_files(self.bundle, self.manifest, [TEXT]),
-            cache.verified_memo(self.bundle) if self.use_cache else None))
+        read = read_embeddings(self.manifest, self._base_tokenizer, files)
+        table = (self.manifest.graphs[TEXT].weights or {})[TOKEN_TABLE]
+        rows = table.shape[0]
         words = [w for e in read for w in e.tokens]
+        tokenizer = self._base_tokenizer.with_words(words) if words else self._base_tokenizer
+        t = time.perf_counter()
         grown = None
-        if read:  # [V + k, C]: the bundle's rows, then each embedding's vectors in order
-            rows = table.shape[0]
-            grown = np.empty((rows + len(words), table.shape[1]), np.float32)
-            read_base(self.bundle, table.file, table.offset, TOKEN_TABLE, grown[:rows])
-            grown[rows:] = np.concatenate([e.vectors for e in read])
         try:
+            if read:  # [V + k, C]: the bundle's rows (checked first), each embedding's after
+                self._checked(integrity.BundleCheck(
+                    integrity_files(self.bundle, self.manifest, [TEXT]),
+                    cache.verified_memo(self.bundle) if self.use_cache else None))
+                grown = np.empty((rows + len(words), table.shape[1]), np.float32)
+                read_base(self.bundle, table.file, table.offset, TOKEN_TABLE, grown[:rows])
+                grown[rows:] = np.concatenate([e.vectors for e in read])
             self._set_table(grown)
         except BaseException:
             self._forget_embeddings()
             raise
         finally:
             backends.give_back_freed_memory()
-        self.tokenizer = self._base_tokenizer.with_words(words) if words else self._base_tokenizer
-        self.embeddings, self._table = read, grown
+        self.tokenizer, self.embeddings, self._table = tokenizer, read, grown
+        self._vocabulary += 1
         seconds = time.perf_counter() - t
         self.load_report.seconds += seconds
         self.log(f"embeddings: {', '.join(f'{e.token} ({len(e.vectors)} vectors)' for e in read) or 'none'} "
                  f"({seconds:.2f} s)")
 
     def _set_table(self, grown: np.ndarray | None) -> None:
-        """The text encoder with this token table (None: the bundle's), its other weights
-        as they are (the bundle's, or with the LoRAs)."""
+        """The text encoder with this token table [V + k, C] (None: the bundle's), its
+        other weights as they are (the bundle's, or with the LoRAs). Afterwards a table
+        means a LoRA-ready text encoder holding it."""
         from runtime.lora_apply import all_params, lora_weights, read_base
 
-        loaded = TEXT in self._lora_graphs
-        if grown is None and not loaded:
-            return
-        if grown is None and not self._lora_touched.get(TEXT):  # nothing else changed
-            self._lora_graphs.discard(TEXT)
-            self.engine_set.replace_weights(TEXT, self.manifest, self.bundle, None, self._loaded)
+        loaded = TEXT in self._lora_graphs and TEXT in self.engines
+        if grown is None and (not loaded or not self._lora_touched.get(TEXT)):
+            if loaded or TEXT not in self.engines:  # nothing else changed: the bundle's own
+                self._lora_graphs.discard(TEXT)
+                self.engine_set.replace_weights(TEXT, self.manifest, self.bundle, None, self._loaded)
             return
         name = self._table_name()
         if grown is None:  # the LoRAs stay: the bundle's own table back in its place
@@ -631,21 +653,27 @@ class Pipeline:
             self.engine_set.replace_weights(TEXT, self.manifest, self.bundle, {name: grown},
                                             self._loaded, in_place=True)
             return
-        self.engine_set.drop(TEXT)  # a LoRA-ready text encoder with the bundle's weights
-        new = lora_weights(self.bundle, self.manifest, [], {TEXT: all_params(self.manifest)[TEXT]}
-                           ).get(TEXT, {})
+        # not LoRA-ready, so no LoRA touches it: the bundle's weights, this table
+        self._lora_graphs.discard(TEXT)
+        self.engine_set.drop(TEXT)
+        others = all_params(self.manifest)[TEXT] - {TOKEN_TABLE}
+        new = lora_weights(self.bundle, self.manifest, [], {TEXT: others}).get(TEXT, {})
         new[name] = grown
         self.engine_set.replace_weights(TEXT, self.manifest, self.bundle, new, self._loaded)
         self._lora_graphs.add(TEXT)
 
     def _forget_embeddings(self) -> None:
-        """No embeddings (after a failed load): the tokenizer without their words. The
-        caller puts the text encoder's weights back."""
+        """No embeddings (after a failed load): the tokenizer without their words, the
+        text encoder's table the bundle's (else, failing that, its own engine)."""
         self.embeddings, self._table, self.tokenizer = [], None, self._base_tokenizer
+        self._vocabulary += 1
         try:
             self._set_table(None)
-        except Exception:  # the caller's error is the one to report; set_loras reloads
-            pass
+        except Exception as e:  # noqa: BLE001 (the caller's error is the one to report)
+            self.log(f"text encoder back to the bundle's own engine: {first_line(e)}")
+            self._lora_graphs.discard(TEXT)
+            self._lora_touched.pop(TEXT, None)
+            self.engine_set.replace_weights(TEXT, self.manifest, self.bundle, None, self._loaded)
 
     def _table_name(self) -> str:  # the token table's initializer in the text encoder graph
         return (self.manifest.graphs[TEXT].weights or {})[TOKEN_TABLE].initializer
@@ -817,7 +845,7 @@ class Pipeline:
         except ValueError as e:
             raise UsageError(str(e)) from None
         return {"text_ids": ids[:-1], "text_weights": weights[:-1],
-                "dropped": tuple(p.dropped for p in encoded)}
+                "dropped": tuple(p.dropped for p in encoded), "vocabulary": self._vocabulary}
 
     def _check_images(self, image, mask, latents) -> tuple[Image | None, Image | None]:
         """The init image and mask as PIL images, and what this bundle can do with them."""
@@ -915,6 +943,9 @@ class Pipeline:
 
     def run(self, req: Request, progress: Callable[[int, int], None] | None = None,
             keep_decoded: bool = False, on_step_end: StepHook | None = None) -> Result:
+        if req.text_ids is not None and req.vocabulary != self._vocabulary:
+            raise UsageError("this request's prompts were tokenized before the embeddings "
+                             "changed (set_embeddings); make the request again")
         if req.image is not None:  # request() did; a Request may come from elsewhere
             self._load_late("vae_encoder")
         self._check_profiles(req)  # likewise

@@ -20,6 +20,7 @@ transformers' CLIPTokenizer since 5.0; see tests/test_tokenizer.py for what that
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -79,7 +80,6 @@ class ClipTokenizer:
                 raise FileNotFoundError(f"tokenizer file missing: {f}")
             if f.stat().st_size > MAX_FILE_BYTES:  # CLIP's are 1.6 MB and 0.5 MB
                 raise ValueError(f"{f} is larger than {MAX_FILE_BYTES >> 20} MiB")
-        self.folder = folder
         self.tokenizer = build_clip_tokenizer(vocab_json, merges_txt)
         top = max(self.tokenizer.get_vocab().values())
         if top >= MAX_TOKEN_ID:  # ids are int32 in the graph's input_ids
@@ -92,7 +92,8 @@ class ClipTokenizer:
         """A new tokenizer with these words added (textual inversion), as transformers'
         add_tokens adds them: matched in the lowercased text before BPE, with ids from
         the vocabulary's size on, in order. This one is left as it is."""
-        out = ClipTokenizer(self.folder, self.max_length)
+        out = copy.copy(self)
+        out.tokenizer = Tokenizer.from_str(self.tokenizer.to_str())  # no files read again
         size = out.tokenizer.get_vocab_size(with_added_tokens=True)
         out.tokenizer.add_tokens([AddedToken(w, normalized=True, special=False) for w in words])
         ids = [out.tokenizer.token_to_id(w) for w in words]

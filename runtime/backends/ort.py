@@ -34,7 +34,7 @@ LORA_DISABLED_OPTIMIZERS = ["NchwcTransformer"]
 # (export/weight_map.py maps weights from this size; shape constants, smaller, must stay
 # inline for ORT's shape inference); the mapped ones then become graph inputs
 LORA_MIN_BYTES = 128
-GROWS = "rows"  # the symbolic first axis of a LoRA-ready graph's lookup tables
+GROWS = "rows"  # the symbolic first axes of a LoRA-ready graph's lookup tables: rows_0 ...
 
 
 def session_options(optimized_out: Path | None = None, optimize: bool = True,
@@ -85,8 +85,9 @@ def weights_as_inputs(path: Path, names: set[str]) -> None:
                            f"(e.g. {lost[0]}): run-time LoRAs cannot reach them")
     keep = [t for t in g.initializer if t.name not in names]
     listed = {i.name for i in g.input}  # IR < 4 lists initializers as inputs already
+    rows = {name: f"{GROWS}_{k}" for k, name in enumerate(sorted(tables))}  # one name each
     g.input.extend(onnx.helper.make_tensor_value_info(
-        t.name, t.data_type, [GROWS if t.name in tables and k == 0 else d for k, d in enumerate(t.dims)])
+        t.name, t.data_type, [rows[t.name] if t.name in rows and k == 0 else d for k, d in enumerate(t.dims)])
         for t in moved if t.name not in listed)
     for t in keep:  # the rest is written again, alone: the moved bytes leave the disk
         if uses_external_data(t):
@@ -236,7 +237,8 @@ class OrtEngine(Engine):
                                  f"weights as inputs; remove its cache entry", kind=SpecMismatch)
             inputs -= set(self.weights)
             self.tables = {i.name for i in self.session.get_inputs()
-                           if i.name in self.weights and i.shape and i.shape[0] == GROWS}
+                           if i.name in self.weights and i.shape
+                           and str(i.shape[0]).startswith(GROWS)}
         self.check_io(inputs, [t.name for t in self.session.get_outputs()])
         if self.on_device:
             self.device = DeviceBindings(self.session, self.spec, self.cuda_graph,

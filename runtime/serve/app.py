@@ -33,7 +33,8 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from runtime.args import first_line
-from runtime.bundle import MAX_BATCH, MAX_SIDE, VAE_FACTOR, read_manifest, resolve_model
+from runtime.bundle import MAX_BATCH, MAX_SIDE, TOKENIZER_DIR, VAE_FACTOR, read_manifest, resolve_model
+from runtime.embeddings import Embedding
 from runtime.lora_apply import missing_support
 from runtime.metadata import A1111_SAMPLERS
 from runtime.pipeline import UsageError
@@ -105,25 +106,35 @@ class Settings:
             why = missing_support()
             if why:
                 raise UsageError(why)
-        manifest = read_manifest(resolve_model(self.model))  # BundleError: not a bundle
+        read_manifest(resolve_model(self.model))  # BundleError: not a bundle
         if self.embeddings_dir is not None:
-            check_embeddings(self, manifest.hidden)
+            check_embeddings(self)
 
 
-def check_embeddings(s: Settings, width: int) -> None:
-    """The embeddings folder: each file one this model takes, no word twice (UsageError)."""
-    from runtime.embeddings import EmbeddingError, check_unique, read_embedding
+def check_embeddings(s: Settings) -> list[Embedding]:
+    """The embeddings folder's files, as the replicas will load them (UsageError)."""
+    from runtime.pipeline import read_embeddings
+    from runtime.tokenizer import ClipTokenizer
 
     if not Path(str(s.embeddings_dir)).is_dir():
         raise UsageError(f"embeddings folder {s.embeddings_dir} is not a folder")
     if s.pipeline_backend != "ort-cpu":
         raise UsageError(f"textual-inversion embeddings run on ort-cpu, not {s.backend}")
     if missing_support():
-        raise UsageError(str(missing_support()))
-    try:
-        check_unique([read_embedding(f, width) for f in s.embedding_files()], {})
-    except EmbeddingError as e:
-        raise UsageError(str(e)) from None
+        raise UsageError("textual-inversion embeddings need the onnx package: "
+                         "pip install 'sdrt[lora]'")
+    bundle = resolve_model(s.model)
+    return read_embeddings(read_manifest(bundle), ClipTokenizer(bundle / TOKENIZER_DIR),
+                           s.embedding_files())
+
+
+def embeddings_listing(s: Settings) -> dict[str, Any]:
+    """A1111's /sdapi/v1/embeddings for the folder the replicas loaded at start."""
+    width = read_manifest(resolve_model(s.model)).hidden
+    loaded = check_embeddings(s) if s.embeddings_dir is not None else []
+    return {"loaded": {e.token: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
+                                 "shape": width, "vectors": len(e.vectors)} for e in loaded},
+            "skipped": {}}
 
 
 def model_info(model: str) -> dict[str, Any]:
@@ -241,6 +252,7 @@ class Ingress:
         self.gen = generator
         self.settings = Settings(**settings)
         self.model = model_info(self.settings.model)  # from the manifest: no generator call
+        self.embedding_list = embeddings_listing(self.settings)  # read once, as the replicas
         self.recent_batch_s = 1.0  # for Retry-After
         self.health_at, self.running = -math.inf, 0  # /health's last look at Serve's state
 
@@ -379,13 +391,7 @@ class Ingress:
     @app.get("/sdapi/v1/embeddings")
     async def embeddings(self):
         """The loaded textual-inversion embeddings, as A1111 lists them (by their word)."""
-        from runtime.embeddings import read_embedding
-
-        width = read_manifest(resolve_model(self.settings.model)).hidden
-        loaded = [read_embedding(f, width) for f in self.settings.embedding_files()]
-        return {"loaded": {e.token: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
-                                     "shape": width, "vectors": len(e.vectors)} for e in loaded},
-                "skipped": {}}
+        return self.embedding_list
 
     @app.get("/sdapi/v1/scripts")
     async def scripts(self):
