@@ -516,23 +516,16 @@ class Pipeline:
     def set_loras(self, loras: Sequence[tuple[str | Path, float]]) -> None:
         """Run with these LoRAs, (file, scale) each, applied in order to the bundle's own
         weights: each call replaces the last set, so A -> B -> A is A exactly and [] is the
-        bundle again. ort-cpu with the engine cache for now (other backends: bake them in
-        with `python -m export --lora`). UsageError for a file this model cannot use; if
-        loading fails midway, every graph is back on the bundle's weights (no LoRA)."""
+        bundle again. ort-cpu with the engine cache (a LoRA-ready graph), or tensorrt with
+        refittable plans (`engines.build --refit`); other backends: bake them in with
+        `python -m export --lora`. UsageError for a file this model cannot use; if loading
+        fails midway, every graph is back on the bundle's weights (no LoRA)."""
         from runtime.lora import MAX_SCALE as MAX_LORA_SCALE
         from runtime.lora import LoraError
-        from runtime.lora_apply import (
-            LORA_GRAPHS,
-            all_params,
-            lora_weights,
-            missing_support,
-            read_loras,
-            touched,
-        )
-        del missing_support  # checked by _check_weight_inputs
+        from runtime.lora_apply import LORA_GRAPHS, all_params, read_loras, touched
 
         self._check_weight_inputs("run-time LoRAs", bool(loras), "; or bake them in with "
-                                  "`python -m export --lora FILE:SCALE`")
+                                  "`python -m export --lora FILE:SCALE`", refit=True)
         for _, scale in loras:
             if isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating)) \
                     or not -MAX_LORA_SCALE <= scale <= MAX_LORA_SCALE:
@@ -549,6 +542,23 @@ class Pipeline:
             integrity_files(self.bundle, self.manifest, list(LORA_GRAPHS.values())),
             cache.verified_memo(self.bundle) if self.use_cache else None))
         now, every = touched(read), all_params(self.manifest)
+        if self.backend == "tensorrt":
+            self._refit_loras(read, now)
+        else:
+            self._swap_lora_ready(read, now, every)
+        self._lora_touched = now
+        self.loras = [(Path(p), float(s)) for p, s in loras]
+        seconds = time.perf_counter() - t
+        self.load_report.seconds += seconds
+        self.log(f"LoRAs: {', '.join(f'{p.name}:{s:g}' for p, s in self.loras) or 'none'} "
+                 f"({seconds:.2f} s)")
+
+    def _swap_lora_ready(self, read: list, now: dict[str, set[str]],
+                         every: dict[str, set[str]]) -> None:
+        """ort-cpu: each graph a LoRA touches on its LoRA-ready engine (weights as inputs),
+        the others on the bundle's; on failure all on the bundle's, no LoRA."""
+        from runtime.lora_apply import LORA_GRAPHS, lora_weights
+
         try:
             for component, graph in LORA_GRAPHS.items():
                 loaded = graph in self._lora_graphs  # a LoRA-ready engine: weights are inputs
@@ -587,12 +597,40 @@ class Pipeline:
             raise
         finally:
             backends.give_back_freed_memory()
-        self._lora_touched = now
-        self.loras = [(Path(p), float(s)) for p, s in loras]
-        seconds = time.perf_counter() - t
-        self.load_report.seconds += seconds
-        self.log(f"LoRAs: {', '.join(f'{p.name}:{s:g}' for p, s in self.loras) or 'none'} "
-                 f"({seconds:.2f} s)")
+
+    def _refit_loras(self, read: list, now: dict[str, set[str]]) -> None:
+        """TensorRT: refit each plan with what the old or new LoRAs touch, base weights
+        plus the new deltas (A -> B -> A is A exactly); on failure, back to the base
+        weights, no LoRA."""
+        from runtime.lora_apply import LORA_GRAPHS, lora_weights
+
+        def refit(loras: list, names: dict[str, set[str]]) -> None:
+            for component, graph in LORA_GRAPHS.items():
+                if not names[component]:
+                    continue
+                entry = self.manifest.graphs[graph]
+                params = {w.initializer: p for p, w in (entry.weights or {}).items()}
+
+                def more(init: str, component: str = component, graph: str = graph,
+                         params: dict[str, str] = params) -> np.ndarray | None:
+                    param = params.get(init)  # a weight TensorRT fused with ours, if mapped
+                    return None if param is None else lora_weights(
+                        self.bundle, self.manifest, loras, {component: {param}})[graph][init]
+
+                new = lora_weights(self.bundle, self.manifest, loras, {component: names[component]})
+                self.engines[graph].refit(new.get(graph, {}), more,  # type: ignore[attr-defined]
+                                          self.bundle / entry.file)
+
+        names = {c: self._lora_touched.get(c, set()) | now[c] for c in LORA_GRAPHS}
+        try:
+            refit(read, names)
+        except BaseException:
+            self.loras, self._lora_touched = [], {}
+            try:
+                refit([], names)
+            except Exception as e:  # noqa: BLE001 (the first error is the one raised)
+                self.log(f"could not refit back to the bundle's weights: {first_line(e)}")
+            raise
 
     def set_embeddings(self, files: Sequence[str | Path]) -> None:
         """Textual inversion: prompts may use these embeddings' words (runtime/
@@ -678,18 +716,22 @@ class Pipeline:
     def _table_name(self) -> str:  # the token table's initializer in the text encoder graph
         return (self.manifest.graphs[TEXT].weights or {})[TOKEN_TABLE].initializer
 
-    def _check_weight_inputs(self, what: str, any_files: bool, hint: str = "") -> None:
+    def _check_weight_inputs(self, what: str, any_files: bool, hint: str = "",
+                             refit: bool = False) -> None:
         """Run-time weights (LoRAs, embeddings) need an open Pipeline on ort-cpu with the
-        engine cache, and the onnx package to make the LoRA-ready graph."""
+        engine cache and the onnx package to make the LoRA-ready graph, or (`refit`:
+        LoRAs) on tensorrt, whose plans are refitted."""
         from runtime.lora_apply import missing_support
 
         if not self.engines:
             raise UsageError("this Pipeline is closed")
+        if refit and self.backend == "tensorrt":
+            return
         if any_files and missing_support():
             raise UsageError(str(missing_support()))
         if self.backend != "ort-cpu" or not self.use_cache:
-            raise UsageError(f"{what} run on --backend ort-cpu with the engine cache "
-                             f"(this is {self.backend}){hint}")
+            where = "ort-cpu with the engine cache" + (" or tensorrt" if refit else "")
+            raise UsageError(f"{what} run on --backend {where} (this is {self.backend}){hint}")
 
     @property
     def engines(self) -> dict[str, Engine]:

@@ -158,3 +158,33 @@ def test_tensorrt_versions_have_their_own_apis():
     ctx = e100.create_execution_context(t100.tensorrt.ExecutionContextAllocationStrategy.USER_MANAGED)
     assert not hasattr(ctx, "set_device_memory")  # 10.0: still context.device_memory
     assert not hasattr(t86.tensorrt, "ExecutionContextAllocationStrategy")
+
+
+def test_refit_rules():
+    """trt.Refitter as strict as TensorRT where a LoRA refit can go wrong: no refitter for
+    a plan built without REFIT; a weight of another size or name is refused; weights fused
+    with those set are missing and the refit fails until they are given; trt.Weights keeps
+    only a pointer, so an array freed before refit_cuda_engine is caught."""
+    import gc
+
+    gpu = FakeGPU()
+    trt = gpu.tensorrt
+    plain = trt.Runtime(None).deserialize_cuda_engine(json.dumps(PLAN).encode())
+    with pytest.raises(TypeError, match="REFIT"):
+        trt.Refitter(plain, None)
+    plan = {**PLAN, "refittable": True, "weights": {"w": [4, 0.0], "b": [2, 0.0]},
+            "fused": [["w", "b"]]}
+    engine = trt.Runtime(None).deserialize_cuda_engine(json.dumps(plan).encode())
+    r = trt.Refitter(engine, None)
+    assert not r.set_named_weights("w", trt.Weights(np.ones(3, np.float32)))  # another size
+    assert not r.set_named_weights("nope", trt.Weights(np.ones(4, np.float32)))
+    w = np.ones(4, np.float32)
+    assert r.set_named_weights("w", trt.Weights(w))
+    assert r.get_missing_weights() == ["b"] and not r.refit_cuda_engine()
+    assert r.set_named_weights("b", trt.Weights(np.ones(2, np.float32)))  # freed at once
+    gc.collect()
+    with pytest.raises(AssertionError, match="freed"):
+        r.refit_cuda_engine()
+    b = np.ones(2, np.float32)
+    assert r.set_named_weights("b", trt.Weights(b)) and r.refit_cuda_engine()
+    assert engine.shift() == 6.0  # 4 + 2 ones over zeros

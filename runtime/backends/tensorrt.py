@@ -38,6 +38,7 @@ import json
 import math
 import mmap
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -334,6 +335,67 @@ class TensorRTEngine(Engine):
             warnings.warn(f"tensorrt engine {self.name!r}: CUDA graph capture failed at shapes "
                           f"{self.shapes} ({e}); running without CUDA graphs",
                           RuntimeWarning, stacklevel=3)
+
+    # --- refit (LoRA) --------------------------------------------------------------------
+
+    def refit(self, weights: dict[str, np.ndarray],
+              more: Callable[[str], np.ndarray | None] | None = None,
+              onnx: Path | None = None) -> None:
+        """Write `weights` (ONNX initializer name -> float32 array, the bundle's layout)
+        into the loaded plan (built with `engines.build --refit`). Weights TensorRT fused
+        with them and so wants too come from `more(name)`; past what it knows, every
+        weight is read from the bundle's graph `onnx` first (TensorRT 10's
+        OnnxParserRefitter), then ours over them. EngineError (one line) when the plan
+        cannot take them: nothing is written then, the plan keeps its weights."""
+        import tensorrt as trt
+
+        if self.engine is None or self.device is None:
+            raise self.error("refit() before load()")
+        if not getattr(self.engine, "refittable", False):
+            raise self.error(f"plan {self.path.name} is not refittable: build refittable plans "
+                             f"with `python -m engines.build BUNDLE --backend tensorrt --refit`")
+        refitter = trt.Refitter(self.engine, self.device.logger)
+        kept: list[np.ndarray] = []  # trt.Weights points into these: alive until refitted
+        readers: list[Any] = []
+
+        def put(name: str, array: np.ndarray) -> None:
+            a = np.ascontiguousarray(array, np.float32)
+            kept.append(a)
+            if not refitter.set_named_weights(name, trt.Weights(a)):
+                raise self.error(f"the plan takes no weight {name} of {a.size} values (not "
+                                 f"refittable, or another shape)")
+
+        for name, array in weights.items():
+            put(name, array)
+        given = dict(weights)
+        for _ in range(4):  # what TensorRT fused with those given; a round may add more
+            missing = [n for n in refitter.get_missing_weights() if n not in given]
+            if not missing:
+                break
+            found = {n: more(n) if more is not None else None for n in missing}
+            unknown = [n for n, v in found.items() if v is None]
+            if unknown and (onnx is None or not hasattr(trt, "OnnxParserRefitter")):
+                raise self.error(f"TensorRT needs {len(unknown)} more weights to refit with "
+                                 f"these (e.g. {unknown[0]}), which the bundle does not map; "
+                                 f"bake the LoRAs in with `python -m export --lora` instead")
+            if unknown:  # every weight from the bundle's graph, then ours over them
+                # (the parser refitter holds what it read: it lives until the refit)
+                reader = trt.OnnxParserRefitter(refitter, self.device.logger)
+                if not reader.refit_from_file(str(onnx)):
+                    raise self.error(f"TensorRT could not read the weights of {onnx}")
+                readers.append(reader)
+                found = {}
+            given.update((n, v) for n, v in found.items() if v is not None)
+            for name, array in given.items():
+                put(name, array)
+        if refitter.get_missing_weights():
+            raise self.error("TensorRT still misses weights to refit with; bake the LoRAs in "
+                             "with `python -m export --lora` instead")
+        if not refitter.refit_cuda_engine():
+            raise self.error("TensorRT's refit failed (see its log above)")
+        kept.clear()  # TensorRT has copied them to the device
+        readers.clear()
+        self._drop_graph()  # captured before the refit: recaptured at the next run
 
     # --- release ------------------------------------------------------------------------
 

@@ -8,8 +8,11 @@ per graph (static and dynamic profiles), swapped as the input shapes change.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from runtime import cache
 from runtime.backends.tensorrt import TensorRTDevice, TensorRTEngine
@@ -43,6 +46,10 @@ class CachedTensorRTEngine(TensorRTEngine):
         self.found: dict[tuple, Path] = {}  # input shapes -> plan
         self.keep_plans = max(1, keep_plans)
         self.parked: dict[Path, tuple[Any, Any, int]] = {}  # plan -> engine, context, scratch
+        # refit(): every weight written since load, its value now, and how to refit a
+        # plan deserialized later (another profile) with them
+        self.refitted: dict[str, np.ndarray] = {}
+        self.refit_with: tuple[Callable[[str], np.ndarray | None] | None, Path | None] = (None, None)
 
     def _find(self, shapes: Shapes | None) -> Path | None:
         """find_plan for this graph on this device (created here on first use)."""
@@ -126,6 +133,18 @@ class CachedTensorRTEngine(TensorRTEngine):
             self.device.reserve(self.scratch_bytes)
         else:
             super()._load()
+            if self.refitted:  # a plan from the file has the bundle's weights
+                super().refit(self.refitted, *self.refit_with)
+
+    def refit(self, weights: dict[str, np.ndarray],
+              more: Callable[[str], np.ndarray | None] | None = None,
+              onnx: Path | None = None) -> None:
+        """As TensorRTEngine.refit; plans swapped in later get the same weights. Parked
+        plans hold the old ones: they go."""
+        super().refit(weights, more, onnx)
+        self.parked = {}
+        self.refitted.update(weights)
+        self.refit_with = (more, onnx)
 
     def _release(self) -> None:
         self.parked = {}  # contexts before engines: each tuple drops both, context last held

@@ -38,11 +38,13 @@ import enum
 import json
 import sys
 import types
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from runtime.bundle import graph_spec
 
@@ -233,11 +235,13 @@ def _nptype(dt: _DataType) -> type:
     return np.dtype(dt.value).type
 
 
-def _compute(graph: str, ins: dict[str, np.ndarray], outs: dict[str, np.ndarray]) -> None:
-    """What the fake engines 'compute' (simple, checkable rules)."""
+def _compute(graph: str, ins: dict[str, np.ndarray], outs: dict[str, np.ndarray],
+             shift: float = 0.0) -> None:
+    """What the fake engines 'compute' (simple, checkable rules). `shift`: how far a
+    refit moved the plan's weights from those it was built with (0.0 when equal)."""
     if graph == "unet":  # noise_pred = sample * timestep + mean(encoder_hidden_states)
         outs["noise_pred"][...] = (ins["sample"] * ins["timestep"][0]
-                                   + ins["encoder_hidden_states"].mean())
+                                   + ins["encoder_hidden_states"].mean() + shift)
     else:
         for o in outs.values():
             o[...] = 1
@@ -334,7 +338,7 @@ class FakeContext:
 
             self.gpu.executed.append(spec.name)
             _compute(spec.name, {t.name: view(t) for t in spec.inputs},
-                     {t.name: view(t) for t in spec.outputs})
+                     {t.name: view(t) for t in spec.outputs}, self.engine.shift())
         return run
 
 
@@ -363,6 +367,13 @@ class FakeEngine:
         self.profile = plan["profile"]
         self.scratch = plan["scratch"]
         self.names = [t.name for t in (*self.spec.inputs, *self.spec.outputs)]
+        self.refittable = bool(plan.get("refittable"))
+        self.built = dict(plan.get("weights", {}))  # name -> [size, sum] as built
+        self.weights = {k: list(v) for k, v in self.built.items()}  # as refitted since
+        self.fused = [list(g) for g in plan.get("fused", [])]
+
+    def shift(self) -> float:
+        return float(sum(self.weights[k][1] - self.built[k][1] for k in self.built))
 
     def __getattr__(self, name: str) -> Any:
         v = self.gpu.trt
@@ -419,6 +430,75 @@ class FakeRuntime:
         return engine
 
 
+class FakeWeights:
+    """trt.Weights(array): like the real one it keeps a pointer, not the array; here a
+    weak reference, so weights whose array is gone by refit time are caught."""
+
+    def __init__(self, array: np.ndarray):
+        assert array.dtype == np.float32 and array.flags.c_contiguous, "float32, C order"
+        self.ref, self.size = weakref.ref(array), array.size
+
+
+class FakeRefitter:
+    """trt.Refitter: set_named_weights by ONNX initializer name (the parser names them
+    so), get_missing_weights (the weights a plan fused with those set: here every
+    initializer of one node, e.g. a Conv's kernel and bias), refit_cuda_engine."""
+
+    def __init__(self, gpu: FakeGPU, engine: FakeEngine):
+        gpu.log.append(("Refitter",))
+        if not engine.refittable:  # TensorRT returns no refitter; the binding raises
+            raise TypeError("Refitter(): engine was not built with REFIT")
+        self.gpu, self.engine = gpu, engine
+        self.pending: dict[str, FakeWeights] = {}
+
+    def set_named_weights(self, name: str, weights: FakeWeights) -> bool:
+        known = self.engine.weights.get(name)
+        if known is None or known[0] != weights.size:
+            return False  # no such refittable weight, or another count
+        self.pending[name] = weights
+        return True
+
+    def get_all_weights(self) -> list[str]:
+        return list(self.engine.weights)
+
+    def get_missing_weights(self) -> list[str]:
+        return sorted({n for g in self.engine.fused if set(g) & set(self.pending)
+                       for n in g if n not in self.pending})
+
+    def refit_cuda_engine(self) -> bool:
+        self.gpu.log.append(("refit_cuda_engine", sorted(self.pending)))
+        if self.get_missing_weights():
+            return False
+        arrays = {k: w.ref() for k, w in self.pending.items()}
+        assert all(a is not None for a in arrays.values()), "refit from freed host memory"
+        for k, a in arrays.items():
+            self.engine.weights[k] = [a.size, float(a.astype(np.float64).sum())]
+        self.pending = {}
+        return True
+
+
+class FakeOnnxParserRefitter:
+    """TensorRT 10's trt.OnnxParserRefitter: every weight of the plan from an ONNX file."""
+
+    def __init__(self, refitter: FakeRefitter, logger: Any):
+        self.refitter = refitter
+        self.kept: list[np.ndarray] = []  # the real one copies; keep the arrays alive
+
+    def refit_from_file(self, path: str) -> bool:
+        self.refitter.gpu.log.append(("refit_from_file", path))
+        for name, array in _initializers(path).items():
+            if name in self.refitter.engine.weights:
+                self.kept.append(array)
+                self.refitter.set_named_weights(name, FakeWeights(array))
+        return True
+
+
+def _initializers(path: str) -> dict[str, np.ndarray]:
+    model = onnx.load(path)  # with its external data
+    return {t.name: numpy_helper.to_array(t).astype(np.float32).ravel()
+            for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+
+
 # --- builder side ------------------------------------------------------------------------
 
 class FakeTimingCache:
@@ -451,6 +531,8 @@ class FakeNetwork:
         self.inputs: list[types.SimpleNamespace] = []
         self.name = ""
         self.plugins: set[str] = set()
+        self.weights: dict[str, list] = {}  # initializer -> [size, sum]
+        self.fused: list[list[str]] = []
 
     @property
     def num_inputs(self) -> int:
@@ -484,6 +566,10 @@ class FakeParser:
                 return False
             self.network.plugins.add("InstanceNormalization_TRT")
         self.network.name = model.graph.name
+        inits = _initializers(path)
+        self.network.weights = {k: [a.size, float(a.astype(np.float64).sum())] for k, a in inits.items()}
+        self.network.fused = [[i for i in n.input if i in inits] for n in model.graph.node
+                              if sum(i in inits for i in n.input) > 1]
         self.network.inputs = [
             types.SimpleNamespace(name=i.name, shape=tuple(
                 d.dim_value if d.HasField("dim_value") else -1
@@ -556,6 +642,8 @@ class FakeBuilder:
         config.timing_cache.entries.add(f"{network.name}-tactics")
         plan = {"graph": network.name, "hidden": 8, "profile": config.profiles[0],
                 "scratch": 1 << 20, "plugins": sorted(network.plugins)}
+        if "REFIT" in config.flags:
+            plan.update(refittable=True, weights=network.weights, fused=network.fused)
         return json.dumps(plan).encode()
 
 
@@ -632,6 +720,10 @@ class FakeGPU:
         m.DataType = _DataType
         m.nptype = _nptype
         m.Dims = lambda shape: tuple(shape)
+        m.Weights = FakeWeights
+        m.Refitter = lambda engine, logger: FakeRefitter(gpu, engine)
+        if self.trt_major >= 10:
+            m.OnnxParserRefitter = FakeOnnxParserRefitter
         # 11 builds strongly typed networks only: no FP16 flag
         flags = {"REFIT": "REFIT", **({"FP16": "FP16"} if self.trt_major < 11 else {})}
         m.BuilderFlag = types.SimpleNamespace(**flags)

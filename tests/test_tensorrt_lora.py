@@ -1,0 +1,120 @@
+"""Run-time LoRAs on TensorRT, through the fakes (tests/fakes/gpu.py): refittable plans
+(engines.build --refit) refitted by ONNX initializer name from the manifest's weight
+map; A -> B -> A leaves A's weights exactly, [] the plan's own; a plan swapped in later
+(another profile) gets the same weights; a plan that is not refittable, or a TensorRT
+that cannot read the weights it fused with ours, is one line and nothing changes."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from fakes.gpu import FakeGPU
+from fakes.tiny_bundle import make_bundle
+from safetensors.numpy import save_file
+
+from engines.build import main as build
+from runtime.bundle import WeightRef, demo_bundle, read_manifest
+from runtime.engine import EngineError
+from runtime.pipeline import Pipeline, UsageError
+
+
+@pytest.fixture(params=["10.3.0", "8.6.1"])
+def gpu(request, monkeypatch):
+    return FakeGPU(request.param).install(monkeypatch)
+
+
+def offset(path, name) -> int:
+    """Where initializer `name`'s float32 bytes are: in its external data file, or inline."""
+    model = onnx.load(str(path), load_external_data=False)
+    t = next(t for t in model.graph.initializer if t.name == name)
+    if t.external_data:
+        return int({e.key: e.value for e in t.external_data}.get("offset", 0))
+    return path.read_bytes().find(t.raw_data)
+
+
+def mapped_bundle(folder):
+    """The tiny bundle with a weight map, as export writes one: the UNet's conv kernel
+    (a LoRA target) and the text encoder's token table."""
+    bundle = make_bundle(folder)
+    for extra in ("tokenizer", "scheduler_config.json"):
+        src = demo_bundle() / extra
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, bundle / extra)
+    m = read_manifest(bundle)
+    conv = WeightRef("conv_w", False, "unet.onnx.data",
+                     offset(bundle / "unet.onnx", "conv_w"), (4, 4, 3, 3))
+    emb = WeightRef("emb", False, "text_encoder.onnx",
+                    offset(bundle / "text_encoder.onnx", "emb"), (49408, 8))
+    graphs = {**m.graphs,
+              "unet": dataclasses.replace(m.graphs["unet"], weights={"conv_in.weight": conv}),
+              "text_encoder": dataclasses.replace(
+                  m.graphs["text_encoder"], weights={"embeddings.token_embedding.weight": emb})}
+    dataclasses.replace(m, graphs=graphs).write(bundle)
+    return bundle
+
+
+def lora(path, seed):
+    rng = np.random.default_rng(seed)
+    save_file({"unet.conv_in.lora_A.weight": rng.standard_normal((2, 4, 3, 3)).astype(np.float32),
+               "unet.conv_in.lora_B.weight": rng.standard_normal((4, 2, 1, 1)).astype(np.float32)},
+              str(path))
+    return path
+
+
+def latents(pipe, size=128, guidance=1.0):
+    """The final latents [1, 4, h, w] (the fake VAE's pictures are all white)."""
+    seen = []
+    pipe("x", steps=2, height=size, width=size, seed=0, guidance_scale=guidance,
+         on_step_end=lambda i, t, x: seen.append(x.copy()))
+    return seen[-1]
+
+
+def test_loras_refit_the_plans_and_swap_exactly(gpu, tmp_path, monkeypatch):
+    bundle = mapped_bundle(tmp_path / "bundle")
+    monkeypatch.setenv("SDRT_CACHE_DIR", str(tmp_path / "cache"))
+    assert build([str(bundle), "--backend", "tensorrt", "--refit"]) == 0
+    a, b = lora(tmp_path / "a.safetensors", 1), lora(tmp_path / "b.safetensors", 2)
+    with Pipeline(bundle, "tensorrt", safety=False) as pipe:
+        unet = pipe.engines["unet"]
+        base = latents(pipe)
+        if gpu.trt < (10, 0):
+            # the fake plan fused the conv's kernel with its bias, which the bundle does
+            # not map, and 8.6 has no OnnxParserRefitter to read it from the graph
+            with pytest.raises(EngineError, match="more weights to refit") as e:
+                pipe.set_loras([(a, 1.0)])
+            assert "\n" not in str(e.value) and pipe.loras == []
+            assert unet.engine.shift() == 0.0 and np.array_equal(latents(pipe), base)
+            return
+        pipe.set_loras([(a, 1.0)])
+        assert gpu.calls("refit_from_file")  # the bias from the bundle's graph
+        img_a, shift_a = latents(pipe), unet.engine.shift()
+        assert shift_a != 0.0 and not np.array_equal(img_a, base)
+        pipe.set_loras([(b, 0.5), (a, -0.3)])
+        assert unet.engine.shift() not in (0.0, shift_a)
+        pipe.set_loras([(a, 1.0)])
+        assert unet.engine.shift() == shift_a and np.array_equal(latents(pipe), img_a)
+        assert pipe.engines["unet"] is unet  # refitted in place: no plan reloaded
+        # a plan deserialized later for other shapes gets the LoRA weights too
+        assert build([str(bundle), "--backend", "tensorrt", "--refit", "--static",
+                      "--opt", "1x64x64"]) == 0
+        dynamic, loads = unet.path, len(gpu.calls("deserialize_cuda_engine"))
+        latents(pipe, 64, guidance=7.5)  # UNet batch 2 at 64x64: the static plan's shape
+        assert unet.path != dynamic and len(gpu.calls("deserialize_cuda_engine")) > loads
+        assert unet.engine.shift() == shift_a
+        pipe.set_loras([])
+        assert unet.engine.shift() == 0.0 and np.array_equal(latents(pipe), base)
+
+
+def test_a_plan_that_is_not_refittable_is_one_line(gpu, tmp_path, monkeypatch):
+    bundle = mapped_bundle(tmp_path / "bundle")
+    monkeypatch.setenv("SDRT_CACHE_DIR", str(tmp_path / "cache"))
+    assert build([str(bundle), "--backend", "tensorrt"]) == 0
+    with Pipeline(bundle, "tensorrt", safety=False) as pipe:
+        with pytest.raises(EngineError, match="not refittable.*--refit") as e:
+            pipe.set_loras([(lora(tmp_path / "a.safetensors", 1), 1.0)])
+        assert "\n" not in str(e.value) and pipe.loras == []
+        with pytest.raises(UsageError, match="ort-cpu with the engine cache"):
+            pipe.set_embeddings([tmp_path / "a.safetensors"])  # embeddings: ort-cpu only
