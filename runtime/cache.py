@@ -437,13 +437,14 @@ def tensorrt_key(entry: GraphEntry, profile: ShapeProfile, version: str, gpu: Gp
 
 
 def find_plan(entry: GraphEntry, shapes: Mapping[str, tuple[int, ...]] | None, version: str,
-              gpu: Gpu, cache_dir: Path | None = None) -> Path | None:
+              gpu: Gpu, cache_dir: Path | None = None, refittable: bool = False) -> Path | None:
     """A cached plan for this graph, TensorRT version and GPU whose profile covers
     `shapes`: a static plan for exactly these shapes first, else the covering dynamic
     plan with the smallest max shape; among equals, one that is not refittable
     (refittable plans can be slower), then one with default options. Any build options
     are accepted (engines.build --no-build checks for the exact options asked). `shapes`
-    None: any plan of this graph, the largest profile first. None when there is none."""
+    None: any plan of this graph, the largest profile first. `refittable`: only plans
+    built with --refit (run-time LoRAs). None when there is none."""
     want = tensorrt_key(entry, {}, version, gpu)
     static = shapes_json(static_profile(entry.spec, shapes)) if shapes else None
     fits = []
@@ -452,7 +453,8 @@ def find_plan(entry: GraphEntry, shapes: Mapping[str, tuple[int, ...]] | None, v
         if (profile is None or key.graph_sha256 != want.graph_sha256
                 or key.backend_version != version or key.device != gpu.model
                 or key.capability != gpu.capability
-                or (shapes is not None and not covers(profile, shapes))):
+                or (shapes is not None and not covers(profile, shapes))
+                or (refittable and "refit" not in key.options)):
             continue
         size = sum(math.prod(row["max"]) for row in profile.values())
         # `shapes` None (any plan): the largest first, so the shared scratch is sized for

@@ -600,11 +600,13 @@ class Pipeline:
 
     def _refit_loras(self, read: list, now: dict[str, set[str]]) -> None:
         """TensorRT: refit each plan with what the old or new LoRAs touch, base weights
-        plus the new deltas (A -> B -> A is A exactly); on failure, back to the base
-        weights, no LoRA."""
+        plus the new deltas (A -> B -> A is A exactly); on failure, every plan read from
+        its file again (its own weights), no LoRA."""
         from runtime.lora_apply import LORA_GRAPHS, lora_weights
 
-        def refit(loras: list, names: dict[str, set[str]]) -> None:
+        names = {c: self._lora_touched.get(c, set()) | now[c] for c in LORA_GRAPHS}
+        try:
+            new = lora_weights(self.bundle, self.manifest, read, names)  # graph -> init -> array
             for component, graph in LORA_GRAPHS.items():
                 if not names[component]:
                     continue
@@ -613,23 +615,21 @@ class Pipeline:
 
                 def more(init: str, component: str = component, graph: str = graph,
                          params: dict[str, str] = params) -> np.ndarray | None:
-                    param = params.get(init)  # a weight TensorRT fused with ours, if mapped
+                    # a mapped weight TensorRT fused with ours, no LoRA's: the bundle's
+                    param = params.get(init)
                     return None if param is None else lora_weights(
-                        self.bundle, self.manifest, loras, {component: {param}})[graph][init]
+                        self.bundle, self.manifest, [], {component: {param}})[graph][init]
 
-                new = lora_weights(self.bundle, self.manifest, loras, {component: names[component]})
+                changed = {entry.weights[p].initializer for p in now[component]}  # type: ignore[index]
                 self.engines[graph].refit(new.get(graph, {}), more,  # type: ignore[attr-defined]
-                                          self.bundle / entry.file)
-
-        names = {c: self._lora_touched.get(c, set()) | now[c] for c in LORA_GRAPHS}
-        try:
-            refit(read, names)
+                                          self.bundle / entry.file, changed)
         except BaseException:
             self.loras, self._lora_touched = [], {}
-            try:
-                refit([], names)
-            except Exception as e:  # noqa: BLE001 (the first error is the one raised)
-                self.log(f"could not refit back to the bundle's weights: {first_line(e)}")
+            for graph in LORA_GRAPHS.values():
+                try:
+                    self.engines[graph].reset_weights()  # type: ignore[attr-defined]
+                except Exception as e:  # noqa: BLE001 (the first error is the one raised)
+                    self.log(f"could not reload the {graph} plan: {first_line(e)}")
             raise
 
     def set_embeddings(self, files: Sequence[str | Path]) -> None:

@@ -36,9 +36,10 @@ def offset(path, name) -> int:
     return path.read_bytes().find(t.raw_data)
 
 
-def mapped_bundle(folder):
+def mapped_bundle(folder, bias=False):
     """The tiny bundle with a weight map, as export writes one: the UNet's conv kernel
-    (a LoRA target) and the text encoder's token table."""
+    (a LoRA target) and the text encoder's token table; `bias`: the conv's bias too
+    (which the fake plans fuse with its kernel)."""
     bundle = make_bundle(folder)
     for extra in ("tokenizer", "scheduler_config.json"):
         src = demo_bundle() / extra
@@ -48,8 +49,12 @@ def mapped_bundle(folder):
                      offset(bundle / "unet.onnx", "conv_w"), (4, 4, 3, 3))
     emb = WeightRef("emb", False, "text_encoder.onnx",
                     offset(bundle / "text_encoder.onnx", "emb"), (49408, 8))
+    unet = {"conv_in.weight": conv}
+    if bias:
+        unet["conv_in.bias"] = WeightRef("conv_b", False, "unet.onnx.data",
+                                         offset(bundle / "unet.onnx", "conv_b"), (4,))
     graphs = {**m.graphs,
-              "unet": dataclasses.replace(m.graphs["unet"], weights={"conv_in.weight": conv}),
+              "unet": dataclasses.replace(m.graphs["unet"], weights=unet),
               "text_encoder": dataclasses.replace(
                   m.graphs["text_encoder"], weights={"embeddings.token_embedding.weight": emb})}
     dataclasses.replace(m, graphs=graphs).write(bundle)
@@ -108,13 +113,55 @@ def test_loras_refit_the_plans_and_swap_exactly(gpu, tmp_path, monkeypatch):
         assert unet.engine.shift() == 0.0 and np.array_equal(latents(pipe), base)
 
 
+def test_plain_and_refittable_plans_side_by_side(gpu, tmp_path, monkeypatch):
+    """The runtime prefers plain plans (faster); LoRAs move it to the refittable ones,
+    and keep it there: a plain plan built later is not swapped in. Fused weights the
+    map has come from it (8.6 too, without OnnxParserRefitter)."""
+    bundle = mapped_bundle(tmp_path / "bundle", bias=True)
+    monkeypatch.setenv("SDRT_CACHE_DIR", str(tmp_path / "cache"))
+    assert build([str(bundle), "--backend", "tensorrt"]) == 0
+    assert build([str(bundle), "--backend", "tensorrt", "--refit"]) == 0
+    a = lora(tmp_path / "a.safetensors", 1)
+    with Pipeline(bundle, "tensorrt", safety=False) as pipe:
+        unet = pipe.engines["unet"]
+        base = latents(pipe)
+        assert not unet.engine.refittable
+        pipe.set_loras([(a, 1.0)])
+        assert unet.engine.refittable and not gpu.calls("refit_from_file")  # the map sufficed
+        img_a, shift_a = latents(pipe), unet.engine.shift()
+        assert shift_a != 0.0
+        assert build([str(bundle), "--backend", "tensorrt", "--static", "--opt", "1x64x64"]) == 0
+        latents(pipe, 64, guidance=7.5)  # a plain static plan fits: not taken with LoRAs
+        assert unet.engine.refittable and unet.engine.shift() == shift_a
+        assert np.array_equal(latents(pipe), img_a)
+
+        # TensorRT gives up halfway: every plan read from its file again, no LoRA
+        real = gpu.tensorrt.Refitter
+        refitters = []
+
+        def failing(engine, logger):
+            r = real(engine, logger)
+            r.refit_cuda_engine = lambda: False
+            refitters.append(r)
+            return r
+
+        monkeypatch.setattr(gpu.tensorrt, "Refitter", failing)
+        with pytest.raises(EngineError, match="refit failed.*own weights") as e:
+            pipe.set_loras([(lora(tmp_path / "b.safetensors", 2), 1.0)])
+        assert "\n" not in str(e.value) and refitters and pipe.loras == []
+        monkeypatch.setattr(gpu.tensorrt, "Refitter", real)
+        assert unet.engine.shift() == 0.0 and np.array_equal(latents(pipe), base)
+
+
 def test_a_plan_that_is_not_refittable_is_one_line(gpu, tmp_path, monkeypatch):
     bundle = mapped_bundle(tmp_path / "bundle")
     monkeypatch.setenv("SDRT_CACHE_DIR", str(tmp_path / "cache"))
     assert build([str(bundle), "--backend", "tensorrt"]) == 0
     with Pipeline(bundle, "tensorrt", safety=False) as pipe:
+        base = latents(pipe)
         with pytest.raises(EngineError, match="not refittable.*--refit") as e:
             pipe.set_loras([(lora(tmp_path / "a.safetensors", 1), 1.0)])
         assert "\n" not in str(e.value) and pipe.loras == []
+        assert np.array_equal(latents(pipe), base)  # the plain plans run on
         with pytest.raises(UsageError, match="ort-cpu with the engine cache"):
             pipe.set_embeddings([tmp_path / "a.safetensors"])  # embeddings: ort-cpu only

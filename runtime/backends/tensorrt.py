@@ -46,9 +46,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from runtime import cache
+from runtime.args import first_line
 from runtime.bundle import GraphSpec
 from runtime.cuda import Cuda, CudaError, stream_handle
-from runtime.engine import Engine
+from runtime.engine import Engine, EngineError
 from runtime.tensorrt_env import register_plugins, trt_module, trt_version
 
 if TYPE_CHECKING:
@@ -343,10 +344,11 @@ class TensorRTEngine(Engine):
               onnx: Path | None = None) -> None:
         """Write `weights` (ONNX initializer name -> float32 array, the bundle's layout)
         into the loaded plan (built with `engines.build --refit`). Weights TensorRT fused
-        with them and so wants too come from `more(name)`; past what it knows, every
-        weight is read from the bundle's graph `onnx` first (TensorRT 10's
+        with them and so wants too come from `more(name)` (None: not known); past that,
+        every weight is read from the bundle's graph `onnx` once (TensorRT 10's
         OnnxParserRefitter), then ours over them. EngineError (one line) when the plan
-        cannot take them: nothing is written then, the plan keeps its weights."""
+        cannot take them; a refit TensorRT gave up on halfway leaves the plan as read
+        from its file again (its own weights)."""
         import tensorrt as trt
 
         if self.engine is None or self.device is None:
@@ -354,48 +356,66 @@ class TensorRTEngine(Engine):
         if not getattr(self.engine, "refittable", False):
             raise self.error(f"plan {self.path.name} is not refittable: build refittable plans "
                              f"with `python -m engines.build BUNDLE --backend tensorrt --refit`")
-        refitter = trt.Refitter(self.engine, self.device.logger)
+        self.device.cuda.sync(self.device.stream)  # no run of the old weights still queued
         kept: list[np.ndarray] = []  # trt.Weights points into these: alive until refitted
-        readers: list[Any] = []
+        readers: list[Any] = []  # a parser refitter holds what it read: alive likewise
+        try:
+            refitter = trt.Refitter(self.engine, self.device.logger)
 
-        def put(name: str, array: np.ndarray) -> None:
-            a = np.ascontiguousarray(array, np.float32)
-            kept.append(a)
-            if not refitter.set_named_weights(name, trt.Weights(a)):
-                raise self.error(f"the plan takes no weight {name} of {a.size} values (not "
-                                 f"refittable, or another shape)")
+            def put(name: str, array: np.ndarray) -> None:
+                a = np.ascontiguousarray(array, np.float32)
+                kept.append(a)
+                if not refitter.set_named_weights(name, trt.Weights(a)):
+                    raise self.error(f"the plan takes no weight {name} of {a.size} values "
+                                     f"(not refittable, or another shape)")
 
-        for name, array in weights.items():
-            put(name, array)
-        given = dict(weights)
-        for _ in range(4):  # what TensorRT fused with those given; a round may add more
-            missing = [n for n in refitter.get_missing_weights() if n not in given]
-            if not missing:
-                break
-            found = {n: more(n) if more is not None else None for n in missing}
-            unknown = [n for n, v in found.items() if v is None]
-            if unknown and (onnx is None or not hasattr(trt, "OnnxParserRefitter")):
-                raise self.error(f"TensorRT needs {len(unknown)} more weights to refit with "
-                                 f"these (e.g. {unknown[0]}), which the bundle does not map; "
-                                 f"bake the LoRAs in with `python -m export --lora` instead")
-            if unknown:  # every weight from the bundle's graph, then ours over them
-                # (the parser refitter holds what it read: it lives until the refit)
-                reader = trt.OnnxParserRefitter(refitter, self.device.logger)
-                if not reader.refit_from_file(str(onnx)):
-                    raise self.error(f"TensorRT could not read the weights of {onnx}")
-                readers.append(reader)
-                found = {}
-            given.update((n, v) for n, v in found.items() if v is not None)
+            given = dict(weights)
             for name, array in given.items():
                 put(name, array)
-        if refitter.get_missing_weights():
-            raise self.error("TensorRT still misses weights to refit with; bake the LoRAs in "
-                             "with `python -m export --lora` instead")
-        if not refitter.refit_cuda_engine():
-            raise self.error("TensorRT's refit failed (see its log above)")
-        kept.clear()  # TensorRT has copied them to the device
-        readers.clear()
+            for _ in range(8):  # what TensorRT fused with those given; a round may add more
+                missing = [n for n in refitter.get_missing_weights() if n not in given]
+                if not missing:
+                    break
+                found = {n: more(n) if more is not None and n else None for n in missing}
+                unknown = [n or "(unnamed)" for n, v in found.items() if v is None]
+                if unknown and not readers and onnx is not None and hasattr(trt, "OnnxParserRefitter"):
+                    reader = trt.OnnxParserRefitter(refitter, self.device.logger)
+                    readers.append(reader)
+                    if not reader.refit_from_file(str(onnx)):
+                        why = str(reader.get_error(0)) if getattr(reader, "num_errors", 0) else ""
+                        raise self.error(f"TensorRT could not read the weights of {onnx}"
+                                         + (f": {why.splitlines()[0]}" if why else ""))
+                    for name, array in given.items():  # ours over the bundle's
+                        put(name, array)
+                    continue
+                if unknown:
+                    raise self.error(f"TensorRT needs {len(unknown)} more weights to refit "
+                                     f"with these (e.g. {unknown[0]}), which the bundle does not "
+                                     f"map; bake the LoRAs in with `python -m export --lora`")
+                for name, value in found.items():
+                    assert value is not None
+                    given[name] = value
+                    put(name, value)
+            if refitter.get_missing_weights():
+                raise self.error("TensorRT still misses weights to refit with; bake the LoRAs "
+                                 "in with `python -m export --lora` instead")
+            if not refitter.refit_cuda_engine():  # it may have written some weights
+                self.reset_weights()
+                raise self.error("TensorRT's refit failed (see its log above); the plan is "
+                                 "back on its own weights")
+        except EngineError:
+            raise
+        except (TypeError, RuntimeError, ValueError) as e:  # from the bindings
+            raise self.error(f"refit failed: {first_line(e)}") from None
+        finally:
+            kept.clear()
+            readers.clear()
         self._drop_graph()  # captured before the refit: recaptured at the next run
+
+    def reset_weights(self) -> None:
+        """The loaded plan read from its file again: its own weights, exactly."""
+        self._unload()
+        TensorRTEngine._load(self)
 
     # --- release ------------------------------------------------------------------------
 

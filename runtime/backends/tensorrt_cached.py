@@ -50,6 +50,7 @@ class CachedTensorRTEngine(TensorRTEngine):
         # plan deserialized later (another profile) with them
         self.refitted: dict[str, np.ndarray] = {}
         self.refit_with: tuple[Callable[[str], np.ndarray | None] | None, Path | None] = (None, None)
+        self.refit_only = False  # run-time LoRAs: refittable plans only, from then on
 
     def _find(self, shapes: Shapes | None) -> Path | None:
         """find_plan for this graph on this device (created here on first use)."""
@@ -59,7 +60,8 @@ class CachedTensorRTEngine(TensorRTEngine):
             version = trt_version()
         except (CudaError, ImportError) as e:
             raise self.error(str(e), shapes) from None
-        return cache.find_plan(self.entry, shapes, version, self.device.info, self.cache_dir)
+        return cache.find_plan(self.entry, shapes, version, self.device.info, self.cache_dir,
+                               refittable=self.refit_only)
 
     def _lookup(self, shapes: Shapes) -> Path | None:
         """The plan for these shapes, found (and hash-checked) once per process; found
@@ -82,7 +84,8 @@ class CachedTensorRTEngine(TensorRTEngine):
         assert self.device is not None  # _find made it
         return self.error(
             f"no TensorRT {trt_version()} plan for {self.device.info.model} covers these "
-            f"shapes; build one with `python -m engines.build BUNDLE --backend tensorrt` "
+            f"shapes; build one with `python -m engines.build BUNDLE --backend tensorrt"
+            f"{' --refit' if self.refit_only else ''}` "
             f"(--max-size/--max-batch for a wider profile, --static for one shape)", shapes)
 
     def refuses(self, shapes: Shapes) -> str | None:
@@ -134,17 +137,42 @@ class CachedTensorRTEngine(TensorRTEngine):
         else:
             super()._load()
             if self.refitted:  # a plan from the file has the bundle's weights
-                super().refit(self.refitted, *self.refit_with)
+                try:
+                    super().refit(self.refitted, *self.refit_with)
+                except BaseException:
+                    self._unload()  # never left loaded without the LoRAs' weights
+                    raise
 
     def refit(self, weights: dict[str, np.ndarray],
               more: Callable[[str], np.ndarray | None] | None = None,
-              onnx: Path | None = None) -> None:
-        """As TensorRTEngine.refit; plans swapped in later get the same weights. Parked
-        plans hold the old ones: they go."""
-        super().refit(weights, more, onnx)
+              onnx: Path | None = None, changed: set[str] | None = None) -> None:
+        """As TensorRTEngine.refit, on a refittable plan (swapped to one if the loaded
+        plan is not: refit_only from then on). Plans swapped in later get the weights in
+        `changed` (those that now differ from the file's; default all); parked plans
+        hold old ones: they go."""
+        if self.engine is not None and not getattr(self.engine, "refittable", False):
+            shapes = self.shapes or {n: tuple(r["opt"]) for n, r in self.profile.shapes(self.spec).items()}
+            self.refit_only, self.found = True, {}
+            path = self._lookup(shapes)
+            if path is None:  # plain plans only: they stay, as before this call
+                self.refit_only, self.found = False, {}
+                raise self.error(f"plan {self.path.name} is not refittable and no refittable "
+                                 f"plan covers its shapes: build them with `python -m "
+                                 f"engines.build BUNDLE --backend tensorrt --refit`")
+            self._swap(path)
+        self.refit_only = True
         self.parked = {}
-        self.refitted.update(weights)
+        super().refit(weights, more, onnx)
+        for name, array in weights.items():
+            if changed is None or name in changed:
+                self.refitted[name] = array
+            else:
+                self.refitted.pop(name, None)
         self.refit_with = (more, onnx)
+
+    def reset_weights(self) -> None:
+        self.refitted, self.parked = {}, {}
+        super().reset_weights()
 
     def _release(self) -> None:
         self.parked = {}  # contexts before engines: each tuple drops both, context last held

@@ -100,10 +100,11 @@ class Settings:
         if self.lora_dir is not None:
             if not Path(self.lora_dir).is_dir():
                 raise UsageError(f"LoRA folder {self.lora_dir} is not a folder")
-            if self.pipeline_backend != "ort-cpu":
-                raise UsageError(f"run-time LoRAs run on ort-cpu, not {self.backend}; bake them "
-                                 f"into a bundle with `python -m export --lora` instead")
-            why = missing_support()
+            if self.pipeline_backend not in ("ort-cpu", "tensorrt"):
+                raise UsageError(f"run-time LoRAs run on ort-cpu or tensorrt (refittable plans), "
+                                 f"not {self.backend}; bake them into a bundle with `python -m "
+                                 f"export --lora` instead")
+            why = missing_support() if self.pipeline_backend == "ort-cpu" else None
             if why:
                 raise UsageError(why)
         read_manifest(resolve_model(self.model))  # BundleError: not a bundle
