@@ -2,14 +2,16 @@
 
 Makes random PEFT-layout LoRA files for the bundle's UNet from its own weight name map
 (attention, feed-forward and proj_in/out weights, rank --rank; numpy, no torch), then,
-in this process: loads the bundle on ort-cpu with a warm engine cache (the cold-load
+in this process: loads the bundle on --backend with a warm engine cache (the cold-load
 figure), runs one generation, swaps A, B, A again and none, each followed by a
-generation, and reads the swap times and the resident set size (VmRSS) after each. The
-first ever swap builds the LoRA-ready graph in the engine cache: run twice and read the
-second. A swap between LoRAs writes the LoRA-ready engine's weight inputs in place;
-the first swap loads that engine (every mapped weight). It also times UNet calls at
---step-size on the bundle's engine and on the LoRA-ready one (weights as inputs), and
-records the peak RSS (VmHWM) after each phase. Prints a JSON line; --json writes it.
+generation, and reads the swap times and the resident set size (VmRSS) after each.
+ort-cpu: the first ever swap builds the LoRA-ready graph in the engine cache (run twice
+and read the second); a swap between LoRAs writes the LoRA-ready engine's weight inputs
+in place; the first swap loads that engine (every mapped weight). openvino: every swap
+reads the UNet again and compiles it with the new weights. It also times UNet calls at
+--step-size with LoRA A and with none (ort-cpu: the LoRA-ready engine against the
+bundle's), and records the peak RSS (VmHWM) after each phase. Prints a JSON line; --json
+writes it.
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ def random_lora(bundle: Path, path: Path, rank: int, seed: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.lora_swap", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="sd14-random", help="demo | sd14-random | bundle folder")
+    p.add_argument("--backend", default="ort-cpu", choices=("ort-cpu", "openvino", "tensorrt"),
+                   help="ort-cpu: a LoRA-ready graph; openvino: recompiles; tensorrt: refits")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--size", type=int, default=256, help="image side of the generations (px)")
     p.add_argument("--step-size", type=int, default=512,
@@ -68,8 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         files = {k: Path(tmp) / f"lora_{k}.safetensors" for k in "AB"}
         layers = [random_lora(bundle, f, a.rank, seed) for seed, f in enumerate(files.values())][0]
         t = time.perf_counter()
-        pipe = Pipeline(bundle, "ort-cpu", safety=False)
-        out: dict = {"cold_load_s": time.perf_counter() - t, "layers": layers, "rank": a.rank}
+        pipe = Pipeline(bundle, a.backend, safety=False)
+        out: dict = {"cold_load_s": time.perf_counter() - t, "layers": layers, "rank": a.rank,
+                     "backend": pipe.backend, "precision": pipe.precision}
 
         def generate(label: str) -> None:
             pipe("a lighthouse", steps=1, height=a.size, width=a.size, seed=1)

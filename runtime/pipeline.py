@@ -516,16 +516,16 @@ class Pipeline:
     def set_loras(self, loras: Sequence[tuple[str | Path, float]]) -> None:
         """Run with these LoRAs, (file, scale) each, applied in order to the bundle's own
         weights: each call replaces the last set, so A -> B -> A is A exactly and [] is the
-        bundle again. ort-cpu with the engine cache (a LoRA-ready graph), or tensorrt with
-        refittable plans (`engines.build --refit`); other backends: bake them in with
-        `python -m export --lora`. UsageError for a file this model cannot use; if loading
+        bundle again. ort-cpu with the engine cache (a LoRA-ready graph), tensorrt with
+        refittable plans (`engines.build --refit`) or openvino (graphs recompiled); ort-cuda:
+        bake them in with `python -m export --lora`. UsageError for a file this model cannot use; if loading
         fails midway, every graph is back on the bundle's weights (no LoRA)."""
         from runtime.lora import MAX_SCALE as MAX_LORA_SCALE
         from runtime.lora import LoraError
         from runtime.lora_apply import LORA_GRAPHS, all_params, read_loras, touched
 
         self._check_weight_inputs("run-time LoRAs", bool(loras), "; or bake them in with "
-                                  "`python -m export --lora FILE:SCALE`", refit=True)
+                                  "`python -m export --lora FILE:SCALE`", own_swaps=True)
         for _, scale in loras:
             if isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating)) \
                     or not -MAX_LORA_SCALE <= scale <= MAX_LORA_SCALE:
@@ -544,6 +544,8 @@ class Pipeline:
         now, every = touched(read), all_params(self.manifest)
         if self.backend == "tensorrt":
             self._refit_loras(read, now)
+        elif self.backend == "openvino":
+            self._recompile_loras(read, now)
         else:
             self._swap_lora_ready(read, now, every)
         self._lora_touched = now
@@ -632,6 +634,26 @@ class Pipeline:
                     self.log(f"could not reload the {graph} plan: {first_line(e)}")
             raise
 
+    def _recompile_loras(self, read: list, now: dict[str, set[str]]) -> None:
+        """OpenVINO: each graph the old or new LoRAs touch read again from its file, the
+        new LoRAs' weights put in and compiled (A -> B -> A is A exactly, [] the graph's
+        own); on failure every such graph back on its own weights, no LoRA."""
+        from runtime.lora_apply import LORA_GRAPHS, lora_weights
+
+        graphs = [g for c, g in LORA_GRAPHS.items() if self._lora_touched.get(c) or now[c]]
+        try:
+            new = lora_weights(self.bundle, self.manifest, read, now)  # graph -> init -> array
+            for graph in graphs:
+                self.engines[graph].set_weights(new.get(graph, {}))  # type: ignore[attr-defined]
+        except BaseException:
+            self.loras, self._lora_touched = [], {}
+            for graph in graphs:
+                try:
+                    self.engines[graph].set_weights({})  # type: ignore[attr-defined]
+                except Exception as e:  # noqa: BLE001 (the first error is the one raised)
+                    self.log(f"could not put the {graph} graph back on its weights: {first_line(e)}")
+            raise
+
     def set_embeddings(self, files: Sequence[str | Path]) -> None:
         """Textual inversion: prompts may use these embeddings' words (runtime/
         embeddings.py, diffusers' load_textual_inversion); each call replaces the last
@@ -717,20 +739,20 @@ class Pipeline:
         return (self.manifest.graphs[TEXT].weights or {})[TOKEN_TABLE].initializer
 
     def _check_weight_inputs(self, what: str, any_files: bool, hint: str = "",
-                             refit: bool = False) -> None:
+                             own_swaps: bool = False) -> None:
         """Run-time weights (LoRAs, embeddings) need an open Pipeline on ort-cpu with the
-        engine cache and the onnx package to make the LoRA-ready graph, or (`refit`:
-        LoRAs) on tensorrt, whose plans are refitted."""
+        engine cache and the onnx package to make the LoRA-ready graph, or (`own_swaps`:
+        LoRAs) on tensorrt (plans refitted) or openvino (graphs recompiled)."""
         from runtime.lora_apply import missing_support
 
         if not self.engines:
             raise UsageError("this Pipeline is closed")
-        if refit and self.backend == "tensorrt":
+        if own_swaps and self.backend in ("tensorrt", "openvino"):
             return
         if any_files and missing_support():
             raise UsageError(str(missing_support()))
         if self.backend != "ort-cpu" or not self.use_cache:
-            where = "ort-cpu with the engine cache" + (" or tensorrt" if refit else "")
+            where = "ort-cpu with the engine cache" + (", tensorrt or openvino" if own_swaps else "")
             raise UsageError(f"{what} run on --backend {where} (this is {self.backend}){hint}")
 
     @property

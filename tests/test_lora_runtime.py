@@ -68,8 +68,49 @@ def test_bad_loras_and_backends_are_one_line(pipe, tmp_path):
         pipe.set_loras([(tmp_path / "x.ckpt", 1.0)])
     pytest.importorskip("openvino")
     with Pipeline(demo_bundle(), "openvino", safety=False) as ov:
-        with pytest.raises(UsageError, match="ort-cpu"):
+        with pytest.raises(UsageError, match="another architecture"):
             ov.set_loras([(sdxl, 1.0)])
+        with pytest.raises(UsageError, match="embeddings run on --backend ort-cpu"):
+            ov.set_embeddings([sdxl])
+
+
+def test_openvino_loras_recompile_and_swap_exactly(files):  # noqa: F811
+    """OpenVINO: a swap reads each touched graph again, puts the LoRAs' weights in and
+    compiles it; fp32 within 2/255 of ort-cpu with the same LoRA, A -> B -> A gives A's
+    image bit for bit, [] the bundle's own (bf16 too, where the CPU runs it)."""
+    pytest.importorskip("openvino")
+    a, b = [(files["peft_meta"], 0.7)], [(files["peft"], 0.5), (files["kohya"], -0.4)]
+    with Pipeline(demo_bundle(), "ort-cpu", safety=False) as ref:
+        ref.set_loras(a)
+        want_a = images(ref)
+    for precision in ("fp32", "auto"):
+        with Pipeline(demo_bundle(), "openvino", safety=False, precision=precision) as ov:
+            base = images(ov)
+            unet = ov.engines["unet"]
+            ov.set_loras(a)
+            img_a = images(ov)
+            assert ov.engines["unet"] is unet and np.abs(img_a.astype(int) - base).max() > 10
+            if ov.precision == "fp32":
+                compare(img_a, want_a)
+            ov.set_loras(b)
+            ov.set_loras(a)
+            assert np.array_equal(images(ov), img_a)
+            ov.set_loras([])
+            assert np.array_equal(images(ov), base) and ov.loras == []
+    # a compile that fails midway: every graph back on its own weights, no LoRA
+    with Pipeline(demo_bundle(), "openvino", safety=False, precision="fp32") as ov:
+        base, unet = images(ov), ov.engines["unet"]
+        real = unet.set_weights
+
+        def fails(weights):
+            if weights:
+                raise RuntimeError("out of memory compiling")
+            real(weights)
+
+        unet.set_weights = fails
+        with pytest.raises(RuntimeError, match="out of memory"):
+            ov.set_loras(b)
+        assert ov.loras == [] and np.array_equal(images(ov), base)
 
 
 def test_the_cli_runs_a_lora_on_ort_cpu(files, tmp_path):  # noqa: F811

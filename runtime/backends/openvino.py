@@ -114,6 +114,7 @@ class OpenVinoEngine(Engine):
         self.compiled: dict[tuple, _Compiled] = {}
         self.current: _Compiled | None = None
         self.compile_seconds = 0.0  # compiling, all shapes so far
+        self.read_from: Path | None = None  # the IR or ONNX the model was read from
 
     def load(self) -> None:
         super().load()
@@ -133,6 +134,7 @@ class OpenVinoEngine(Engine):
                     raise
                 ir = self._cached_ir(rebuild=True)  # a damaged IR of the right size
                 self.model = self.core.read_model(str(ir or self.path))
+            self.read_from = ir or self.path
         except Exception as e:  # OpenVINO raises RuntimeError subclasses of its own
             raise self.error(f"cannot load {self.path}: {first_line(e)}",
                              unreadable=True) from None
@@ -182,6 +184,36 @@ class OpenVinoEngine(Engine):
                                  shapes)
         self.compiled[memo] = found  # most recently used last
         self.current = found
+
+    def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
+        """Run with these weights (ONNX initializer name -> float32 array in its layout:
+        LoRA) and the graph's own for the rest: the model read from its file again (its
+        own weights, exactly), these constants replaced (rounded to fp16 where the IR
+        keeps fp16) and the current shapes compiled again, now. OpenVINO cannot change a
+        compiled model's weights: a swap costs a compile. {}: the graph's own."""
+        import openvino as ov
+
+        assert self.core is not None and self.read_from is not None, "set_weights() before load()"
+        try:
+            model = self.core.read_model(str(self.read_from))
+        except Exception as e:
+            raise self.error(f"cannot read {self.read_from}: {first_line(e)}") from None
+        ports = {n: o for op in model.get_ordered_ops() for o in op.outputs() for n in o.get_names()}
+        for name, value in weights.items():
+            port = ports.get(name)
+            if port is None or port.get_node().get_type_name() != "Constant":
+                raise self.error(f"the graph has no weight {name}")
+            shape = tuple(port.get_partial_shape().to_shape())
+            if shape != value.shape:
+                raise self.error(f"weight {name} is {list(value.shape)}, the graph's {list(shape)}")
+            stored = value.astype(np.float16 if port.get_element_type() == ov.Type.f16 else np.float32)
+            if not np.isfinite(stored).all():
+                raise self.error(f"weight {name} overflows {stored.dtype} with these LoRAs")
+            port.replace(ov.op.Constant(stored).output(0))
+        shapes = self.shapes
+        self.model, self.compiled, self.current, self.shapes = model, {}, None, None
+        if shapes is not None:
+            self.allocate(shapes)
 
     def _copy_in(self, name: str, array: np.ndarray) -> None:
         assert self.current is not None
