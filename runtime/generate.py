@@ -51,8 +51,8 @@ from runtime.pipeline import (
     check_settings,
     check_strength,
     check_text,
-    read_embeddings,
 )
+from runtime.pipeline_weights import read_embeddings
 from runtime.schedulers import SCHEDULERS
 from runtime.tokenizer import ClipTokenizer
 

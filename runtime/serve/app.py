@@ -114,7 +114,7 @@ class Settings:
 
 def check_embeddings(s: Settings) -> list[Embedding]:
     """The embeddings folder's files, as the replicas will load them (UsageError)."""
-    from runtime.pipeline import read_embeddings
+    from runtime.pipeline_weights import read_embeddings
     from runtime.tokenizer import ClipTokenizer
 
     if not Path(str(s.embeddings_dir)).is_dir():
