@@ -61,7 +61,6 @@ class RunTimeWeights:
     backend: str
     use_cache: bool
     engine_set: backends.EngineSet
-    engines: dict[str, Engine]
     log: Callable[[str], None]
     load_report: Any  # LoadReport
     tokenizer: ClipTokenizer
@@ -139,7 +138,7 @@ class RunTimeWeights:
                 also = self._lora_touched.get(component, set()) if loaded else every[component]
                 if not loaded:  # its weights go before every mapped weight is read: one copy
                     self.engine_set.drop(graph)
-                into = getattr(self.engines[graph], "weights", None) if loaded else None
+                into = getattr(self.engine_set.engines[graph], "weights", None) if loaded else None
                 new = lora_weights(self.bundle, self.manifest, read, {component: also},
                                    into).get(graph, {})
                 self.engine_set.replace_weights(graph, self.manifest, self.bundle, new,
@@ -149,7 +148,7 @@ class RunTimeWeights:
         except BaseException:
             self.loras, self._lora_touched = [], {}
             for graph in LORA_GRAPHS.values():  # back to the bundle's weights everywhere
-                if graph in self._lora_graphs or graph not in self.engines:
+                if graph in self._lora_graphs or graph not in self.engine_set.engines:
                     self.engine_set.replace_weights(graph, self.manifest, self.bundle, None,
                                                     self._loaded)
             self._lora_graphs.clear()
@@ -186,13 +185,13 @@ class RunTimeWeights:
                         self.bundle, self.manifest, [], {component: {param}})[graph][init]
 
                 changed = {entry.weights[p].initializer for p in now[component]}  # type: ignore[index]
-                self.engines[graph].refit(new.get(graph, {}), more,  # type: ignore[attr-defined]
+                self.engine_set.engines[graph].refit(new.get(graph, {}), more,  # type: ignore[attr-defined]
                                           self.bundle / entry.file, changed)
         except BaseException:
             self.loras, self._lora_touched = [], {}
             for graph in LORA_GRAPHS.values():
                 try:
-                    self.engines[graph].reset_weights()  # type: ignore[attr-defined]
+                    self.engine_set.engines[graph].reset_weights()  # type: ignore[attr-defined]
                 except Exception as e:  # noqa: BLE001 (the first error is the one raised)
                     self.log(f"could not reload the {graph} plan: {first_line(e)}")
             raise
@@ -206,13 +205,13 @@ class RunTimeWeights:
         graphs = [g for c, g in LORA_GRAPHS.items() if self._lora_touched.get(c) or now[c]]
         try:
             new = lora_weights(self.bundle, self.manifest, read, now)  # graph -> init -> array
-            for graph in graphs:
-                self.engines[graph].set_weights(new.get(graph, {}))  # type: ignore[attr-defined]
+            for graph in graphs:  # each graph's arrays go as its constants are made
+                self.engine_set.engines[graph].set_weights(new.pop(graph, {}))  # type: ignore[attr-defined]
         except BaseException:
             self.loras, self._lora_touched = [], {}
             for graph in graphs:
                 try:
-                    self.engines[graph].set_weights({})  # type: ignore[attr-defined]
+                    self.engine_set.engines[graph].set_weights({})  # type: ignore[attr-defined]
                 except Exception as e:  # noqa: BLE001 (the first error is the one raised)
                     self.log(f"could not put the {graph} graph back on its weights: {first_line(e)}")
             raise
@@ -261,9 +260,9 @@ class RunTimeWeights:
         means a LoRA-ready text encoder holding it."""
         from runtime.lora_apply import all_params, lora_weights, read_base
 
-        loaded = TEXT in self._lora_graphs and TEXT in self.engines
+        loaded = TEXT in self._lora_graphs and TEXT in self.engine_set.engines
         if grown is None and (not loaded or not self._lora_touched.get(TEXT)):
-            if loaded or TEXT not in self.engines:  # nothing else changed: the bundle's own
+            if loaded or TEXT not in self.engine_set.engines:  # nothing else changed: the bundle's own
                 self._lora_graphs.discard(TEXT)
                 self.engine_set.replace_weights(TEXT, self.manifest, self.bundle, None, self._loaded)
             return
@@ -308,7 +307,7 @@ class RunTimeWeights:
         LoRAs) on tensorrt (plans refitted) or openvino (graphs recompiled)."""
         from runtime.lora_apply import missing_support
 
-        if not self.engines:
+        if not self.engine_set.engines:
             raise UsageError("this Pipeline is closed")
         if own_swaps and self.backend in ("tensorrt", "openvino"):
             return

@@ -12,6 +12,7 @@ pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
 from runtime.bundle import demo_bundle  # noqa: E402
+from runtime.engine import EngineError  # noqa: E402
 from runtime.pipeline import Pipeline, UsageError  # noqa: E402
 from tests.test_lora import adapters, files  # noqa: E402, F401  (fixtures)
 from tests.test_lora_export import diffusers_images  # noqa: E402
@@ -97,19 +98,20 @@ def test_openvino_loras_recompile_and_swap_exactly(files):  # noqa: F811
             assert np.array_equal(images(ov), img_a)
             ov.set_loras([])
             assert np.array_equal(images(ov), base) and ov.loras == []
-    # a compile that fails midway: every graph back on its own weights, no LoRA
+    # the UNet's compile fails midway through a swap (after the text encoder's went in):
+    # every graph back on its own weights, no LoRA, and the UNet compiles again when used
     with Pipeline(demo_bundle(), "openvino", safety=False, precision="fp32") as ov:
         base, unet = images(ov), ov.engines["unet"]
-        real = unet.set_weights
+        real = unet.core
 
-        def fails(weights):
-            if weights:
+        class OutOfMemory:
+            def compile_model(self, *args, **kwargs):
                 raise RuntimeError("out of memory compiling")
-            real(weights)
 
-        unet.set_weights = fails
-        with pytest.raises(RuntimeError, match="out of memory"):
+        unet.core = OutOfMemory()
+        with pytest.raises(EngineError, match="out of memory compiling"):
             ov.set_loras(b)
+        unet.core = real
         assert ov.loras == [] and np.array_equal(images(ov), base)
 
 

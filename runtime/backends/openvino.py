@@ -6,7 +6,8 @@ TensorRT's plans, each set of input shapes gets its own compiled model (the grap
 reshaped, then compiled), kept for the engine's life with its infer request and its
 I/O tensors. Those tensors share memory with numpy arrays allocated once per shape:
 inputs are copied into them, OpenVINO writes the outputs into them, nothing else is
-copied or allocated per run.
+copied or allocated per run. A LoRA swap (set_weights) drops them all: the current shapes
+compile again at once, others when next used.
 
 Precision is OpenVINO's INFERENCE_PRECISION_HINT: "bf16" (matrix units of CPUs with
 AVX-512 BF16 or AMX) or "fp32".
@@ -114,7 +115,7 @@ class OpenVinoEngine(Engine):
         self.compiled: dict[tuple, _Compiled] = {}
         self.current: _Compiled | None = None
         self.compile_seconds = 0.0  # compiling, all shapes so far
-        self.read_from: Path | None = None  # the IR or ONNX the model was read from
+        self.base_model: Any = None  # as read at load: each LoRA swap starts from a clone
 
     def load(self) -> None:
         super().load()
@@ -134,7 +135,7 @@ class OpenVinoEngine(Engine):
                     raise
                 ir = self._cached_ir(rebuild=True)  # a damaged IR of the right size
                 self.model = self.core.read_model(str(ir or self.path))
-            self.read_from = ir or self.path
+            self.base_model = self.model
         except Exception as e:  # OpenVINO raises RuntimeError subclasses of its own
             raise self.error(f"cannot load {self.path}: {first_line(e)}",
                              unreadable=True) from None
@@ -185,33 +186,37 @@ class OpenVinoEngine(Engine):
         self.compiled[memo] = found  # most recently used last
         self.current = found
 
-    def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
+    def set_weights(self, weights: dict[str, np.ndarray]) -> None:
         """Run with these weights (ONNX initializer name -> float32 array in its layout:
-        LoRA) and the graph's own for the rest: the model read from its file again (its
-        own weights, exactly), these constants replaced (rounded to fp16 where the IR
-        keeps fp16) and the current shapes compiled again, now. OpenVINO cannot change a
+        LoRA), consumed from the dict as they go in, and the graph's own for the rest: a
+        clone of the model as loaded (its own weights, exactly, no file read), these
+        constants replaced (rounded to fp16 where the IR keeps fp16), the current shapes
+        compiled again now and other shapes when next used. OpenVINO cannot change a
         compiled model's weights: a swap costs a compile. {}: the graph's own."""
         import openvino as ov
 
-        assert self.core is not None and self.read_from is not None, "set_weights() before load()"
-        try:
-            model = self.core.read_model(str(self.read_from))
-        except Exception as e:
-            raise self.error(f"cannot read {self.read_from}: {first_line(e)}") from None
+        assert self.base_model is not None, "set_weights() before load()"
+        model = self.base_model.clone()  # shares the loaded constants' memory
         ports = {n: o for op in model.get_ordered_ops() for o in op.outputs() for n in o.get_names()}
-        for name, value in weights.items():
+        for name, value in weights.items():  # all checked before anything changes
             port = ports.get(name)
             if port is None or port.get_node().get_type_name() != "Constant":
                 raise self.error(f"the graph has no weight {name}")
             shape = tuple(port.get_partial_shape().to_shape())
             if shape != value.shape:
                 raise self.error(f"weight {name} is {list(value.shape)}, the graph's {list(shape)}")
-            stored = value.astype(np.float16 if port.get_element_type() == ov.Type.f16 else np.float32)
+        shapes = self.shapes
+        self.compiled, self.current, self.shapes = {}, None, None  # their memory goes first
+        for name in list(weights):
+            port = ports[name]
+            half = port.get_element_type() == ov.Type.f16
+            stored = weights.pop(name).astype(np.float16 if half else np.float32, copy=False)
             if not np.isfinite(stored).all():
+                self.model = self.base_model  # the graph's own; compiled when next used
                 raise self.error(f"weight {name} overflows {stored.dtype} with these LoRAs")
             port.replace(ov.op.Constant(stored).output(0))
-        shapes = self.shapes
-        self.model, self.compiled, self.current, self.shapes = model, {}, None, None
+            del stored
+        self.model = model
         if shapes is not None:
             self.allocate(shapes)
 
