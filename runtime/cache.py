@@ -412,6 +412,18 @@ def ort_cpu_lora_key(entry: GraphEntry, ort_version: str | None = None) -> Cache
     return replace(ort_cpu_key(entry, ort_version), precision="fp32-lora", options=how)
 
 
+def ort_cuda_lora_key(entry: GraphEntry, ort_version: str | None = None) -> CacheKey:
+    """Key of the fp32 bundle graph with every mapped weight made a graph input, for
+    run-time LoRAs on ort-cuda (no ORT optimizer run first: the CPU's fusions are not
+    the CUDA provider's; the session applies its own at start). Device independent."""
+    from runtime.backends.ort import LORA_MIN_BYTES
+
+    names = sorted(w.initializer for w in (entry.weights or {}).values())
+    which = hashlib.sha256("\n".join(names).encode()).hexdigest()[:12]
+    return replace(ort_cuda_key(entry, ort_version), precision="fp32-lora",
+                   options=f"external>={LORA_MIN_BYTES}B; weights as inputs {which}")
+
+
 def ort_cpu_fused_key(entry: GraphEntry, ort_version: str | None = None) -> CacheKey:
     """Key of the fp32 graph with onnxruntime's CPU fusions (engines.build --backend
     ort-cpu, which checks the bundle's hashes before building): a graph rewrite, device

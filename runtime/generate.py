@@ -90,8 +90,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="inpainting: white repaints, black keeps (needs --init-image)")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                    help="apply a LoRA (.safetensors, kohya/A1111 or diffusers/PEFT) at SCALE "
-                        "(default 1); repeatable. Runs on ort-cpu (auto picks it), openvino "
-                        "(recompiles), or tensorrt with refittable plans (engines.build --refit)")
+                        "(default 1); repeatable. Runs on ort-cpu (auto picks it), ort-cuda "
+                        "(fp32), openvino (recompiles), or tensorrt with refittable plans")
     p.add_argument("--embedding", action="append", default=[], type=Path, metavar="FILE",
                    help="textual inversion: a .safetensors embedding (diffusers' or A1111's; "
                         "its word is the token it holds, or A1111's file name); repeatable. "
@@ -166,11 +166,7 @@ def read_lora_args(args: argparse.Namespace) -> list[tuple[Path, float]]:
             if head and Path(head).is_file():
                 raise UsageError(f"--lora {text}: the scale {tail!r} is not a number")
             raise UsageError(f"--lora {path}: no such file")
-    if loras and args.backend not in ("auto", "ort-cpu", "tensorrt", "openvino"):
-        raise UsageError(f"--lora runs on ort-cpu, openvino or tensorrt (refittable plans), "
-                         f"not {args.backend}; or bake the LoRA into a bundle with `python -m "
-                         f"export --lora`")
-    if loras and args.backend in ("auto", "ort-cpu") and missing_support():
+    if loras and args.backend in ("auto", "ort-cpu", "ort-cuda") and missing_support():
         raise UsageError(str(missing_support()))
     return loras
 

@@ -313,6 +313,8 @@ class RunTimeWeights:
             return
         if any_files and missing_support():
             raise UsageError(str(missing_support()))
-        if self.backend != "ort-cpu" or not self.use_cache:
-            where = "ort-cpu with the engine cache" + (", tensorrt or openvino" if own_swaps else "")
+        ready = ("ort-cpu", "ort-cuda") if own_swaps else ("ort-cpu",)  # LoRA-ready graphs
+        if self.backend not in ready or not self.use_cache:
+            where = ("ort-cpu or ort-cuda with the engine cache, tensorrt or openvino" if own_swaps
+                     else "ort-cpu with the engine cache")
             raise UsageError(f"{what} run on --backend {where} (this is {self.backend}){hint}")

@@ -363,8 +363,6 @@ CASES: dict[str, tuple[Callable[[Path, Path], list[str]], str]] = {
     "lora-not-safetensors": (lambda b, t: ["--lora", str(_write(t / "l.safetensors", b"junk"))],
                              "not a safetensors file"),
     "lora-sdxl": (lambda b, t: ["--lora", str(_sdxl_lora(t))], "another architecture"),
-    "lora-on-ort-cuda": (lambda b, t: ["--lora", str(_sdxl_lora(t)), "--backend", "ort-cuda"],
-                         "runs on ort-cpu, openvino or tensorrt"),
     "lora-map-null-file": (lambda b, t: [*manifest(lambda d: d["graphs"]["unet"]["weights"][
         "conv_in.weight"].__setitem__(2, None))(b, t)], "must be [initializer"),
     "lora-map-shared": (manifest(_shared_initializer), "two parameters name"),

@@ -236,3 +236,106 @@ def test_demo_pipeline_on_ort_cuda(tmp_path, monkeypatch):
     diff = np.abs(images["graph"] - images["cpu"])
     print(f"fp16 GPU vs fp32 CPU: max {diff.max()}, mean {diff.mean():.3f} (of 255)")
     assert diff.max() <= 3 and diff.mean() <= 0.5
+
+
+def test_device_bindings_bind_weight_inputs(tmp_path, monkeypatch):
+    """ort-cuda's LoRA path on a CPU session: the LoRA-ready UNet's weights bound to every
+    binding as shared OrtValues; update_inplace (what a swap does on the GPU) changes
+    what the next run computes, at the same address, as set_weights does on ort-cpu."""
+    from benchmarks.lora_swap import random_lora
+    from runtime.backends import ort_cuda
+    from runtime.bundle import demo_bundle
+    from runtime.pipeline import Pipeline
+
+    monkeypatch.setenv("SDRT_CACHE_DIR", str(tmp_path / "cache"))
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    random_lora(demo_bundle(), a, 4, 1)
+    random_lora(demo_bundle(), b, 4, 2)
+    with Pipeline(demo_bundle(), "ort-cpu", safety=False) as pipe:
+        pipe.set_loras([(a, 40.0)])
+        unet = pipe.engines["unet"]
+        weights = {n: ort.OrtValue.ortvalue_from_numpy(w.copy()) for n, w in unet.weights.items()}
+        bindings = ort_cuda.DeviceBindings(unet.session, unet.spec, cuda_graph=True, device="cpu",
+                                           weights=weights)
+        shapes = UNET_SHAPES[0]
+        feeds = _unet_feeds(shapes, np.random.default_rng(0))
+        binding = bindings.get(shapes)
+        for name, x in feeds.items():
+            binding.copy_in(name, x)
+        unet.allocate(shapes)
+        assert np.array_equal(binding.run(unet.session)["noise_pred"], unet.run(feeds)["noise_pred"])
+        pipe.set_loras([(b, 40.0)])  # in place on ort-cpu; update_inplace on the bindings
+        addresses = {n: v.data_ptr() for n, v in weights.items()}
+        for name, value in weights.items():
+            value.update_inplace(unet.weights[name])
+        assert {n: v.data_ptr() for n, v in weights.items()} == addresses
+        assert np.array_equal(binding.run(unet.session)["noise_pred"], unet.run(feeds)["noise_pred"])
+
+
+@pytest.mark.gpu
+def test_demo_loras_on_ort_cuda(tmp_path, monkeypatch, capsys):
+    """Run-time LoRAs on ort-cuda: the LoRA-ready fp32 graph, its weights on the GPU,
+    swapped in place under the CUDA graph. Near ort-cpu's image with the same LoRA,
+    A -> B -> A gives A's image bit for bit, [] the bundle's engine again; prints the
+    swap times."""
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("onnxruntime-gpu with CUDA is not available here")
+    import time
+
+    from benchmarks.lora_swap import random_lora
+    from runtime.bundle import demo_bundle
+    from runtime.pipeline import Pipeline
+
+    monkeypatch.setenv("SDRT_CACHE_DIR", str(tmp_path / "cache"))
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    random_lora(demo_bundle(), a, 4, 1)
+    random_lora(demo_bundle(), b, 4, 2)
+    kw = {"steps": 5, "scheduler": "euler", "seed": 4, "height": 128, "width": 128}
+    with Pipeline(demo_bundle(), "ort-cpu", safety=False) as cpu:
+        cpu.set_loras([(a, 40.0)])
+        want = cpu("a red apple", **kw).images.astype(np.int16)
+    times = {}
+    with Pipeline(demo_bundle(), "ort-cuda", safety=False) as pipe:
+        base = pipe("a red apple", **kw).images.astype(np.int16)
+        for label, loras in (("A", [(a, 40.0)]), ("B", [(b, 40.0)]), ("A again", [(a, 40.0)])):
+            t = time.perf_counter()
+            pipe.set_loras(loras)
+            times[label] = time.perf_counter() - t
+            got = pipe("a red apple", **kw).images.astype(np.int16)
+            if label == "A":
+                img_a = got
+                assert pipe.engines["unet"].device_weights is not None
+        assert np.array_equal(got, img_a)  # A -> B -> A, the same session and graph
+        pipe.set_loras([])
+        plain = pipe("a red apple", **kw).images.astype(np.int16)
+    diff = np.abs(img_a - want)
+    with capsys.disabled():
+        print(f"\nort-cuda LoRA vs ort-cpu: max {diff.max()}, mean {diff.mean():.3f} (of 255); "
+              f"swaps {', '.join(f'{k} {v:.3f} s' for k, v in times.items())}")
+    assert np.abs(img_a - base).max() > 10 and diff.max() <= 3 and diff.mean() <= 0.5
+    assert np.abs(plain - base).max() <= 1
+
+
+def test_the_ort_cuda_lora_ready_graph_is_the_bundles_with_weights_as_inputs(tmp_path, monkeypatch):
+    """Built here without a GPU (no ORT optimizer: the session on the GPU applies its
+    own): the bundle's UNet, each mapped weight a graph input; fed the bundle's weights,
+    it computes what the bundle's graph does."""
+    from runtime.backends.ort import OrtEngine
+    from runtime.bundle import demo_bundle, read_manifest
+    from runtime.lora_apply import all_params, lora_weights
+
+    monkeypatch.setenv("SDRT_CACHE_DIR", str(tmp_path / "cache"))
+    bundle = demo_bundle()
+    manifest = read_manifest(bundle)
+    entry = manifest.graphs["unet"]
+    weights = lora_weights(bundle, manifest, [], {"unet": all_params(manifest)["unet"]})["unet"]
+    engine = OrtEngine(entry.spec, bundle / entry.file, "ort-cuda",
+                       cache_key=cache.ort_cuda_lora_key(entry), weights=weights)
+    path = engine._cached_graph()
+    assert path is not None and engine.cache_status.startswith("built"), engine.cache_status
+    ready = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert set(weights) <= {i.name for i in ready.get_inputs()}
+    feeds = _unet_feeds(UNET_SHAPES[0], np.random.default_rng(3))
+    plain = ort.InferenceSession(str(bundle / entry.file), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(ready.run(None, {**feeds, **weights})[0], plain.run(None, feeds)[0],
+                               rtol=1e-5, atol=1e-5)

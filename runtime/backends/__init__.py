@@ -177,14 +177,15 @@ class EngineSet:
                         on_load: Callable[[str, Engine, float], None] | None = None,
                         in_place: bool = False) -> Engine:
         """Graph `name` running `weights` (initializer -> array: LoRA), or its own again
-        with None. ort-cpu only: a session from the cached LoRA-ready graph, whose mapped
-        weights are inputs (cache.ort_cpu_lora_key): a new engine takes every mapped
+        with None. ort-cpu or ort-cuda: a session from the cached LoRA-ready graph, whose
+        mapped weights are inputs (cache.ort_cpu_lora_key / ort_cuda_lora_key, fp32): a new
+        engine takes every mapped
         weight (and keeps the arrays); `in_place` writes some of them into the loaded
         LoRA-ready engine instead (a swap: no new session). The old engine goes first, so
         two copies of a UNet's weights are never held at once."""
-        if self.backend != "ort-cpu" or not self.use_cache:
-            raise ValueError("run-time LoRA weights need the ort-cpu backend with the "
-                             "engine cache on")
+        if self.backend not in ("ort-cpu", "ort-cuda") or not self.use_cache:
+            raise ValueError("run-time LoRA weights need the ort-cpu or ort-cuda backend with "
+                             "the engine cache on")
         if in_place:
             if weights is None:
                 raise ValueError("in_place needs weights; None reloads the bundle's own engine")
@@ -200,8 +201,10 @@ class EngineSet:
         from runtime.backends.ort import OrtEngine
 
         entry = manifest.graphs[name]
-        engine = OrtEngine(entry.spec, Path(bundle) / entry.file, "ort-cpu",
-                           cache_key=cache.ort_cpu_lora_key(entry), weights=weights,
+        cuda = self.backend == "ort-cuda"  # the fp32 graph on the GPU, weights there too
+        engine = OrtEngine(entry.spec, Path(bundle) / entry.file, self.backend,
+                           cache_key=(cache.ort_cuda_lora_key if cuda else cache.ort_cpu_lora_key)(entry),
+                           weights=weights, cuda_graph=cuda and self.cuda_graph and name == "unet",
                            check_source=self._check_source(Path(bundle), manifest, name))
         t = time.perf_counter()
         try:

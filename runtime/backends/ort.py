@@ -100,6 +100,15 @@ def weights_as_inputs(path: Path, names: set[str]) -> None:
                     location=data.name, size_threshold=LORA_MIN_BYTES)
 
 
+def _copy_graph(src: Path, out: Path) -> None:
+    """The ONNX graph at `src` with its external data, as one .onnx + .data at `out`."""
+    import onnx
+
+    model = onnx.load(str(src))  # external data read from beside it
+    onnx.save_model(model, str(out), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=out.name + ".data", size_threshold=LORA_MIN_BYTES)
+
+
 class OrtEngine(Engine):
     """One ONNX Runtime session for one graph; `backend` is ort-cpu or ort-cuda.
 
@@ -145,6 +154,9 @@ class OrtEngine(Engine):
         self.inputs: dict[str, np.ndarray] = {}  # ort-cpu: host arrays bound zero-copy
         self.outputs: dict[str, np.ndarray] = {}
         self.tables: set[str] = set()  # weight inputs of any row count (GROWS)
+        # ort-cuda: the weights' device copies, bound to every shape's binding (the host
+        # arrays stay: a swap writes them, then copies them over, same device address)
+        self.device_weights: dict[str, ort.OrtValue] | None = None
         self.device: DeviceBindings | None = None  # ort-cuda
         self.current: DeviceBinding | None = None
 
@@ -153,10 +165,16 @@ class OrtEngine(Engine):
         return self.backend == "ort-cuda"
 
     def _optimize_into(self, folder: Path) -> Path:
-        """Run ORT's optimizer on the bundle graph and save the result into `folder`."""
+        """Run ORT's optimizer on the bundle graph and save the result into `folder`
+        (ort-cuda's LoRA-ready graph: the bundle's as is, its weights made inputs)."""
         out = folder / self.path.name
         if self.check_source is not None and self.source == self.path:
             self.check_source()  # the artifact's key trusts the manifest's hashes
+        if self.backend == "ort-cuda":
+            assert self.weights is not None
+            _copy_graph(self.path, out)
+            weights_as_inputs(out, set(self.weights))
+            return out
         ort.InferenceSession(str(self.source), session_options(optimized_out=out,
                                                                all_external=self.lora),
                              providers=[PROVIDERS[self.backend]],
@@ -169,7 +187,7 @@ class OrtEngine(Engine):
         """The cached graph to load (None: use the bundle's); sets cache_status."""
         if self.cache_key is None:
             return None
-        if self.cache_key.backend != "ort-cpu":  # ort-cuda graphs come from engines.build
+        if self.cache_key.backend != "ort-cpu" and not self.lora:  # from engines.build
             try:
                 found = cache.lookup(self.cache_key)
             except OSError as e:
@@ -241,8 +259,11 @@ class OrtEngine(Engine):
                            and str(i.shape[0]).startswith(GROWS)}
         self.check_io(inputs, [t.name for t in self.session.get_outputs()])
         if self.on_device:
+            if self.weights is not None:  # the LoRA-ready graph's weights, on the GPU
+                self.device_weights = {n: ort.OrtValue.ortvalue_from_numpy(w, "cuda", 0)
+                                       for n, w in self.weights.items()}
             self.device = DeviceBindings(self.session, self.spec, self.cuda_graph,
-                                         max_graphs=self.max_graphs)
+                                         max_graphs=self.max_graphs, weights=self.device_weights)
 
     def _allocate(self, shapes: dict[str, tuple[int, ...]]) -> None:
         assert self.session is not None
@@ -283,12 +304,16 @@ class OrtEngine(Engine):
             if value.shape != w.shape and name in self.tables and value.shape[1:] == w.shape[1:]:
                 # a lookup table with other rows (textual inversion): bound in its place
                 # by the next allocate(); the engine keeps this array
+                if self.device_weights is not None:
+                    raise self.error("ort-cuda cannot change a weight's row count")
                 self.weights[name] = np.ascontiguousarray(value, np.float32)
                 self.shapes = None
             elif value.shape != w.shape:
                 raise self.error(f"weight {name} is {list(value.shape)}, the graph takes {list(w.shape)}")
             elif value is not w:  # lora_weights(into=) wrote it there already
                 np.copyto(w, value)
+            if self.device_weights is not None:
+                self.device_weights[name].update_inplace(self.weights[name])  # same address
 
     def _copy_in(self, name: str, array: np.ndarray) -> None:
         if self.current is not None:
@@ -307,5 +332,5 @@ class OrtEngine(Engine):
 
     def _release(self) -> None:
         self.binding, self.session, self.weights = None, None, None
-        self.device, self.current = None, None
+        self.device, self.current, self.device_weights = None, None, None
         self.inputs, self.outputs = {}, {}

@@ -63,7 +63,7 @@ class DeviceBinding:
 
     def __init__(self, session: ort.InferenceSession, spec: GraphSpec,
                  shapes: Mapping[str, tuple[int, ...]], graph_id: int, memcpy: Memcpy | None,
-                 device: str = "cuda"):
+                 device: str = "cuda", weights: Mapping[str, ort.OrtValue] | None = None):
         self.shapes = dict(shapes)
         self.graph_id = graph_id
         self.memcpy = memcpy
@@ -73,6 +73,8 @@ class DeviceBinding:
         self.inputs: dict[str, ort.OrtValue] = {}
         self.device_outputs: dict[str, ort.OrtValue] = {}
         self.outputs: dict[str, np.ndarray] = {}  # host copies run() returns
+        for name, value in (weights or {}).items():  # a LoRA-ready graph's weight inputs
+            self.io.bind_ortvalue_input(name, value)
         for t in spec.inputs:
             buf = ort.OrtValue.ortvalue_from_shape_and_type(shapes[t.name], np.dtype(t.dtype), device, 0)
             self.io.bind_ortvalue_input(t.name, buf)
@@ -110,8 +112,10 @@ class DeviceBindings:
     `device` "cpu" runs the same bookkeeping on a CPU session (the CPU tests do)."""
 
     def __init__(self, session: ort.InferenceSession, spec: GraphSpec, cuda_graph: bool,
-                 device: str = "cuda", max_graphs: int = MAX_GRAPHS):
+                 device: str = "cuda", max_graphs: int = MAX_GRAPHS,
+                 weights: Mapping[str, ort.OrtValue] | None = None):
         self.session, self.spec, self.cuda_graph, self.device = session, spec, cuda_graph, device
+        self.weights = weights  # bound to every binding: shared, one copy on the device
         self.max_graphs = max_graphs
         self.memcpy = loaded_cudart() if device == "cuda" else None
         self.graphs: list[DeviceBinding] = []
@@ -124,10 +128,11 @@ class DeviceBindings:
                 return b
         if self.cuda_graph and len(self.graphs) < self.max_graphs:
             b = DeviceBinding(self.session, self.spec, shapes, len(self.graphs), self.memcpy,
-                              self.device)
+                              self.device, self.weights)
             self.graphs.append(b)
             return b
         if self.plain is None or self.plain.shapes != shapes:
             self.plain = None  # free the old buffers before allocating new ones
-            self.plain = DeviceBinding(self.session, self.spec, shapes, -1, self.memcpy, self.device)
+            self.plain = DeviceBinding(self.session, self.spec, shapes, -1, self.memcpy, self.device,
+                                       self.weights)
         return self.plain

@@ -100,11 +100,7 @@ class Settings:
         if self.lora_dir is not None:
             if not Path(self.lora_dir).is_dir():
                 raise UsageError(f"LoRA folder {self.lora_dir} is not a folder")
-            if self.pipeline_backend not in ("ort-cpu", "tensorrt", "openvino"):
-                raise UsageError(f"run-time LoRAs run on ort-cpu, openvino or tensorrt "
-                                 f"(refittable plans), not {self.backend}; bake them into a "
-                                 f"bundle with `python -m export --lora` instead")
-            why = missing_support() if self.pipeline_backend == "ort-cpu" else None
+            why = missing_support() if self.pipeline_backend in ("ort-cpu", "ort-cuda") else None
             if why:
                 raise UsageError(why)
         read_manifest(resolve_model(self.model))  # BundleError: not a bundle
