@@ -57,8 +57,10 @@ def random_lora(bundle: Path, path: Path, rank: int, seed: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.lora_swap", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="sd14-random", help="demo | sd14-random | bundle folder")
-    p.add_argument("--backend", default="ort-cpu", choices=("ort-cpu", "openvino", "tensorrt"),
-                   help="ort-cpu: a LoRA-ready graph; openvino: recompiles; tensorrt: refits")
+    p.add_argument("--backend", default="ort-cpu",
+                   choices=("ort-cpu", "ort-cuda", "openvino", "tensorrt"),
+                   help="ort-cpu, ort-cuda: a LoRA-ready graph; openvino: recompiles; "
+                        "tensorrt: refits")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--size", type=int, default=256, help="image side of the generations (px)")
     p.add_argument("--step-size", type=int, default=512,
