@@ -21,7 +21,7 @@ import numpy as np
 from PIL.Image import Image
 
 from runtime.args import OneLineParser, first_line
-from runtime.backends import BACKENDS, PRECISIONS
+from runtime.backends import BACKENDS, PRECISIONS, for_run_time_weights
 from runtime.bundle import (
     LATENT_CHANNELS,
     MAX_PROMPT_CHUNKS,
@@ -90,8 +90,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="inpainting: white repaints, black keeps (needs --init-image)")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                    help="apply a LoRA (.safetensors, kohya/A1111 or diffusers/PEFT) at SCALE "
-                        "(default 1); repeatable. Runs on ort-cpu (auto picks it), ort-cuda "
-                        "(fp32), openvino (recompiles), or tensorrt with refittable plans")
+                        "(default 1); repeatable. Every backend: auto picks ort-cuda where it "
+                        "runs (fp32), else ort-cpu; openvino recompiles; tensorrt needs "
+                        "refittable plans")
     p.add_argument("--embedding", action="append", default=[], type=Path, metavar="FILE",
                    help="textual inversion: a .safetensors embedding (diffusers' or A1111's; "
                         "its word is the token it holds, or A1111's file name); repeatable. "
@@ -310,13 +311,10 @@ def main(argv: list[str] | None = None) -> int:
                                     (args.batch_size, LATENT_CHANNELS, h // VAE_FACTOR,
                                      w // VAE_FACTOR))
         backend = args.backend
-        if loras and backend == "auto":
-            backend = "ort-cpu"
-            say("backend: ort-cpu (run-time LoRAs run there; bake them into a bundle with "
-                "`python -m export --lora` for other backends)")
-        elif args.embedding and backend == "auto":
-            backend = "ort-cpu"
-            say("backend: ort-cpu (textual-inversion embeddings run there)")
+        if (loras or args.embedding) and backend == "auto":
+            backend = for_run_time_weights(embeddings=bool(args.embedding))
+            say(f"backend: {backend} (run-time LoRAs and embeddings swap in place there; "
+                f"--backend openvino or tensorrt take LoRAs too)")
         with Pipeline(args.model, backend, safety=not args.no_safety,
                       precision=args.precision, log=say) as pipe:
             if loras:

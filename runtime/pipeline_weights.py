@@ -3,6 +3,7 @@
 
   ort-cpu   a LoRA-ready graph (weights as inputs, runtime/backends/ort.py): a swap writes
             the bound arrays in place; embeddings grow the text encoder's token table
+  ort-cuda  the same graph unoptimized, fp32, its weights on the GPU updated in place
   openvino  each touched graph read again, its constants replaced, compiled again
   tensorrt  refittable plans refitted by ONNX initializer name (trt.Refitter)
 
@@ -77,11 +78,10 @@ class RunTimeWeights:
     def set_loras(self, loras: Sequence[tuple[str | Path, float]]) -> None:
         """Run with these LoRAs, (file, scale) each, applied in order to the bundle's own
         weights: each call replaces the last set, so A -> B -> A is A exactly and [] is the
-        bundle again. ort-cpu with the engine cache (a LoRA-ready graph), tensorrt with
-        refittable plans (`engines.build --refit`) or openvino (graphs recompiled);
-        ort-cuda: bake them in with `python -m export --lora`. UsageError for a file this
-        model cannot use; if loading fails midway, every graph is back on the bundle's
-        weights (no LoRA)."""
+        bundle again. ort-cpu and ort-cuda with the engine cache (a LoRA-ready graph),
+        tensorrt with refittable plans (`engines.build --refit`), openvino (graphs
+        recompiled). UsageError for a file this model cannot use; if loading fails
+        midway, every graph is back on the bundle's weights (no LoRA)."""
         from runtime.lora import MAX_SCALE as MAX_LORA_SCALE
         from runtime.lora import LoraError
         from runtime.lora_apply import LORA_GRAPHS, all_params, read_loras, touched
@@ -119,7 +119,7 @@ class RunTimeWeights:
 
     def _swap_lora_ready(self, read: list, now: dict[str, set[str]],
                          every: dict[str, set[str]]) -> None:
-        """ort-cpu: each graph a LoRA touches on its LoRA-ready engine (weights as inputs),
+        """ort-cpu, ort-cuda: each graph a LoRA touches on its LoRA-ready engine (weights as inputs),
         the others on the bundle's; on failure all on the bundle's, no LoRA."""
         from runtime.lora_apply import LORA_GRAPHS, lora_weights
 

@@ -125,7 +125,7 @@ def test_the_cli_runs_a_lora_on_ort_cpu(files, tmp_path):  # noqa: F811
                           "--seed", "2", "--lora", f"{files['kohya']}:0.8", "--output-dir",
                           str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert "backend: ort-cpu (run-time LoRAs run there" in out.stderr
+    assert "backend: ort-cpu (run-time LoRAs and embeddings swap in place there" in out.stderr
     assert "LoRAs: kohya.safetensors:0.8" in out.stderr
     with Image.open(out.stdout.split()[0]) as im:
         assert im.text["loras"] == "kohya.safetensors:0.8" and im.text["backend"] == "ort-cpu"

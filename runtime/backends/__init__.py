@@ -87,6 +87,14 @@ def candidates(requested: str) -> tuple[list[str], str]:
     return [*have, "ort-cpu"], "auto" + (f"; not available: {', '.join(missing)}" if missing else "")
 
 
+def for_run_time_weights(embeddings: bool = False) -> str:
+    """What `auto` runs with run-time LoRAs (and embeddings): ort-cuda where it can run
+    (LoRAs swap in place there), else ort-cpu (in place too; OpenVINO recompiles at each
+    swap and TensorRT needs refittable plans, so auto leaves them for the user to ask).
+    Embeddings grow the token table: ort-cpu only."""
+    return "ort-cuda" if not embeddings and unavailable("ort-cuda") is None else "ort-cpu"
+
+
 def give_back_freed_memory() -> None:
     """glibc keeps freed heap for reuse; after a session is swapped out (LoRA), hand it back
     to the OS, or RSS grows by the weights changed at every swap (measured: +0.6 GiB per
@@ -202,9 +210,11 @@ class EngineSet:
 
         entry = manifest.graphs[name]
         cuda = self.backend == "ort-cuda"  # the fp32 graph on the GPU, weights there too
+        # no CUDA graph: ORT leaves some of the fp32 graph's nodes off the GPU, so capture
+        # fails (measured on an H100) and would cost a second session start each load
         engine = OrtEngine(entry.spec, Path(bundle) / entry.file, self.backend,
                            cache_key=(cache.ort_cuda_lora_key if cuda else cache.ort_cpu_lora_key)(entry),
-                           weights=weights, cuda_graph=cuda and self.cuda_graph and name == "unet",
+                           weights=weights,
                            check_source=self._check_source(Path(bundle), manifest, name))
         t = time.perf_counter()
         try:

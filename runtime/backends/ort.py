@@ -131,7 +131,7 @@ class OrtEngine(Engine):
         `path`, e.g. engines.build's graph with onnxruntime's CPU fusions.
         `check_source`: called before the optimized graph is built from the bundle's
         graph (its hash check; raises when the file is damaged).
-        `weights` (ort-cpu, with cache_key = cache.ort_cpu_lora_key): initializer name ->
+        `weights` (cache_key = cache.ort_cpu_lora_key or ort_cuda_lora_key): initializer name ->
         float32 array for every weight the bundle maps (LoRA: runtime/lora_apply.py), fed
         as inputs of the LoRA-ready graph; the engine keeps these arrays (the only copy:
         ORT has none) and set_weights() rewrites them in place."""
@@ -260,8 +260,11 @@ class OrtEngine(Engine):
         self.check_io(inputs, [t.name for t in self.session.get_outputs()])
         if self.on_device:
             if self.weights is not None:  # the LoRA-ready graph's weights, on the GPU
-                self.device_weights = {n: ort.OrtValue.ortvalue_from_numpy(w, "cuda", 0)
-                                       for n, w in self.weights.items()}
+                try:
+                    self.device_weights = {n: ort.OrtValue.ortvalue_from_numpy(w, "cuda", 0)
+                                           for n, w in self.weights.items()}
+                except Exception as e:  # out of device memory, most likely
+                    raise self.error(f"cannot put its weights on the GPU: {first_line(e)}") from None
             self.device = DeviceBindings(self.session, self.spec, self.cuda_graph,
                                          max_graphs=self.max_graphs, weights=self.device_weights)
 
@@ -312,8 +315,11 @@ class OrtEngine(Engine):
                 raise self.error(f"weight {name} is {list(value.shape)}, the graph takes {list(w.shape)}")
             elif value is not w:  # lora_weights(into=) wrote it there already
                 np.copyto(w, value)
-            if self.device_weights is not None:
-                self.device_weights[name].update_inplace(self.weights[name])  # same address
+            if self.device_weights is not None:  # same address: bindings keep pointing there
+                try:
+                    self.device_weights[name].update_inplace(self.weights[name])
+                except Exception as e:
+                    raise self.error(f"cannot copy weight {name} to the GPU: {first_line(e)}") from None
 
     def _copy_in(self, name: str, array: np.ndarray) -> None:
         if self.current is not None:

@@ -45,8 +45,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-steps", type=int, default=150, help="steps per request at most")
     p.add_argument("--no-safety", action="store_true", help="skip the safety checker")
     p.add_argument("--lora-dir", default=None, help="a folder of LoRA .safetensors files: "
-                   "prompts then take A1111's <lora:name:scale> (ort-cpu, openvino; tensorrt "
-                   "with refittable plans)")
+                   "prompts then take A1111's <lora:name:scale> (auto: ort-cuda where it "
+                   "runs, else ort-cpu; openvino; tensorrt with refittable plans)")
     p.add_argument("--embeddings-dir", default=None, help="a folder of textual-inversion "
                    ".safetensors embeddings, all loaded: prompts take their words (ort-cpu)")
     p.add_argument("--address", default=None, help="a Ray cluster to deploy onto (auto, "

@@ -83,9 +83,14 @@ class Settings:
 
     @property
     def pipeline_backend(self) -> str:
-        """Run-time LoRAs and embeddings run on ort-cpu: `auto` picks it for their folders."""
+        """`auto` with a LoRA or embeddings folder: where they swap in place (ort-cuda, or
+        ort-cpu; embeddings: ort-cpu), evaluated where the replica runs."""
         weights = self.lora_dir is not None or self.embeddings_dir is not None
-        return "ort-cpu" if weights and self.backend == "auto" else self.backend
+        if weights and self.backend == "auto":
+            from runtime.backends import for_run_time_weights
+
+            return for_run_time_weights(embeddings=self.embeddings_dir is not None)
+        return self.backend
 
     def check(self) -> None:
         """UsageError with one line, before anything starts."""
