@@ -187,9 +187,8 @@ class EngineSet:
         """Graph `name` running `weights` (initializer -> array: LoRA), or its own again
         with None. ort-cpu or ort-cuda: a session from the cached LoRA-ready graph, whose
         mapped weights are inputs (cache.ort_cpu_lora_key / ort_cuda_lora_key, fp32): a new
-        engine takes every mapped
-        weight (and keeps the arrays); `in_place` writes some of them into the loaded
-        LoRA-ready engine instead (a swap: no new session). The old engine goes first, so
+        engine takes every mapped weight (and keeps the arrays); `in_place` writes some of
+        them into the loaded LoRA-ready engine instead (a swap: no new session). The old engine goes first, so
         two copies of a UNet's weights are never held at once."""
         if self.backend not in ("ort-cpu", "ort-cuda") or not self.use_cache:
             raise ValueError("run-time LoRA weights need the ort-cpu or ort-cuda backend with "

@@ -57,19 +57,20 @@ def session_options(optimized_out: Path | None = None, optimize: bool = True,
     return so
 
 
-def weights_as_inputs(path: Path, names: set[str]) -> None:
-    """Rewrite the optimized graph at `path` so that the initializers `names` (a bundle's
-    mapped weights) are graph inputs instead: a LoRA swap then writes new weights into
-    the arrays bound to them, with no new session (their bytes stay unused in the .data
-    file). Needs the `onnx` package (the `lora` extra). A weight only ever gathered from
-    (an embedding table) takes any number of rows (GROWS)."""
+def weights_as_inputs(path: Path, names: set[str], source: Path | None = None) -> None:
+    """Write to `path` the graph at `source` (default: `path` itself, rewritten) with the
+    initializers `names` (a bundle's mapped weights) made graph inputs: a LoRA swap then
+    writes new weights into the arrays bound to them, with no new session; their bytes
+    are not written. Needs the `onnx` package (the `lora` extra). A weight only ever
+    gathered from (an embedding table) takes any number of rows (GROWS)."""
     try:
         import onnx
     except ImportError:
         raise RuntimeError("run-time LoRAs need the onnx package: pip install 'sdrt[lora]'") from None
     from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
 
-    model = onnx.load(str(path), load_external_data=False)
+    source = source or path
+    model = onnx.load(str(source), load_external_data=False)
     g = model.graph
     moved = [t for t in g.initializer if t.name in names]
     # lookup tables (only ever a Gather's data): their rows axis is symbolic, so that
@@ -81,8 +82,9 @@ def weights_as_inputs(path: Path, names: set[str]) -> None:
     tables = {t.name for t in moved if uses.get(t.name) == {"table"}}
     if len(moved) != len(names):
         lost = sorted(names - {t.name for t in moved})
-        raise RuntimeError(f"ORT's optimizer renamed or folded {len(lost)} mapped weights "
-                           f"(e.g. {lost[0]}): run-time LoRAs cannot reach them")
+        raise RuntimeError(f"the graph has no initializer for {len(lost)} mapped weights (e.g. "
+                           f"{lost[0]}; renamed or folded by ORT's optimizer): run-time LoRAs "
+                           f"cannot reach them")
     keep = [t for t in g.initializer if t.name not in names]
     listed = {i.name for i in g.input}  # IR < 4 lists initializers as inputs already
     rows = {name: f"{GROWS}_{k}" for k, name in enumerate(sorted(tables))}  # one name each
@@ -91,22 +93,13 @@ def weights_as_inputs(path: Path, names: set[str]) -> None:
         for t in moved if t.name not in listed)
     for t in keep:  # the rest is written again, alone: the moved bytes leave the disk
         if uses_external_data(t):
-            load_external_data_for_tensor(t, str(path.parent))
+            load_external_data_for_tensor(t, str(source.parent))
     del g.initializer[:]
     g.initializer.extend(keep)
     data = path.with_name(path.name + ".data")
     data.unlink(missing_ok=True)
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=data.name, size_threshold=LORA_MIN_BYTES)
-
-
-def _copy_graph(src: Path, out: Path) -> None:
-    """The ONNX graph at `src` with its external data, as one .onnx + .data at `out`."""
-    import onnx
-
-    model = onnx.load(str(src))  # external data read from beside it
-    onnx.save_model(model, str(out), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=out.name + ".data", size_threshold=LORA_MIN_BYTES)
 
 
 class OrtEngine(Engine):
@@ -172,8 +165,7 @@ class OrtEngine(Engine):
             self.check_source()  # the artifact's key trusts the manifest's hashes
         if self.backend == "ort-cuda":
             assert self.weights is not None
-            _copy_graph(self.path, out)
-            weights_as_inputs(out, set(self.weights))
+            weights_as_inputs(out, set(self.weights), source=self.path)
             return out
         ort.InferenceSession(str(self.source), session_options(optimized_out=out,
                                                                all_external=self.lora),
