@@ -180,9 +180,7 @@ def read_embedding_args(args: argparse.Namespace, manifest: Manifest) -> None:
     for path in args.embedding:
         if not path.is_file():
             raise UsageError(f"--embedding {path}: no such file")
-    if args.backend not in ("auto", "ort-cpu"):
-        raise UsageError(f"--embedding runs on ort-cpu for now, not {args.backend}")
-    if missing_support():
+    if args.backend in ("auto", "ort-cpu", "ort-cuda") and missing_support():
         raise UsageError("--embedding needs the onnx package: pip install 'sdrt[lora]'")
     bundle = resolve_model(args.model)
     read_embeddings(manifest, ClipTokenizer(bundle / TOKENIZER_DIR), args.embedding)
@@ -312,9 +310,9 @@ def main(argv: list[str] | None = None) -> int:
                                      w // VAE_FACTOR))
         backend = args.backend
         if (loras or args.embedding) and backend == "auto":
-            backend = for_run_time_weights(embeddings=bool(args.embedding))
+            backend = for_run_time_weights()
             say(f"backend: {backend} (run-time LoRAs and embeddings swap in place there; "
-                f"--backend openvino or tensorrt take LoRAs too)")
+                f"--backend openvino or tensorrt take them too)")
         with Pipeline(args.model, backend, safety=not args.no_safety,
                       precision=args.precision, log=say) as pipe:
             if loras:

@@ -29,6 +29,7 @@ from runtime.errors import UsageError
 from runtime.tokenizer import ClipTokenizer
 
 TEXT = "text_encoder"  # the graph (and LoRA component) embeddings change
+OWN_SWAPS = ("tensorrt", "openvino")  # change weights their own way: no LoRA-ready graph
 
 
 def read_embeddings(manifest: Manifest, tokenizer: ClipTokenizer,
@@ -87,7 +88,7 @@ class RunTimeWeights:
         from runtime.lora_apply import LORA_GRAPHS, all_params, read_loras, touched
 
         self._check_weight_inputs("run-time LoRAs", bool(loras), "; or bake them in with "
-                                  "`python -m export --lora FILE:SCALE`", own_swaps=True)
+                                  "`python -m export --lora FILE:SCALE`")
         for _, scale in loras:
             if isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating)) \
                     or not -MAX_LORA_SCALE <= scale <= MAX_LORA_SCALE:
@@ -206,26 +207,36 @@ class RunTimeWeights:
         try:
             new = lora_weights(self.bundle, self.manifest, read, now)  # graph -> init -> array
             for graph in graphs:  # each graph's arrays go as its constants are made
-                self.engine_set.engines[graph].set_weights(new.pop(graph, {}))  # type: ignore[attr-defined]
+                self.engine_set.engines[graph].set_weights(  # type: ignore[attr-defined]
+                    {**new.pop(graph, {}), **self._grown(graph)})
         except BaseException:
             self.loras, self._lora_touched = [], {}
             for graph in graphs:
-                try:
-                    self.engine_set.engines[graph].set_weights({})  # type: ignore[attr-defined]
+                try:  # its own weights; the text encoder keeps the embeddings' table
+                    self.engine_set.engines[graph].set_weights(self._grown(graph))  # type: ignore[attr-defined]
                 except Exception as e:  # noqa: BLE001 (the first error is the one raised)
                     self.log(f"could not put the {graph} graph back on its weights: {first_line(e)}")
+                    if graph == TEXT and self._table is not None:
+                        self._forget_embeddings()
             raise
+
+    def _grown(self, graph: str) -> dict[str, np.ndarray]:
+        """OpenVINO: what graph `graph` takes besides LoRAs: the embeddings' token table."""
+        return {self._table_name(): self._table} if graph == TEXT and self._table is not None else {}
 
     def set_embeddings(self, files: Sequence[str | Path]) -> None:
         """Textual inversion: prompts may use these embeddings' words (runtime/
         embeddings.py, diffusers' load_textual_inversion); each call replaces the last
-        set, [] removes them. ort-cpu with the engine cache, as set_loras; LoRAs stay.
+        set, [] removes them. On every backend, as set_loras (TensorRT: refittable text
+        encoder plans with rows kept for them); LoRAs stay.
         UsageError (one line) for a file this model cannot use, before anything changes;
         if loading fails after that, the Pipeline is left with no embeddings. Requests
         made before this call are refused by run() (their token ids are stale)."""
         from runtime.lora_apply import read_base
 
         self._check_weight_inputs("textual-inversion embeddings", bool(files))
+        if self.backend == "tensorrt":
+            raise UsageError("textual-inversion embeddings do not run on tensorrt yet")
         read = read_embeddings(self.manifest, self._base_tokenizer, files)
         table = (self.manifest.graphs[TEXT].weights or {})[TOKEN_TABLE]
         rows = table.shape[0]
@@ -260,6 +271,17 @@ class RunTimeWeights:
         means a LoRA-ready text encoder holding it."""
         from runtime.lora_apply import all_params, lora_weights, read_base
 
+        if self.backend == "openvino":  # a compile: the LoRAs' weights as they are
+            engine = self.engine_set.engines[TEXT]
+            if grown is None and not self._lora_touched.get(TEXT):
+                engine.set_weights({})  # type: ignore[attr-defined]
+                return
+            if grown is None:
+                entry = (self.manifest.graphs[TEXT].weights or {})[TOKEN_TABLE]
+                grown = np.empty(entry.shape, np.float32)
+                read_base(self.bundle, entry.file, entry.offset, TOKEN_TABLE, grown)
+            engine.set_weights({self._table_name(): grown}, keep=True)  # type: ignore[attr-defined]
+            return
         loaded = TEXT in self._lora_graphs and TEXT in self.engine_set.engines
         if grown is None and (not loaded or not self._lora_touched.get(TEXT)):
             if loaded or TEXT not in self.engine_set.engines:  # nothing else changed: the bundle's own
@@ -295,26 +317,27 @@ class RunTimeWeights:
             self.log(f"text encoder back to the bundle's own engine: {first_line(e)}")
             self._lora_graphs.discard(TEXT)
             self._lora_touched.pop(TEXT, None)
-            self.engine_set.replace_weights(TEXT, self.manifest, self.bundle, None, self._loaded)
+            if self.backend in OWN_SWAPS:  # the plan or model as read from its file
+                self.engine_set.drop(TEXT)
+                self.engine_set.add(TEXT, self.manifest, self.bundle, self._loaded)
+            else:
+                self.engine_set.replace_weights(TEXT, self.manifest, self.bundle, None, self._loaded)
 
     def _table_name(self) -> str:  # the token table's initializer in the text encoder graph
         return (self.manifest.graphs[TEXT].weights or {})[TOKEN_TABLE].initializer
 
-    def _check_weight_inputs(self, what: str, any_files: bool, hint: str = "",
-                             own_swaps: bool = False) -> None:
-        """Run-time weights (LoRAs, embeddings) need an open Pipeline on ort-cpu with the
-        engine cache and the onnx package to make the LoRA-ready graph, or (`own_swaps`:
-        LoRAs) on tensorrt (plans refitted) or openvino (graphs recompiled)."""
+    def _check_weight_inputs(self, what: str, any_files: bool, hint: str = "") -> None:
+        """Run-time weights (LoRAs, embeddings) need an open Pipeline: on tensorrt (plans
+        refitted) or openvino (graphs recompiled) as it is, on ort-cpu and ort-cuda with
+        the engine cache and the onnx package (to make the LoRA-ready graph)."""
         from runtime.lora_apply import missing_support
 
         if not self.engine_set.engines:
             raise UsageError("this Pipeline is closed")
-        if own_swaps and self.backend in ("tensorrt", "openvino"):
+        if self.backend in OWN_SWAPS:
             return
         if any_files and missing_support():
             raise UsageError(str(missing_support()))
-        ready = ("ort-cpu", "ort-cuda") if own_swaps else ("ort-cpu",)  # LoRA-ready graphs
-        if self.backend not in ready or not self.use_cache:
-            where = ("ort-cpu or ort-cuda with the engine cache, tensorrt or openvino" if own_swaps
-                     else "ort-cpu with the engine cache")
-            raise UsageError(f"{what} run on --backend {where} (this is {self.backend}){hint}")
+        if not self.use_cache:
+            raise UsageError(f"{what} on {self.backend} need the engine cache, which this "
+                             f"Pipeline has off{hint}")

@@ -182,9 +182,9 @@ def test_bad_embeddings_are_one_line(pipe, embeddings, tmp_path, width):
         pipe.set_embeddings([embeddings["one"], embeddings["one"]])
     refused(tmp_path / "missing.safetensors", "no such file")
     assert pipe.embeddings == [] and run(pipe).shape == (1, 256, 256, 3)
-    with Pipeline(demo_bundle(), "openvino", safety=False) as ov, \
-            pytest.raises(UsageError, match="ort-cpu"):
-        ov.set_embeddings([embeddings["one"]])
+    with Pipeline(demo_bundle(), "ort-cpu", safety=False, use_cache=False) as plain, \
+            pytest.raises(UsageError, match="need the engine cache"):
+        plain.set_embeddings([embeddings["one"]])
 
 
 def test_read_embedding_formats(embeddings, width):
@@ -205,10 +205,60 @@ def test_cli_embedding(embeddings, tmp_path, width):
     assert main(["x", "--model", "demo", "--embedding", str(tmp_path / "wide.safetensors"),
                  "--output-dir", str(tmp_path / "o2")]) == 2
     assert main(["x", "--model", "demo", "--backend", "openvino", "--embedding",
-                 str(embeddings["one"]), "--output-dir", str(tmp_path / "o3")]) == 2
+                 str(tmp_path / "wide.safetensors"), "--output-dir", str(tmp_path / "o3")]) == 2
     save_file({"Photo": np.zeros(width, np.float32)}, str(tmp_path / "word.safetensors"))
     for bad in ([str(embeddings["one"]), str(embeddings["one"])],  # one word twice
                 [str(tmp_path / "word.safetensors")]):  # "photo" is a word already
         argv = ["x", "--model", "demo", "--output-dir", str(tmp_path / "o4")]
         assert main(argv + [a for b in bad for a in ("--embedding", b)]) == 2
     assert not any((tmp_path / d).exists() for d in ("o2", "o3", "o4"))
+
+
+def test_openvino_embeddings_recompile_and_stack(pipe, embeddings, files):  # noqa: F811
+    """OpenVINO: the text encoder's token-table constant replaced by the grown table and
+    compiled again; fp32 within 2/255 of ort-cpu with the same embeddings (and LoRA),
+    LoRAs and embeddings stack in either order, [] gives the graph's own picture back
+    bit for bit, and a compile that fails leaves the Pipeline without embeddings."""
+    pytest.importorskip("openvino")
+    from runtime.engine import EngineError
+
+    emb, lora = [embeddings["three"], embeddings["a1111"]], [(files["kohya"], 0.8)]
+    pipe.set_embeddings(emb)
+    want = run(pipe)
+    pipe.set_loras(lora)
+    want_both = run(pipe)
+    pipe.set_loras([])
+    pipe.set_embeddings([])
+    with Pipeline(demo_bundle(), "openvino", safety=False, precision="fp32") as ov:
+        base = run(ov)
+        ov.set_embeddings([embeddings["one"]])
+        assert not np.array_equal(run(ov), base)
+        ov.set_embeddings(emb)  # another set: the bundle's table grown again
+        got = run(ov)
+        compare(got, want)
+        ov.set_loras(lora)  # the text encoder recompiled with the LoRA and the table
+        both = run(ov)
+        compare(both, want_both)
+        ov.set_embeddings([])  # the LoRA stays
+        lora_only = run(ov)
+        ov.set_embeddings(emb)
+        assert np.array_equal(run(ov), both)
+        ov.set_loras([])  # the embeddings stay
+        assert np.array_equal(run(ov), got)
+        ov.set_embeddings([])
+        assert np.array_equal(run(ov), base)
+        ov.set_loras(lora)
+        assert np.array_equal(run(ov), lora_only)
+        ov.set_loras([])
+        enc = ov.engines["text_encoder"]
+        real = enc.core
+
+        class OutOfMemory:
+            def compile_model(self, *args, **kwargs):
+                raise RuntimeError("out of memory compiling")
+
+        enc.core = OutOfMemory()
+        with pytest.raises(EngineError, match="out of memory compiling"):
+            ov.set_embeddings(emb)
+        enc.core = real
+        assert ov.embeddings == [] and np.array_equal(run(ov), base)

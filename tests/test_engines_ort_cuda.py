@@ -339,3 +339,104 @@ def test_the_ort_cuda_lora_ready_graph_is_the_bundles_with_weights_as_inputs(tmp
     plain = ort.InferenceSession(str(bundle / entry.file), providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(ready.run(None, {**feeds, **weights})[0], plain.run(None, feeds)[0],
                                rtol=1e-5, atol=1e-5)
+
+
+def _embedding_files(folder: Path, width: int) -> list[Path]:
+    """Two diffusers-format embeddings (one vector, three) for the demo's width."""
+    from safetensors.numpy import save_file
+
+    rng, out = np.random.default_rng(11), []
+    for name, token, rows in (("one", "<red-thing>", 1), ("three", "<big-style>", 3)):
+        save_file({token: rng.standard_normal((rows, width), np.float32) * 0.5},
+                  str(folder / f"{name}.safetensors"))
+        out.append(folder / f"{name}.safetensors")
+    return out
+
+
+EMBEDDING_PROMPT = "a photo of <red-thing> riding a horse, <big-style> style"
+
+
+def test_device_bindings_take_a_grown_token_table(tmp_path, monkeypatch):
+    """ort-cuda's textual inversion on a CPU session: the LoRA-ready text encoder's token
+    table grows [V + k, C] (a new device buffer, new bindings: replace_weight), and the
+    bindings then compute what ort-cpu's engine does with the same table."""
+    from runtime.backends import ort_cuda
+    from runtime.bundle import demo_bundle
+    from runtime.pipeline import Pipeline
+
+    monkeypatch.setenv("SDRT_CACHE_DIR", str(tmp_path / "cache"))
+    one, three = _embedding_files(tmp_path, read_manifest(demo_bundle()).hidden)
+    with Pipeline(demo_bundle(), "ort-cpu", safety=False) as pipe:
+        pipe.set_embeddings([one])
+        enc = pipe.engines["text_encoder"]
+        table = pipe._table_name()
+        assert table in enc.tables
+        weights = {n: ort.OrtValue.ortvalue_from_numpy(w.copy()) for n, w in enc.weights.items()}
+        bindings = ort_cuda.DeviceBindings(enc.session, enc.spec, cuda_graph=False, device="cpu",
+                                           weights=weights)
+        shapes = {"input_ids": (1, 77)}
+
+        def both(prompt):
+            ids = pipe.tokenizer.encode([prompt])[0].astype(enc.spec.inputs[0].dtype)
+            binding = bindings.get(shapes)
+            binding.copy_in("input_ids", ids)
+            enc.allocate(shapes)
+            got = binding.run(enc.session)["last_hidden_state"]
+            return got, enc.run({"input_ids": ids})["last_hidden_state"]
+
+        got, want = both(EMBEDDING_PROMPT)
+        assert np.array_equal(got, want)
+        pipe.set_embeddings([one, three])  # 1 + 3 rows more than the bundle's table
+        old = bindings.weights[table].data_ptr()
+        bindings.replace_weight(table, enc.weights[table])
+        assert bindings.weights[table].shape() == list(enc.weights[table].shape)
+        assert bindings.weights[table].data_ptr() != old and not bindings.graphs
+        got, want = both(EMBEDDING_PROMPT)
+        assert np.array_equal(got, want)
+        with pytest.raises(KeyError):
+            bindings.replace_weight("no-such-weight", enc.weights[table])
+        graphs = ort_cuda.DeviceBindings(enc.session, enc.spec, cuda_graph=True, device="cpu",
+                                         weights=weights)
+        with pytest.raises(RuntimeError, match="CUDA graphs"):
+            graphs.replace_weight(table, enc.weights[table])
+
+
+@pytest.mark.gpu
+def test_demo_embeddings_on_ort_cuda(tmp_path, monkeypatch, capsys):
+    """Textual inversion on ort-cuda: the LoRA-ready fp32 text encoder, its token table
+    grown on the GPU (one, then four extra rows), with a LoRA on top; near ort-cpu's image
+    with the same files, and [] gives the bundle's picture back."""
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("onnxruntime-gpu with CUDA is not available here")
+    from benchmarks.lora_swap import random_lora
+    from runtime.bundle import demo_bundle
+    from runtime.pipeline import Pipeline
+
+    monkeypatch.setenv("SDRT_CACHE_DIR", str(tmp_path / "cache"))
+    one, three = _embedding_files(tmp_path, read_manifest(demo_bundle()).hidden)
+    lora = tmp_path / "a.safetensors"
+    random_lora(demo_bundle(), lora, 4, 1)
+    kw = {"steps": 5, "scheduler": "euler", "seed": 4, "height": 128, "width": 128}
+    images: dict[str, dict[str, np.ndarray]] = {}
+    for backend in ("ort-cpu", "ort-cuda"):
+        got = images[backend] = {}
+        with Pipeline(demo_bundle(), backend, safety=False) as pipe:
+            got["base"] = pipe(EMBEDDING_PROMPT, **kw).images.astype(np.int16)
+            pipe.set_embeddings([one])
+            got["one"] = pipe(EMBEDDING_PROMPT, **kw).images.astype(np.int16)
+            pipe.set_embeddings([one, three])
+            got["both"] = pipe(EMBEDDING_PROMPT, **kw).images.astype(np.int16)
+            pipe.set_loras([(lora, 40.0)])
+            got["lora"] = pipe(EMBEDDING_PROMPT, **kw).images.astype(np.int16)
+            pipe.set_loras([])
+            pipe.set_embeddings([])
+            got["none"] = pipe(EMBEDDING_PROMPT, **kw).images.astype(np.int16)
+    cpu, gpu = images["ort-cpu"], images["ort-cuda"]
+    diffs = {k: np.abs(gpu[k] - cpu[k]) for k in cpu}
+    with capsys.disabled():
+        print("\nort-cuda embeddings vs ort-cpu: " + ", ".join(
+            f"{k} max {d.max()} mean {d.mean():.3f}" for k, d in diffs.items()))
+    assert np.abs(gpu["both"] - gpu["base"]).max() > 10  # the words changed the picture
+    for d in diffs.values():
+        assert d.max() <= 3 and d.mean() <= 0.5
+    assert np.abs(gpu["none"] - gpu["base"]).max() <= 1

@@ -87,12 +87,11 @@ def candidates(requested: str) -> tuple[list[str], str]:
     return [*have, "ort-cpu"], "auto" + (f"; not available: {', '.join(missing)}" if missing else "")
 
 
-def for_run_time_weights(embeddings: bool = False) -> str:
-    """What `auto` runs with run-time LoRAs (and embeddings): ort-cuda where it can run
-    (LoRAs swap in place there), else ort-cpu (in place too; OpenVINO recompiles at each
-    swap and TensorRT needs refittable plans, so auto leaves them for the user to ask).
-    Embeddings grow the token table: ort-cpu only."""
-    return "ort-cuda" if not embeddings and unavailable("ort-cuda") is None else "ort-cpu"
+def for_run_time_weights() -> str:
+    """What `auto` runs with run-time LoRAs and embeddings: ort-cuda where it can run
+    (they swap in place there), else ort-cpu (in place too; OpenVINO recompiles at each
+    swap and TensorRT needs refittable plans, so auto leaves them for the user to ask)."""
+    return "ort-cuda" if unavailable("ort-cuda") is None else "ort-cpu"
 
 
 def give_back_freed_memory() -> None:

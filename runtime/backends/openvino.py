@@ -88,6 +88,20 @@ class _Compiled:
             self.request.set_tensor(name, ov.Tensor(self.outputs[name], shared_memory=True))
 
 
+def _only_gathered(port: Any) -> bool:
+    """Whether a constant is only ever a Gather's data (through Converts: an fp16 IR),
+    so it may have any number of rows."""
+    targets = list(port.get_target_inputs())
+    for t in targets:
+        node = t.get_node()
+        if node.get_type_name() == "Convert":
+            if not _only_gathered(node.output(0)):
+                return False
+        elif node.get_type_name() != "Gather" or t.get_index() != 0:
+            return False
+    return bool(targets)
+
+
 class OpenVinoEngine(Engine):
     """One bundle graph on OpenVINO's CPU plugin; compiled models kept per shape set."""
 
@@ -186,24 +200,28 @@ class OpenVinoEngine(Engine):
         self.compiled[memo] = found  # most recently used last
         self.current = found
 
-    def set_weights(self, weights: dict[str, np.ndarray]) -> None:
+    def set_weights(self, weights: dict[str, np.ndarray], keep: bool = False) -> None:
         """Run with these weights (ONNX initializer name -> float32 array in its layout:
         LoRA), consumed from the dict as they go in, and the graph's own for the rest: a
         clone of the model as loaded (its own weights, exactly, no file read), these
         constants replaced (rounded to fp16 where the IR keeps fp16), the current shapes
         compiled again now and other shapes when next used. OpenVINO cannot change a
-        compiled model's weights: a swap costs a compile. {}: the graph's own."""
+        compiled model's weights: a swap costs a compile. {}: the graph's own. `keep`:
+        the other weights as they are now (earlier set_weights kept), not the graph's own.
+        A lookup table (only ever Gather's data: the token table) may get other rows
+        (textual inversion, [V + k, C])."""
         import openvino as ov
 
         assert self.base_model is not None, "set_weights() before load()"
-        model = self.base_model.clone()  # shares the loaded constants' memory
+        model = (self.model if keep else self.base_model).clone()  # shares the constants' memory
         ports = {n: o for op in model.get_ordered_ops() for o in op.outputs() for n in o.get_names()}
         for name, value in weights.items():  # all checked before anything changes
             port = ports.get(name)
             if port is None or port.get_node().get_type_name() != "Constant":
                 raise self.error(f"the graph has no weight {name}")
             shape = tuple(port.get_partial_shape().to_shape())
-            if shape != value.shape:
+            rows_only = shape[1:] == value.shape[1:] and _only_gathered(port)
+            if shape != value.shape and not rows_only:
                 raise self.error(f"weight {name} is {list(value.shape)}, the graph's {list(shape)}")
         shapes = self.shapes
         self.compiled, self.current, self.shapes = {}, None, None  # their memory goes first
@@ -212,10 +230,12 @@ class OpenVinoEngine(Engine):
             half = port.get_element_type() == ov.Type.f16
             stored = weights.pop(name).astype(np.float16 if half else np.float32, copy=False)
             if not np.isfinite(stored).all():
-                self.model = self.base_model  # the graph's own; compiled when next used
+                if not keep:  # the graph's own; compiled when next used (keep: as it was)
+                    self.model = self.base_model
                 raise self.error(f"weight {name} overflows {stored.dtype} with these LoRAs")
             port.replace(ov.op.Constant(stored).output(0))
             del stored
+        model.validate_nodes_and_infer_types()  # a table's new row count, onwards
         self.model = model
         if shapes is not None:
             self.allocate(shapes)

@@ -259,6 +259,8 @@ class OrtEngine(Engine):
                     raise self.error(f"cannot put its weights on the GPU: {first_line(e)}") from None
             self.device = DeviceBindings(self.session, self.spec, self.cuda_graph,
                                          max_graphs=self.max_graphs, weights=self.device_weights)
+            if self.device_weights is not None:  # one dict: replace_weight() changes both
+                self.device_weights = self.device.weights
 
     def _allocate(self, shapes: dict[str, tuple[int, ...]]) -> None:
         assert self.session is not None
@@ -299,10 +301,14 @@ class OrtEngine(Engine):
             if value.shape != w.shape and name in self.tables and value.shape[1:] == w.shape[1:]:
                 # a lookup table with other rows (textual inversion): bound in its place
                 # by the next allocate(); the engine keeps this array
-                if self.device_weights is not None:
-                    raise self.error("ort-cuda cannot change a weight's row count")
                 self.weights[name] = np.ascontiguousarray(value, np.float32)
-                self.shapes = None
+                self.shapes, self.current = None, None
+                if self.device is not None:  # ort-cuda: a new device buffer, new bindings
+                    try:
+                        self.device.replace_weight(name, self.weights[name])
+                    except Exception as e:  # out of device memory, most likely
+                        raise self.error(f"cannot put weight {name} on the GPU: {first_line(e)}") from None
+                continue
             elif value.shape != w.shape:
                 raise self.error(f"weight {name} is {list(value.shape)}, the graph takes {list(w.shape)}")
             elif value is not w:  # lora_weights(into=) wrote it there already

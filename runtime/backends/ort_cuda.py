@@ -115,11 +115,26 @@ class DeviceBindings:
                  device: str = "cuda", max_graphs: int = MAX_GRAPHS,
                  weights: Mapping[str, ort.OrtValue] | None = None):
         self.session, self.spec, self.cuda_graph, self.device = session, spec, cuda_graph, device
-        self.weights = weights  # bound to every binding: shared, one copy on the device
+        # bound to every binding: shared, one copy on the device
+        self.weights: dict[str, ort.OrtValue] = dict(weights or {})
         self.max_graphs = max_graphs
         self.memcpy = loaded_cudart() if device == "cuda" else None
         self.graphs: list[DeviceBinding] = []
         self.plain: DeviceBinding | None = None
+
+    def replace_weight(self, name: str, array: np.ndarray) -> None:
+        """Weight input `name` in a new device buffer of another shape (a token table grown
+        by textual inversion, [V + k, C]): the bindings made so far point at the old one,
+        so they go and the next get() binds the new. Not under CUDA graphs: a new binding
+        would reuse a graph id whose capture replays the old addresses."""
+        if name not in self.weights:
+            raise KeyError(f"no weight input {name}")
+        if self.cuda_graph:
+            raise RuntimeError("a weight's shape cannot change under CUDA graphs")
+        self.graphs, self.plain = [], None  # the old buffer is freed with its bindings
+        del self.weights[name]
+        self.weights[name] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array),
+                                                               self.device, 0)
 
     def get(self, shapes: Mapping[str, tuple[int, ...]]) -> DeviceBinding:
         shapes = dict(shapes)

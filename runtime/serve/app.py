@@ -84,12 +84,12 @@ class Settings:
     @property
     def pipeline_backend(self) -> str:
         """`auto` with a LoRA or embeddings folder: where they swap in place (ort-cuda, or
-        ort-cpu; embeddings: ort-cpu), evaluated where the replica runs."""
+        ort-cpu), evaluated where the replica runs."""
         weights = self.lora_dir is not None or self.embeddings_dir is not None
         if weights and self.backend == "auto":
             from runtime.backends import for_run_time_weights
 
-            return for_run_time_weights(embeddings=self.embeddings_dir is not None)
+            return for_run_time_weights()
         return self.backend
 
     def check(self) -> None:
@@ -120,9 +120,7 @@ def check_embeddings(s: Settings) -> list[Embedding]:
 
     if not Path(str(s.embeddings_dir)).is_dir():
         raise UsageError(f"embeddings folder {s.embeddings_dir} is not a folder")
-    if s.pipeline_backend != "ort-cpu":
-        raise UsageError(f"textual-inversion embeddings run on ort-cpu, not {s.backend}")
-    if missing_support():
+    if s.pipeline_backend in ("ort-cpu", "ort-cuda") and missing_support():
         raise UsageError("textual-inversion embeddings need the onnx package: "
                          "pip install 'sdrt[lora]'")
     bundle = resolve_model(s.model)
