@@ -24,6 +24,7 @@ artifact is missing. Bad input and missing backends: one line on stderr, exit 2.
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import sys
 import time
@@ -46,6 +47,7 @@ from runtime.bundle import (
     resolve_model,
     verify_hashes,
 )
+from runtime.embeddings import TABLE_ROWS, TOKEN_TABLE
 
 BACKENDS = ("tensorrt", "ort-cuda", "ort-cpu")
 DESCRIPTION = "Compile a bundle's graphs into cached backend artifacts for this machine."
@@ -201,15 +203,31 @@ def tensorrt_jobs(opts: BuildOptions, manifest: Manifest, verbose: bool) -> list
         entry = manifest.graphs[name]
         shapes = graph_profile(entry.spec, opts.profile, opts.static)
         onnx_path = opts.bundle / entry.file
+        table = (entry.weights or {}).get(TOKEN_TABLE)
+        # refittable text encoder: rows kept after the token table for embeddings
+        rows = TABLE_ROWS if opts.tensorrt.refit and table is not None else 0
+        if rows and importlib.util.find_spec("onnx") is None:
+            raise UsageError("a refittable text encoder keeps rows for embeddings in its graph, "
+                             "which needs the onnx package: pip install 'sdrt[lora]'")
 
         def build(folder: Path, onnx_path: Path = onnx_path, shapes: dict = shapes,
-                  name: str = name) -> Path:
+                  name: str = name, rows: int = rows,
+                  init: str = table.initializer if table else "") -> Path:
             out = folder / f"{name}.plan"
-            build_plan(onnx_path, out, shapes, opts.tensorrt, timing, verbose)
+            if not rows:
+                build_plan(onnx_path, out, shapes, opts.tensorrt, timing, verbose)
+                return out
+            from engines.table_rows import with_table_rows
+
+            # the grown graph stays beside the plan: TensorRT 10's OnnxParserRefitter reads
+            # the weights of the graph a plan was built from (the bundle's has fewer rows)
+            grown = with_table_rows(onnx_path, init, rows, folder / onnx_path.name)
+            print(f"{name}: {rows} token-table rows kept for textual-inversion embeddings")
+            build_plan(grown, out, shapes, opts.tensorrt, timing, verbose)
             return out
 
-        jobs.append((name, cache.tensorrt_key(entry, shapes, version, device, opts.tensorrt.key()),
-                     build))
+        jobs.append((name, cache.tensorrt_key(entry, shapes, version, device,
+                                              opts.tensorrt.key(rows)), build))
     return jobs
 
 

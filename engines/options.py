@@ -15,16 +15,17 @@ class TensorRTOptions:
     timing_cache: Path | None = None  # reused across builds; None: one per GPU in the cache dir
     refit: bool = False  # build refittable plans (weights can be swapped without a rebuild)
 
-    def key(self) -> str:
+    def key(self, rows: int = 0) -> str:
         """The options that change a plan, for its cache key (runtime.cache.ANY when none
         is set, so default plans keep their cache folders): a build asked with other
         options builds another plan instead of reporting the first one cached. The
-        timing cache path is not among them."""
+        timing cache path is not among them. `rows`: token-table rows kept for
+        embeddings (the text encoder's refittable plan)."""
         from runtime.cache import ANY
 
         parts = [f"opt{self.opt_level}" if self.opt_level is not None else "",
                  f"ws{self.workspace_gb:g}g" if self.workspace_gb is not None else "",
-                 "refit" if self.refit else ""]
+                 "refit" if self.refit else "", f"rows{rows}" if rows else ""]
         return "-".join(p for p in parts if p) or ANY
 
 

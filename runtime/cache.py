@@ -449,14 +449,16 @@ def tensorrt_key(entry: GraphEntry, profile: ShapeProfile, version: str, gpu: Gp
 
 
 def find_plan(entry: GraphEntry, shapes: Mapping[str, tuple[int, ...]] | None, version: str,
-              gpu: Gpu, cache_dir: Path | None = None, refittable: bool = False) -> Path | None:
+              gpu: Gpu, cache_dir: Path | None = None, refittable: bool = False,
+              rows: int = 0) -> Path | None:
     """A cached plan for this graph, TensorRT version and GPU whose profile covers
     `shapes`: a static plan for exactly these shapes first, else the covering dynamic
     plan with the smallest max shape; among equals, one that is not refittable
     (refittable plans can be slower), then one with default options. Any build options
     are accepted (engines.build --no-build checks for the exact options asked). `shapes`
     None: any plan of this graph, the largest profile first. `refittable`: only plans
-    built with --refit (run-time LoRAs). None when there is none."""
+    built with --refit (run-time LoRAs); `rows`: only those keeping this many token-table
+    rows for embeddings (a text encoder built with --refit). None when there is none."""
     want = tensorrt_key(entry, {}, version, gpu)
     static = shapes_json(static_profile(entry.spec, shapes)) if shapes else None
     fits = []
@@ -466,7 +468,8 @@ def find_plan(entry: GraphEntry, shapes: Mapping[str, tuple[int, ...]] | None, v
                 or key.backend_version != version or key.device != gpu.model
                 or key.capability != gpu.capability
                 or (shapes is not None and not covers(profile, shapes))
-                or (refittable and "refit" not in key.options)):
+                or (refittable and "refit" not in key.options)
+                or (rows and f"rows{rows}" not in key.options.split("-"))):
             continue
         size = sum(math.prod(row["max"]) for row in profile.values())
         # `shapes` None (any plan): the largest first, so the shared scratch is sized for

@@ -96,7 +96,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--embedding", action="append", default=[], type=Path, metavar="FILE",
                    help="textual inversion: a .safetensors embedding (diffusers' or A1111's; "
                         "its word is the token it holds, or A1111's file name); repeatable. "
-                        "Runs on ort-cpu (auto picks it)")
+                        "Every backend (auto picks ort-cuda, else ort-cpu; tensorrt: "
+                        "--refit plans)")
     p.add_argument("--output-dir", type=Path, default=Path("outputs"))
     p.add_argument("--no-safety", action="store_true", help="skip the safety checker")
     return p.parse_args(argv)

@@ -4,8 +4,10 @@
   ort-cpu   a LoRA-ready graph (weights as inputs, runtime/backends/ort.py): a swap writes
             the bound arrays in place; embeddings grow the text encoder's token table
   ort-cuda  the same graph unoptimized, fp32, its weights on the GPU updated in place
-  openvino  each touched graph read again, its constants replaced, compiled again
-  tensorrt  refittable plans refitted by ONNX initializer name (trt.Refitter)
+            (a grown token table: a new device buffer, bound again)
+  openvino  each touched graph cloned as loaded, its constants replaced, compiled again
+  tensorrt  refittable plans refitted by ONNX initializer name (trt.Refitter); the text
+            encoder's plan keeps TABLE_ROWS zero rows that embeddings are refitted into
 
 Every set is applied to the bundle's own weights (runtime/lora_apply.py), so A -> B -> A
 is A exactly and [] the bundle's; a failure midway leaves the bundle's weights, no LoRA.
@@ -23,7 +25,7 @@ import numpy as np
 from runtime import backends, cache, integrity
 from runtime.args import first_line
 from runtime.bundle import Manifest, integrity_files
-from runtime.embeddings import TOKEN_TABLE, Embedding
+from runtime.embeddings import TABLE_ROWS, TOKEN_TABLE, Embedding
 from runtime.engine import Engine
 from runtime.errors import UsageError
 from runtime.tokenizer import ClipTokenizer
@@ -186,15 +188,20 @@ class RunTimeWeights:
                         self.bundle, self.manifest, [], {component: {param}})[graph][init]
 
                 changed = {entry.weights[p].initializer for p in now[component]}  # type: ignore[index]
-                self.engine_set.engines[graph].refit(new.get(graph, {}), more,  # type: ignore[attr-defined]
-                                          self.bundle / entry.file, changed)
+                engine: Any = self.engine_set.engines[graph]
+                engine.refit(new.get(graph, {}), more, engine.refit_graph(self.bundle / entry.file),
+                             changed)
         except BaseException:
             self.loras, self._lora_touched = [], {}
             for graph in LORA_GRAPHS.values():
                 try:
                     self.engine_set.engines[graph].reset_weights()  # type: ignore[attr-defined]
+                    if graph == TEXT and self._table is not None:  # the embeddings stay
+                        self._refit_table(self._table)
                 except Exception as e:  # noqa: BLE001 (the first error is the one raised)
                     self.log(f"could not reload the {graph} plan: {first_line(e)}")
+                    if graph == TEXT and self._table is not None:
+                        self._forget_embeddings()
             raise
 
     def _recompile_loras(self, read: list, now: dict[str, set[str]]) -> None:
@@ -235,12 +242,13 @@ class RunTimeWeights:
         from runtime.lora_apply import read_base
 
         self._check_weight_inputs("textual-inversion embeddings", bool(files))
-        if self.backend == "tensorrt":
-            raise UsageError("textual-inversion embeddings do not run on tensorrt yet")
         read = read_embeddings(self.manifest, self._base_tokenizer, files)
         table = (self.manifest.graphs[TEXT].weights or {})[TOKEN_TABLE]
         rows = table.shape[0]
         words = [w for e in read for w in e.tokens]
+        if self.backend == "tensorrt" and len(words) > TABLE_ROWS:
+            raise UsageError(f"these embeddings have {len(words)} vectors; a TensorRT text "
+                             f"encoder plan keeps {TABLE_ROWS} rows for them")
         tokenizer = self._base_tokenizer.with_words(words) if words else self._base_tokenizer
         t = time.perf_counter()
         grown = None
@@ -271,6 +279,9 @@ class RunTimeWeights:
         means a LoRA-ready text encoder holding it."""
         from runtime.lora_apply import all_params, lora_weights, read_base
 
+        if self.backend == "tensorrt":
+            self._refit_table(grown)
+            return
         if self.backend == "openvino":  # a compile: the LoRAs' weights as they are
             engine = self.engine_set.engines[TEXT]
             if grown is None and not self._lora_touched.get(TEXT):
@@ -305,6 +316,27 @@ class RunTimeWeights:
         new[name] = grown
         self.engine_set.replace_weights(TEXT, self.manifest, self.bundle, new, self._loaded)
         self._lora_graphs.add(TEXT)
+
+    def _refit_table(self, grown: np.ndarray | None) -> None:
+        """TensorRT: the text encoder's token table refitted into a plan that keeps
+        TABLE_ROWS zero rows after the bundle's (engines.build --refit): [V + k, C] then
+        zeros. None: the bundle's table (the plan's own weights when no LoRA is on it)."""
+        from runtime.lora_apply import read_base
+
+        engine: Any = self.engine_set.engines[TEXT]
+        entry = (self.manifest.graphs[TEXT].weights or {})[TOKEN_TABLE]
+        if grown is None and not self._lora_touched.get(TEXT):
+            if engine.table_rows:  # its own weights: the bundle's table, zero rows after
+                engine.reset_weights()
+            return
+        padded = np.zeros((entry.shape[0] + TABLE_ROWS, entry.shape[1]), np.float32)
+        if grown is None:
+            read_base(self.bundle, entry.file, entry.offset, TOKEN_TABLE, padded[:entry.shape[0]])
+        else:
+            padded[:len(grown)] = grown
+        name = entry.initializer
+        engine.refit({name: padded}, None, engine.refit_graph(self.bundle / self.manifest.graphs[TEXT].file),
+                     {name}, rows=TABLE_ROWS)
 
     def _forget_embeddings(self) -> None:
         """No embeddings (after a failed load): the tokenizer without their words, the

@@ -163,5 +163,88 @@ def test_a_plan_that_is_not_refittable_is_one_line(gpu, tmp_path, monkeypatch):
             pipe.set_loras([(lora(tmp_path / "a.safetensors", 1), 1.0)])
         assert "\n" not in str(e.value) and pipe.loras == []
         assert np.array_equal(latents(pipe), base)  # the plain plans run on
-        with pytest.raises(UsageError, match="ort-cpu with the engine cache"):
-            pipe.set_embeddings([tmp_path / "a.safetensors"])  # embeddings: ort-cpu only
+
+
+def embedding(folder, token, rows, seed):
+    path = folder / f"{token.strip('<>')}.safetensors"
+    rng = np.random.default_rng(seed)
+    save_file({token: rng.standard_normal((rows, 8)).astype(np.float32)}, str(path))
+    return path
+
+
+def test_embeddings_refit_the_rows_the_text_encoder_plan_keeps(gpu, tmp_path, monkeypatch):
+    """Textual inversion on TensorRT: `--refit` builds the text encoder from its graph
+    with TABLE_ROWS zero rows after the token table (kept beside the plan for the parser
+    refitter); set_embeddings refits the grown table there, [] the plan's own weights.
+    Plain plans only: one line naming --refit, and nothing changes."""
+    from runtime.embeddings import TABLE_ROWS
+
+    bundle = mapped_bundle(tmp_path / "bundle")
+    monkeypatch.setenv("SDRT_CACHE_DIR", str(tmp_path / "cache"))
+    one = embedding(tmp_path, "<thing>", 1, 1)
+    three = embedding(tmp_path, "<style>", 3, 2)
+    model = onnx.load(str(bundle / "text_encoder.onnx"))
+    table = onnx.numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "emb"))
+    assert build([str(bundle), "--backend", "tensorrt"]) == 0
+    with Pipeline(bundle, "tensorrt", safety=False) as pipe:
+        base = latents(pipe)
+        with pytest.raises(EngineError, match="keeps no token-table rows.*--refit") as e:
+            pipe.set_embeddings([one])
+        assert "\n" not in str(e.value) and pipe.embeddings == []
+        assert pipe.tokenizer.tokenizer.token_to_id("<thing>") is None
+        assert np.array_equal(latents(pipe), base)
+    assert build([str(bundle), "--backend", "tensorrt", "--refit"]) == 0
+    with Pipeline(bundle, "tensorrt", safety=False) as pipe:
+        enc = pipe.engines["text_encoder"]
+        assert not enc.engine.refittable  # plain plans first: faster
+        pipe.set_embeddings([one, three])
+        assert enc.engine.refittable and enc.table_rows == TABLE_ROWS
+        size, total = enc.engine.weights["emb"]
+        assert size == (table.shape[0] + TABLE_ROWS) * 8
+        from safetensors.numpy import load_file
+
+        added = sum(float(v.astype(np.float64).sum()) for p in (one, three)
+                    for v in load_file(str(p)).values())
+        assert total == pytest.approx(float(table.astype(np.float64).sum()) + added, abs=1e-3)
+        assert pipe.tokenizer.tokenizer.token_to_id("<thing>") == table.shape[0]
+        kept = enc.refit_graph(bundle / "text_encoder.onnx")
+        assert kept.parent == enc.path.parent and kept.name == "text_encoder.onnx"
+        grown = next(t for t in onnx.load(str(kept)).graph.initializer if t.name == "emb")
+        assert list(grown.dims) == [table.shape[0] + TABLE_ROWS, 8]
+        if gpu.trt >= (10, 0):  # 8.6 cannot refit this UNet (see above)
+            pipe.set_loras([(lora(tmp_path / "a.safetensors", 1), 1.0)])  # the table stays
+            assert enc.engine.weights["emb"][1] == total
+            pipe.set_loras([])
+        pipe.set_embeddings([])  # no LoRA on it: the plan's own weights
+        assert enc.engine.shift() == 0.0 and pipe.embeddings == []
+        many = [embedding(tmp_path, f"<w{i}>", 75, i) for i in range(4)]  # 300 > TABLE_ROWS
+        with pytest.raises(UsageError, match=f"keeps {TABLE_ROWS} rows"):
+            pipe.set_embeddings(many)
+        assert np.array_equal(latents(pipe), base)
+
+
+def test_the_grown_text_encoder_computes_the_bundles(tmp_path):
+    """engines/table_rows.py on the demo's text encoder: the table [V, C] grown to
+    [V + 16, C] with zeros, every other weight as it was; ORT gives the same output for
+    the same ids."""
+    import onnxruntime as ort
+
+    from engines.table_rows import with_table_rows
+    from runtime.embeddings import TOKEN_TABLE
+
+    bundle = demo_bundle()
+    entry = read_manifest(bundle).graphs["text_encoder"]
+    name = entry.weights[TOKEN_TABLE].initializer
+    out = with_table_rows(bundle / entry.file, name, 16, tmp_path / "text_encoder.onnx")
+    grown = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer}
+    own = {t.name: onnx.numpy_helper.to_array(t)
+           for t in onnx.load(str(bundle / entry.file)).graph.initializer}
+    assert grown.keys() == own.keys()
+    assert grown[name].shape == (own[name].shape[0] + 16, own[name].shape[1])
+    assert np.array_equal(grown[name][:len(own[name])], own[name]) and not grown[name][len(own[name]):].any()
+    ids = np.random.default_rng(0).integers(0, own[name].shape[0], (2, 77)).astype(entry.spec.inputs[0].dtype)
+    run = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"input_ids": ids})[0]
+           for p in (bundle / entry.file, out)]
+    assert np.array_equal(run[0], run[1])
+    with pytest.raises(ValueError, match="no initializer"):
+        with_table_rows(bundle / entry.file, "nope", 16, tmp_path / "x.onnx")

@@ -51,6 +51,8 @@ class CachedTensorRTEngine(TensorRTEngine):
         self.refitted: dict[str, np.ndarray] = {}
         self.refit_with: tuple[Callable[[str], np.ndarray | None] | None, Path | None] = (None, None)
         self.refit_only = False  # run-time LoRAs: refittable plans only, from then on
+        self.table_rows = 0  # embeddings: plans keeping this many token-table rows only
+        self.with_rows: set[Path] = set()  # plans found under that requirement
 
     def _find(self, shapes: Shapes | None) -> Path | None:
         """find_plan for this graph on this device (created here on first use)."""
@@ -60,8 +62,11 @@ class CachedTensorRTEngine(TensorRTEngine):
             version = trt_version()
         except (CudaError, ImportError) as e:
             raise self.error(str(e), shapes) from None
-        return cache.find_plan(self.entry, shapes, version, self.device.info, self.cache_dir,
-                               refittable=self.refit_only)
+        found = cache.find_plan(self.entry, shapes, version, self.device.info, self.cache_dir,
+                                refittable=self.refit_only, rows=self.table_rows)
+        if found is not None and self.table_rows:
+            self.with_rows.add(found)
+        return found
 
     def _lookup(self, shapes: Shapes) -> Path | None:
         """The plan for these shapes, found (and hash-checked) once per process; found
@@ -145,22 +150,28 @@ class CachedTensorRTEngine(TensorRTEngine):
 
     def refit(self, weights: dict[str, np.ndarray],
               more: Callable[[str], np.ndarray | None] | None = None,
-              onnx: Path | None = None, changed: set[str] | None = None) -> None:
+              onnx: Path | None = None, changed: set[str] | None = None,
+              rows: int = 0) -> None:
         """As TensorRTEngine.refit, on a refittable plan (swapped to one if the loaded
-        plan is not: refit_only from then on). Plans swapped in later get the weights in
-        `changed` (those that now differ from the file's; default all); parked plans
-        hold old ones: they go."""
-        if self.engine is not None and not getattr(self.engine, "refittable", False):
+        plan is not: refit_only from then on). `rows`: on a plan keeping that many
+        token-table rows (embeddings), likewise from then on. Plans swapped in later get
+        the weights in `changed` (those that now differ from the file's; default all);
+        parked plans hold old ones: they go."""
+        rows = rows or self.table_rows
+        if self.engine is not None and (not getattr(self.engine, "refittable", False)
+                                        or (rows and self.path not in self.with_rows)):
             shapes = self.shapes or {n: tuple(r["opt"]) for n, r in self.profile.shapes(self.spec).items()}
-            self.refit_only, self.found = True, {}
+            before = (self.refit_only, self.table_rows)
+            self.refit_only, self.table_rows, self.found = True, rows, {}
             path = self._lookup(shapes)
-            if path is None:  # plain plans only: they stay, as before this call
-                self.refit_only, self.found = False, {}
-                raise self.error(f"plan {self.path.name} is not refittable and no refittable "
-                                 f"plan covers its shapes: build them with `python -m "
-                                 f"engines.build BUNDLE --backend tensorrt --refit`")
+            if path is None:  # the plans it had stay, as before this call
+                (self.refit_only, self.table_rows), self.found = before, {}
+                what = ("keeps no token-table rows for embeddings and no plan that does"
+                        if rows else "is not refittable and no refittable plan")
+                raise self.error(f"plan {self.path.name} {what} covers its shapes: build them "
+                                 f"with `python -m engines.build BUNDLE --backend tensorrt --refit`")
             self._swap(path)
-        self.refit_only = True
+        self.refit_only, self.table_rows = True, rows
         self.parked = {}
         super().refit(weights, more, onnx)
         for name, array in weights.items():
@@ -169,6 +180,12 @@ class CachedTensorRTEngine(TensorRTEngine):
             else:
                 self.refitted.pop(name, None)
         self.refit_with = (more, onnx)
+
+    def refit_graph(self, bundle_graph: Path) -> Path:
+        """The ONNX graph the loaded plan was built from, for OnnxParserRefitter: the one
+        kept in its cache entry (a text encoder with token-table rows), else the bundle's."""
+        kept = self.path.parent / bundle_graph.name
+        return kept if kept.is_file() and kept != bundle_graph else bundle_graph
 
     def reset_weights(self) -> None:
         self.refitted, self.parked = {}, {}

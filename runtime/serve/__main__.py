@@ -48,7 +48,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "prompts then take A1111's <lora:name:scale> (auto: ort-cuda where it "
                    "runs, else ort-cpu; openvino; tensorrt with refittable plans)")
     p.add_argument("--embeddings-dir", default=None, help="a folder of textual-inversion "
-                   ".safetensors embeddings, all loaded: prompts take their words (ort-cpu)")
+                   ".safetensors embeddings, all loaded: prompts take their words (auto: ort-cuda where it "
+                   "runs, else ort-cpu; openvino; tensorrt with refittable plans)")
     p.add_argument("--address", default=None, help="a Ray cluster to deploy onto (auto, "
                    "ray://host:10001); default: a local Ray instance")
     return p.parse_args(argv)
