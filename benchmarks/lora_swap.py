@@ -32,24 +32,28 @@ from benchmarks.timing import peak_rss_bytes, rss_bytes
 from runtime.bundle import read_manifest
 from runtime.pipeline import Pipeline
 
-TARGETS = re.compile(r"\.(to_q|to_k|to_v|to_out\.0|ff\.net\.0\.proj|ff\.net\.2|proj_in|proj_out)\.weight$")
+TARGETS = re.compile(r"\.(to_q|to_k|to_v|to_out\.0|ff\.net\.0\.proj|ff\.net\.2|proj_in|proj_out"
+                     r"|q_proj|k_proj|v_proj|out_proj|fc1|fc2)\.weight$")  # UNet; text encoder
 
 
-def random_lora(bundle: Path, path: Path, rank: int, seed: int) -> int:
-    """A diffusers/PEFT LoRA file for every target weight of the UNet; returns its layers."""
+def random_lora(bundle: Path, path: Path, rank: int, seed: int,
+                graphs: tuple[str, ...] = ("unet",)) -> int:
+    """A diffusers/PEFT LoRA file for every target weight of these graphs (the UNet, the
+    text encoder); returns its layers."""
     from safetensors.numpy import save_file
 
     rng = np.random.default_rng(seed)
     tensors = {}
-    for name, w in (read_manifest(bundle).graphs["unet"].weights or {}).items():
-        if not TARGETS.search(name):
-            continue
-        shape = w.shape[::-1] if w.transposed else w.shape  # the parameter's: [out, in, ...]
-        module = name.removesuffix(".weight")
-        tensors[f"unet.{module}.lora_A.weight"] = (0.02 * rng.standard_normal(
-            (rank, *shape[1:]))).astype(np.float32)
-        tensors[f"unet.{module}.lora_B.weight"] = (0.02 * rng.standard_normal(
-            (shape[0], rank, *([1] * (len(shape) - 2))))).astype(np.float32)
+    for graph in graphs:
+        for name, w in (read_manifest(bundle).graphs[graph].weights or {}).items():
+            if not TARGETS.search(name):
+                continue
+            shape = w.shape[::-1] if w.transposed else w.shape  # the parameter's: [out, in, ...]
+            module = f"{graph}.{name.removesuffix('.weight')}"
+            tensors[f"{module}.lora_A.weight"] = (0.02 * rng.standard_normal(
+                (rank, *shape[1:]))).astype(np.float32)
+            tensors[f"{module}.lora_B.weight"] = (0.02 * rng.standard_normal(
+                (shape[0], rank, *([1] * (len(shape) - 2))))).astype(np.float32)
     save_file(tensors, str(path))
     return len(tensors) // 2
 

@@ -39,6 +39,7 @@ from runtime.args import OneLineParser, first_line, usage_error
 from runtime.bundle import (
     GRAPH_ORDER,
     MAX_TOKENS,
+    TOKEN_TABLE,
     BundleError,
     Manifest,
     Profile,
@@ -47,7 +48,6 @@ from runtime.bundle import (
     resolve_model,
     verify_hashes,
 )
-from runtime.embeddings import TABLE_ROWS, TOKEN_TABLE
 
 BACKENDS = ("tensorrt", "ort-cuda", "ort-cpu")
 DESCRIPTION = "Compile a bundle's graphs into cached backend artifacts for this machine."
@@ -140,7 +140,9 @@ def parse_args(argv: list[str] | None) -> tuple[BuildOptions, bool]:
     ap.add_argument("--opt-level", type=int, choices=range(6), metavar="0-5",
                     help="TensorRT builder optimization level (default 3)")
     ap.add_argument("--timing-cache", type=Path, help="TensorRT timing cache file to reuse")
-    ap.add_argument("--refit", action="store_true", help="build refittable TensorRT plans")
+    ap.add_argument("--refit", action="store_true", help="build refittable TensorRT plans "
+                    "(run-time LoRAs; the text encoder also keeps 256 token-table rows for "
+                    "embeddings, its grown graph stored beside the plan; needs onnx)")
     ap.add_argument("--no-build", action="store_true", help="only report what is cached")
     ap.add_argument("--force", action="store_true", help="rebuild even if cached")
     ap.add_argument("--cache-dir", type=Path, help=f"default ${cache.CACHE_ENV} or "
@@ -205,8 +207,8 @@ def tensorrt_jobs(opts: BuildOptions, manifest: Manifest, verbose: bool) -> list
         onnx_path = opts.bundle / entry.file
         table = (entry.weights or {}).get(TOKEN_TABLE)
         # refittable text encoder: rows kept after the token table for embeddings
-        rows = TABLE_ROWS if opts.tensorrt.refit and table is not None else 0
-        if rows and importlib.util.find_spec("onnx") is None:
+        rows = cache.TABLE_ROWS if opts.tensorrt.refit and table and not table.transposed else 0
+        if rows and not opts.no_build and importlib.util.find_spec("onnx") is None:
             raise UsageError("a refittable text encoder keeps rows for embeddings in its graph, "
                              "which needs the onnx package: pip install 'sdrt[lora]'")
 

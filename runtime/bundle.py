@@ -40,6 +40,7 @@ LATENT_CHANNELS = 4
 INPAINT_CHANNELS = 9  # sd-v1-5-inpainting's UNet: latents 4 + mask 1 + masked-image latents 4
 VAE_FACTOR = 8  # pixels per latent cell
 SAFETY_SIZE = 224  # CLIP ViT-L/14 image size
+TOKEN_TABLE = "embeddings.token_embedding.weight"  # the text encoder's, in the weight map
 VAE_SCALING_FACTOR = 0.18215  # v1.x; the host divides latents by it before the decoder
 MAX_JSON_BYTES = 1 << 20  # manifest.json, scheduler_config.json: a few KB in practice
 MAX_SIDE = 8192  # px: a sanity bound on image sides (profiles, and any size a backend runs)

@@ -62,6 +62,11 @@ class Gpu(Protocol):
 class CacheWarning(UserWarning):
     """A cached artifact was corrupt or unreadable and will be rebuilt."""
 
+# zero rows a refittable TensorRT text encoder plan keeps after the bundle's token table
+# (engines.build --refit; key option "rows256"): a built plan's table cannot grow, so
+# textual-inversion embeddings are refitted into these (384 KiB in fp16 at C = 768)
+TABLE_ROWS = 256
+
 
 @dataclass(frozen=True)
 class CacheKey:
@@ -247,6 +252,13 @@ def find(key: CacheKey, cache_dir: Path | None = None,
         return None, f"{folder}: {problem}"
     _used(folder)
     return folder / side["main"], None
+
+
+def artifact_options(path: Path) -> str | None:
+    """The build options (CacheKey.options) of the cached artifact `path`, from its
+    entry's sidecar; None when it has none."""
+    side = _read_sidecar(path.parent)
+    return None if side is None else side["key"].get("options", ANY)
 
 
 def _used(folder: Path) -> None:

@@ -21,13 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime.bundle import TOKEN_TABLE  # noqa: F401  (re-exported: its users import it here)
+from runtime.cache import TABLE_ROWS  # noqa: F401
+
 A1111_KEY = "emb_params"
-TOKEN_TABLE = "embeddings.token_embedding.weight"  # the text encoder's, in the weight map
 MAX_VECTORS = 75  # a prompt chunk's tokens: more could never be used at once
-# zero rows a refittable TensorRT text encoder plan keeps after the bundle's token table
-# (engines.build --refit): a built plan's table cannot grow, so embeddings are refitted
-# into these (768 KiB in fp16 at C = 768)
-TABLE_ROWS = 256
 
 
 class EmbeddingError(ValueError):

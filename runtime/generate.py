@@ -184,7 +184,7 @@ def read_embedding_args(args: argparse.Namespace, manifest: Manifest) -> None:
     if args.backend in ("auto", "ort-cpu", "ort-cuda") and missing_support():
         raise UsageError("--embedding needs the onnx package: pip install 'sdrt[lora]'")
     bundle = resolve_model(args.model)
-    read_embeddings(manifest, ClipTokenizer(bundle / TOKENIZER_DIR), args.embedding)
+    read_embeddings(manifest, ClipTokenizer(bundle / TOKENIZER_DIR), args.embedding, args.backend)
 
 
 def slug(text: str, n: int = 40) -> str:

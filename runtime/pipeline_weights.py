@@ -35,10 +35,11 @@ OWN_SWAPS = ("tensorrt", "openvino")  # change weights their own way: no LoRA-re
 
 
 def read_embeddings(manifest: Manifest, tokenizer: ClipTokenizer,
-                    files: Sequence[str | Path]) -> list[Embedding]:
+                    files: Sequence[str | Path], backend: str = "") -> list[Embedding]:
     """Embedding files this bundle's text encoder and tokenizer can take (UsageError, one
-    line): its token table mapped, one row per word of the vocabulary, and every new
-    word new. Pipeline.set_embeddings, and the CLIs before they load anything."""
+    line): its token table mapped, one row per word of the vocabulary, every new word
+    new, and on tensorrt at most the TABLE_ROWS rows its plans keep. Pipeline.
+    set_embeddings, and the CLIs before they load anything."""
     from runtime.embeddings import EmbeddingError, check_unique, read_embedding
 
     table = (manifest.graphs[TEXT].weights or {}).get(TOKEN_TABLE)
@@ -54,6 +55,10 @@ def read_embeddings(manifest: Manifest, tokenizer: ClipTokenizer,
         check_unique(read, tokenizer.tokenizer.get_vocab())
     except EmbeddingError as e:
         raise UsageError(str(e)) from None
+    vectors = sum(len(e.vectors) for e in read)
+    if backend == "tensorrt" and vectors > TABLE_ROWS:
+        raise UsageError(f"these embeddings have {vectors} vectors; a TensorRT text encoder "
+                         f"plan keeps {TABLE_ROWS} rows for them")
     return read
 
 
@@ -188,9 +193,8 @@ class RunTimeWeights:
                         self.bundle, self.manifest, [], {component: {param}})[graph][init]
 
                 changed = {entry.weights[p].initializer for p in now[component]}  # type: ignore[index]
-                engine: Any = self.engine_set.engines[graph]
-                engine.refit(new.get(graph, {}), more, engine.refit_graph(self.bundle / entry.file),
-                             changed)
+                self.engine_set.engines[graph].refit_weights(  # type: ignore[attr-defined]
+                    new.get(graph, {}), more, self.bundle / entry.file, changed)
         except BaseException:
             self.loras, self._lora_touched = [], {}
             for graph in LORA_GRAPHS.values():
@@ -242,13 +246,10 @@ class RunTimeWeights:
         from runtime.lora_apply import read_base
 
         self._check_weight_inputs("textual-inversion embeddings", bool(files))
-        read = read_embeddings(self.manifest, self._base_tokenizer, files)
+        read = read_embeddings(self.manifest, self._base_tokenizer, files, self.backend)
         table = (self.manifest.graphs[TEXT].weights or {})[TOKEN_TABLE]
         rows = table.shape[0]
         words = [w for e in read for w in e.tokens]
-        if self.backend == "tensorrt" and len(words) > TABLE_ROWS:
-            raise UsageError(f"these embeddings have {len(words)} vectors; a TensorRT text "
-                             f"encoder plan keeps {TABLE_ROWS} rows for them")
         tokenizer = self._base_tokenizer.with_words(words) if words else self._base_tokenizer
         t = time.perf_counter()
         grown = None
@@ -325,9 +326,10 @@ class RunTimeWeights:
 
         engine: Any = self.engine_set.engines[TEXT]
         entry = (self.manifest.graphs[TEXT].weights or {})[TOKEN_TABLE]
+        if grown is None and not engine.keeps_rows():
+            return  # no plan with rows: no embedding ever went in
         if grown is None and not self._lora_touched.get(TEXT):
-            if engine.table_rows:  # its own weights: the bundle's table, zero rows after
-                engine.reset_weights()
+            engine.reset_weights()  # its own weights: the bundle's table, zero rows after
             return
         padded = np.zeros((entry.shape[0] + TABLE_ROWS, entry.shape[1]), np.float32)
         if grown is None:
@@ -335,7 +337,7 @@ class RunTimeWeights:
         else:
             padded[:len(grown)] = grown
         name = entry.initializer
-        engine.refit({name: padded}, None, engine.refit_graph(self.bundle / self.manifest.graphs[TEXT].file),
+        engine.refit_weights({name: padded}, None, self.bundle / self.manifest.graphs[TEXT].file,
                      {name}, rows=TABLE_ROWS)
 
     def _forget_embeddings(self) -> None:
@@ -346,14 +348,19 @@ class RunTimeWeights:
         try:
             self._set_table(None)
         except Exception as e:  # noqa: BLE001 (the caller's error is the one to report)
-            self.log(f"text encoder back to the bundle's own engine: {first_line(e)}")
-            self._lora_graphs.discard(TEXT)
-            self._lora_touched.pop(TEXT, None)
-            if self.backend in OWN_SWAPS:  # the plan or model as read from its file
-                self.engine_set.drop(TEXT)
-                self.engine_set.add(TEXT, self.manifest, self.bundle, self._loaded)
-            else:
-                self.engine_set.replace_weights(TEXT, self.manifest, self.bundle, None, self._loaded)
+            self.log(f"text encoder back to the bundle's own engine, LoRAs dropped: {first_line(e)}")
+            self._without_loras()
+
+    def _without_loras(self) -> None:
+        """Last resort, after a text encoder could not be put back: every LoRA graph on
+        the bundle's own weights (its engine loaded again), no LoRA, no embeddings."""
+        from runtime.lora_apply import LORA_GRAPHS
+
+        self.loras, self._lora_touched = [], {}
+        self._lora_graphs.clear()
+        for graph in LORA_GRAPHS.values():  # the plan, model or graph read from its file
+            self.engine_set.drop(graph)
+            self.engine_set.add(graph, self.manifest, self.bundle, self._loaded)
 
     def _table_name(self) -> str:  # the token table's initializer in the text encoder graph
         return (self.manifest.graphs[TEXT].weights or {})[TOKEN_TABLE].initializer

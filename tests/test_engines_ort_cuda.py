@@ -386,6 +386,7 @@ def test_device_bindings_take_a_grown_token_table(tmp_path, monkeypatch):
 
         got, want = both(EMBEDDING_PROMPT)
         assert np.array_equal(got, want)
+        want_one = want
         pipe.set_embeddings([one, three])  # 1 + 3 rows more than the bundle's table
         old = bindings.weights[table].data_ptr()
         bindings.replace_weight(table, enc.weights[table])
@@ -395,17 +396,32 @@ def test_device_bindings_take_a_grown_token_table(tmp_path, monkeypatch):
         assert np.array_equal(got, want)
         with pytest.raises(KeyError):
             bindings.replace_weight("no-such-weight", enc.weights[table])
+        # the engine wired as on ort-cuda (its weights in OrtValues bound per shape): a
+        # set with fewer rows goes through set_weights -> replace_weight, one dict
+        enc.device = ort_cuda.DeviceBindings(enc.session, enc.spec, cuda_graph=False, device="cpu",
+                                             weights={n: ort.OrtValue.ortvalue_from_numpy(w)
+                                                      for n, w in enc.weights.items()})
+        enc.device_weights = enc.device.weights
+        enc.shapes = None
+        pipe.set_embeddings([one])
+        assert enc.device_weights is enc.device.weights
+        assert enc.device.weights[table].shape() == list(enc.weights[table].shape)
+        ids = pipe.tokenizer.encode([EMBEDDING_PROMPT])[0].astype(enc.spec.inputs[0].dtype)
+        enc.allocate(shapes)
+        assert enc.current is not None  # ran through the device bindings
+        assert np.array_equal(enc.run({"input_ids": ids})["last_hidden_state"], want_one)
         graphs = ort_cuda.DeviceBindings(enc.session, enc.spec, cuda_graph=True, device="cpu",
                                          weights=weights)
-        with pytest.raises(RuntimeError, match="CUDA graphs"):
+        with pytest.raises(ValueError, match="CUDA graphs"):
             graphs.replace_weight(table, enc.weights[table])
 
 
 @pytest.mark.gpu
 def test_demo_embeddings_on_ort_cuda(tmp_path, monkeypatch, capsys):
     """Textual inversion on ort-cuda: the LoRA-ready fp32 text encoder, its token table
-    grown on the GPU (one, then four extra rows), with a LoRA on top; near ort-cpu's image
-    with the same files, and [] gives the bundle's picture back."""
+    grown on the GPU (one, then four extra rows), with a LoRA on the UNet and the text
+    encoder set after the embeddings and before a smaller set; near ort-cpu's image with
+    the same files, and [] gives the bundle's picture back."""
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         pytest.skip("onnxruntime-gpu with CUDA is not available here")
     from benchmarks.lora_swap import random_lora
@@ -415,7 +431,7 @@ def test_demo_embeddings_on_ort_cuda(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("SDRT_CACHE_DIR", str(tmp_path / "cache"))
     one, three = _embedding_files(tmp_path, read_manifest(demo_bundle()).hidden)
     lora = tmp_path / "a.safetensors"
-    random_lora(demo_bundle(), lora, 4, 1)
+    random_lora(demo_bundle(), lora, 4, 1, ("unet", "text_encoder"))
     kw = {"steps": 5, "scheduler": "euler", "seed": 4, "height": 128, "width": 128}
     images: dict[str, dict[str, np.ndarray]] = {}
     for backend in ("ort-cpu", "ort-cuda"):
@@ -428,6 +444,8 @@ def test_demo_embeddings_on_ort_cuda(tmp_path, monkeypatch, capsys):
             got["both"] = pipe(EMBEDDING_PROMPT, **kw).images.astype(np.int16)
             pipe.set_loras([(lora, 40.0)])
             got["lora"] = pipe(EMBEDDING_PROMPT, **kw).images.astype(np.int16)
+            pipe.set_embeddings([three])  # fewer rows, the LoRA stays
+            got["lora three"] = pipe(EMBEDDING_PROMPT, **kw).images.astype(np.int16)
             pipe.set_loras([])
             pipe.set_embeddings([])
             got["none"] = pipe(EMBEDDING_PROMPT, **kw).images.astype(np.int16)

@@ -248,3 +248,113 @@ def test_the_grown_text_encoder_computes_the_bundles(tmp_path):
     assert np.array_equal(run[0], run[1])
     with pytest.raises(ValueError, match="no initializer"):
         with_table_rows(bundle / entry.file, "nope", 16, tmp_path / "x.onnx")
+
+
+TE_Q = "text_model.encoder.layers.0.self_attn.q_proj.weight"
+
+
+def te_bundle(folder):
+    """The tiny bundle whose text encoder gathers from a mapped token table and has a
+    mapped LoRA target (q_w) that the fake plans fuse with an unmapped weight, so a text
+    encoder LoRA on TensorRT 10 needs the parser refitter."""
+    from fakes.tiny_bundle import HIDDEN, VOCAB, _model
+    from onnx import helper
+
+    from runtime.bundle import graph_spec, sha256_file
+
+    bundle = mapped_bundle(folder)
+    spec = graph_spec("text_encoder", HIDDEN)
+    rng = np.random.default_rng(5)
+    nodes = [helper.make_node("Gather", ["emb", "input_ids"], ["x"]),
+             helper.make_node("Add", ["q_w", "q_extra"], ["w"]),  # fused: q_w + an unmapped one
+             helper.make_node("MatMul", ["x", "w"], ["last_hidden_state"])]
+    inits = {"emb": rng.standard_normal((VOCAB, HIDDEN)).astype(np.float32),
+             "q_w": rng.standard_normal((HIDDEN, HIDDEN)).astype(np.float32),
+             "q_extra": np.zeros((HIDDEN, HIDDEN), np.float32)}
+    path = bundle / spec.file
+    onnx.save(_model(spec, nodes, inits), str(path))
+    m = read_manifest(bundle)
+    weights = {"embeddings.token_embedding.weight":
+               WeightRef("emb", False, spec.file, offset(path, "emb"), (VOCAB, HIDDEN)),
+               TE_Q: WeightRef("q_w", True, spec.file, offset(path, "q_w"), (HIDDEN, HIDDEN))}
+    te = dataclasses.replace(m.graphs["text_encoder"], sha256=sha256_file(path), weights=weights)
+    dataclasses.replace(m, graphs={**m.graphs, "text_encoder": te}).write(bundle)
+    return bundle
+
+
+def te_lora(path, seed):
+    rng, module = np.random.default_rng(seed), f"text_encoder.{TE_Q.removesuffix('.weight')}"
+    save_file({f"{module}.lora_A.weight": rng.standard_normal((2, 8)).astype(np.float32),
+               f"{module}.lora_B.weight": rng.standard_normal((8, 2)).astype(np.float32)}, str(path))
+    return path
+
+
+@pytest.fixture
+def trt10(monkeypatch):
+    return FakeGPU("10.3.0").install(monkeypatch)
+
+
+def test_text_encoder_loras_and_embeddings_together(trt10, tmp_path, monkeypatch):
+    """A text encoder LoRA on TensorRT 10 needs the parser refitter (q_w is fused with an
+    unmapped weight): it reads the grown graph kept beside the rows plan, never the
+    bundle's smaller one, and the embeddings' rows and the LoRA's weights are written back
+    over what it read, in either order; a LoRA refit TensorRT gives up on leaves the plan
+    reloaded with the embeddings refitted again."""
+    bundle = te_bundle(tmp_path / "bundle")
+    monkeypatch.setenv("SDRT_CACHE_DIR", str(tmp_path / "cache"))
+    assert build([str(bundle), "--backend", "tensorrt"]) == 0
+    assert build([str(bundle), "--backend", "tensorrt", "--refit"]) == 0
+    one = embedding(tmp_path, "<thing>", 1, 1)
+    a, b = te_lora(tmp_path / "a.safetensors", 3), te_lora(tmp_path / "b.safetensors", 4)
+    with Pipeline(bundle, "tensorrt", safety=False) as pipe:
+        enc = pipe.engines["text_encoder"]
+        pipe.set_loras([(a, 1.0)])  # plain plan -> the refittable one (which keeps rows)
+        reads = [c[1] for c in trt10.calls("refit_from_file")]
+        assert reads and all(r == str(enc.path.parent / "text_encoder.onnx") for r in reads)
+        q_a = enc.engine.weights["q_w"][1]
+        assert q_a != enc.engine.built["q_w"][1]
+        pipe.set_embeddings([one])  # the LoRA stays
+        assert enc.engine.weights["q_w"][1] == q_a
+        with_emb = enc.engine.weights["emb"][1]
+        assert with_emb != enc.engine.built["emb"][1]
+        pipe.set_loras([(b, 1.0)])  # the parser reads the graph again: the rows stay
+        assert enc.engine.weights["emb"][1] == with_emb
+        q_b = enc.engine.weights["q_w"][1]
+        pipe.set_loras([(a, 1.0)])
+        assert enc.engine.weights["q_w"][1] == q_a and enc.engine.weights["emb"][1] == with_emb
+
+        real, failed = trt10.tensorrt.Refitter, []
+
+        def failing(engine, logger):  # the LoRA's refit fails, the table's again works
+            r = real(engine, logger)
+            if not failed:
+                failed.append(r)
+                r.refit_cuda_engine = lambda: False
+            return r
+
+        monkeypatch.setattr(trt10.tensorrt, "Refitter", failing)
+        with pytest.raises(EngineError, match="refit failed"):
+            pipe.set_loras([(b, 1.0)])
+        monkeypatch.setattr(trt10.tensorrt, "Refitter", real)
+        assert pipe.loras == [] and [e.token for e in pipe.embeddings] == ["<thing>"]
+        assert enc.engine.weights["q_w"][1] == enc.engine.built["q_w"][1]
+        assert enc.engine.weights["emb"][1] == with_emb
+        assert q_b != q_a
+
+
+def test_refused_embeddings_keep_the_text_encoder(trt10, tmp_path, monkeypatch):
+    """Plain plans only: set_embeddings is refused in one line and nothing is reloaded,
+    even with a text encoder LoRA recorded (a refittable plan built before plans kept
+    rows), and set_embeddings([]) changes nothing either."""
+    bundle = te_bundle(tmp_path / "bundle")
+    monkeypatch.setenv("SDRT_CACHE_DIR", str(tmp_path / "cache"))
+    assert build([str(bundle), "--backend", "tensorrt"]) == 0
+    logs = []
+    with Pipeline(bundle, "tensorrt", safety=False, log=logs.append) as pipe:
+        enc = pipe.engines["text_encoder"]
+        pipe._lora_touched = {"text_encoder": {TE_Q}}
+        with pytest.raises(EngineError, match="keeps no token-table rows"):
+            pipe.set_embeddings([embedding(tmp_path, "<thing>", 1, 1)])
+        pipe.set_embeddings([])
+        assert pipe.engines["text_encoder"] is enc and enc.engine is not None
+        assert not any("dropped" in m for m in logs), logs

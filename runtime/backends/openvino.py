@@ -225,17 +225,20 @@ class OpenVinoEngine(Engine):
                 raise self.error(f"weight {name} is {list(value.shape)}, the graph's {list(shape)}")
         shapes = self.shapes
         self.compiled, self.current, self.shapes = {}, None, None  # their memory goes first
+        regrown = False
         for name in list(weights):
             port = ports[name]
             half = port.get_element_type() == ov.Type.f16
+            regrown |= tuple(port.get_partial_shape().to_shape()) != weights[name].shape
             stored = weights.pop(name).astype(np.float16 if half else np.float32, copy=False)
             if not np.isfinite(stored).all():
                 if not keep:  # the graph's own; compiled when next used (keep: as it was)
                     self.model = self.base_model
-                raise self.error(f"weight {name} overflows {stored.dtype} with these LoRAs")
+                raise self.error(f"weight {name} overflows {stored.dtype}")
             port.replace(ov.op.Constant(stored).output(0))
             del stored
-        model.validate_nodes_and_infer_types()  # a table's new row count, onwards
+        if regrown:  # a table's new row count, on to the Gathers' outputs
+            model.validate_nodes_and_infer_types()
         self.model = model
         if shapes is not None:
             self.allocate(shapes)

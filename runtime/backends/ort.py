@@ -301,13 +301,16 @@ class OrtEngine(Engine):
             if value.shape != w.shape and name in self.tables and value.shape[1:] == w.shape[1:]:
                 # a lookup table with other rows (textual inversion): bound in its place
                 # by the next allocate(); the engine keeps this array
-                self.weights[name] = np.ascontiguousarray(value, np.float32)
-                self.shapes, self.current = None, None
+                table = np.ascontiguousarray(value, np.float32)
                 if self.device is not None:  # ort-cuda: a new device buffer, new bindings
                     try:
-                        self.device.replace_weight(name, self.weights[name])
+                        self.device.replace_weight(name, table)
+                    except ValueError as e:
+                        raise self.error(str(e)) from None
                     except Exception as e:  # out of device memory, most likely
                         raise self.error(f"cannot put weight {name} on the GPU: {first_line(e)}") from None
+                self.weights[name] = table
+                self.shapes, self.current = None, None
                 continue
             elif value.shape != w.shape:
                 raise self.error(f"weight {name} is {list(value.shape)}, the graph takes {list(w.shape)}")

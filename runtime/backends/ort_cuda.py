@@ -130,11 +130,11 @@ class DeviceBindings:
         if name not in self.weights:
             raise KeyError(f"no weight input {name}")
         if self.cuda_graph:
-            raise RuntimeError("a weight's shape cannot change under CUDA graphs")
+            raise ValueError("a weight's shape cannot change under CUDA graphs")
+        # uploaded first: if that fails (device memory), nothing has changed
+        new = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, 0)
         self.graphs, self.plain = [], None  # the old buffer is freed with its bindings
-        del self.weights[name]
-        self.weights[name] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array),
-                                                               self.device, 0)
+        self.weights[name] = new
 
     def get(self, shapes: Mapping[str, tuple[int, ...]]) -> DeviceBinding:
         shapes = dict(shapes)

@@ -38,7 +38,7 @@ import json
 import math
 import mmap
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -341,14 +341,15 @@ class TensorRTEngine(Engine):
 
     def refit(self, weights: dict[str, np.ndarray],
               more: Callable[[str], np.ndarray | None] | None = None,
-              onnx: Path | None = None) -> None:
+              onnx: Path | None = None, keep: Mapping[str, np.ndarray] | None = None) -> None:
         """Write `weights` (ONNX initializer name -> float32 array, the bundle's layout)
         into the loaded plan (built with `engines.build --refit`). Weights TensorRT fused
         with them and so wants too come from `more(name)` (None: not known); past that,
-        every weight is read from the bundle's graph `onnx` once (TensorRT 10's
-        OnnxParserRefitter), then ours over them. EngineError (one line) when the plan
-        cannot take them; a refit TensorRT gave up on halfway leaves the plan as read
-        from its file again (its own weights)."""
+        every weight is read from the graph the plan was built from, `onnx`, once
+        (TensorRT 10's OnnxParserRefitter), then `keep` (what the plan holds now that
+        differs from that graph: earlier refits) and ours over them. EngineError (one
+        line) when the plan cannot take them; a refit TensorRT gave up on halfway leaves
+        the plan as read from its file again (its own weights)."""
         import tensorrt as trt
 
         if self.engine is None or self.device is None:
@@ -385,7 +386,7 @@ class TensorRTEngine(Engine):
                         why = str(reader.get_error(0)) if getattr(reader, "num_errors", 0) else ""
                         raise self.error(f"TensorRT could not read the weights of {onnx}"
                                          + (f": {why.splitlines()[0]}" if why else ""))
-                    for name, array in given.items():  # ours over the bundle's
+                    for name, array in {**(keep or {}), **given}.items():  # ours over the graph's
                         put(name, array)
                     continue
                 if unknown:

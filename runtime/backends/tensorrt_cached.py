@@ -46,13 +46,12 @@ class CachedTensorRTEngine(TensorRTEngine):
         self.found: dict[tuple, Path] = {}  # input shapes -> plan
         self.keep_plans = max(1, keep_plans)
         self.parked: dict[Path, tuple[Any, Any, int]] = {}  # plan -> engine, context, scratch
-        # refit(): every weight written since load, its value now, and how to refit a
+        # refit_weights(): every weight written since load, its value now, and how to refit a
         # plan deserialized later (another profile) with them
         self.refitted: dict[str, np.ndarray] = {}
         self.refit_with: tuple[Callable[[str], np.ndarray | None] | None, Path | None] = (None, None)
         self.refit_only = False  # run-time LoRAs: refittable plans only, from then on
         self.table_rows = 0  # embeddings: plans keeping this many token-table rows only
-        self.with_rows: set[Path] = set()  # plans found under that requirement
 
     def _find(self, shapes: Shapes | None) -> Path | None:
         """find_plan for this graph on this device (created here on first use)."""
@@ -62,11 +61,8 @@ class CachedTensorRTEngine(TensorRTEngine):
             version = trt_version()
         except (CudaError, ImportError) as e:
             raise self.error(str(e), shapes) from None
-        found = cache.find_plan(self.entry, shapes, version, self.device.info, self.cache_dir,
-                                refittable=self.refit_only, rows=self.table_rows)
-        if found is not None and self.table_rows:
-            self.with_rows.add(found)
-        return found
+        return cache.find_plan(self.entry, shapes, version, self.device.info, self.cache_dir,
+                               refittable=self.refit_only, rows=self.table_rows)
 
     def _lookup(self, shapes: Shapes) -> Path | None:
         """The plan for these shapes, found (and hash-checked) once per process; found
@@ -142,24 +138,32 @@ class CachedTensorRTEngine(TensorRTEngine):
         else:
             super()._load()
             if self.refitted:  # a plan from the file has the bundle's weights
+                more, bundle_graph = self.refit_with
                 try:
-                    super().refit(self.refitted, *self.refit_with)
+                    self.refit(self.refitted, more,
+                               None if bundle_graph is None else self.refit_graph(bundle_graph))
                 except BaseException:
                     self._unload()  # never left loaded without the LoRAs' weights
                     raise
 
-    def refit(self, weights: dict[str, np.ndarray],
-              more: Callable[[str], np.ndarray | None] | None = None,
-              onnx: Path | None = None, changed: set[str] | None = None,
-              rows: int = 0) -> None:
+    def keeps_rows(self, rows: int = cache.TABLE_ROWS) -> bool:
+        """Whether the loaded plan keeps `rows` token-table rows (its cache key says)."""
+        options = cache.artifact_options(self.path) if self.engine is not None else None
+        return options is not None and f"rows{rows}" in options.split("-")
+
+    def refit_weights(self, weights: dict[str, np.ndarray],
+                      more: Callable[[str], np.ndarray | None] | None = None,
+                      bundle_graph: Path | None = None, changed: set[str] | None = None,
+                      rows: int = 0) -> None:
         """As TensorRTEngine.refit, on a refittable plan (swapped to one if the loaded
         plan is not: refit_only from then on). `rows`: on a plan keeping that many
-        token-table rows (embeddings), likewise from then on. Plans swapped in later get
-        the weights in `changed` (those that now differ from the file's; default all);
-        parked plans hold old ones: they go."""
+        token-table rows (embeddings), likewise from then on. `bundle_graph`: the
+        bundle's ONNX graph; the parser refitter reads the graph the plan was built from
+        (refit_graph). Plans swapped in later get the weights in `changed` (those that
+        now differ from the file's; default all); parked plans hold old ones: they go."""
         rows = rows or self.table_rows
         if self.engine is not None and (not getattr(self.engine, "refittable", False)
-                                        or (rows and self.path not in self.with_rows)):
+                                        or (rows and not self.keeps_rows(rows))):
             shapes = self.shapes or {n: tuple(r["opt"]) for n, r in self.profile.shapes(self.spec).items()}
             before = (self.refit_only, self.table_rows)
             self.refit_only, self.table_rows, self.found = True, rows, {}
@@ -170,22 +174,31 @@ class CachedTensorRTEngine(TensorRTEngine):
                         if rows else "is not refittable and no refittable plan")
                 raise self.error(f"plan {self.path.name} {what} covers its shapes: build them "
                                  f"with `python -m engines.build BUNDLE --backend tensorrt --refit`")
-            self._swap(path)
+            if path != self.path:
+                self._swap(path)
         self.refit_only, self.table_rows = True, rows
         self.parked = {}
-        super().refit(weights, more, onnx)
+        self.refit(weights, more, None if bundle_graph is None else self.refit_graph(bundle_graph),
+                   keep=self.refitted)
         for name, array in weights.items():
             if changed is None or name in changed:
                 self.refitted[name] = array
             else:
                 self.refitted.pop(name, None)
-        self.refit_with = (more, onnx)
+        self.refit_with = (more, bundle_graph)
 
     def refit_graph(self, bundle_graph: Path) -> Path:
         """The ONNX graph the loaded plan was built from, for OnnxParserRefitter: the one
-        kept in its cache entry (a text encoder with token-table rows), else the bundle's."""
+        kept in its cache entry for a text encoder with token-table rows (the bundle's
+        has fewer), else the bundle's."""
+        options = cache.artifact_options(self.path) or ""
+        if not any(o.startswith("rows") for o in options.split("-")):
+            return bundle_graph
         kept = self.path.parent / bundle_graph.name
-        return kept if kept.is_file() and kept != bundle_graph else bundle_graph
+        if not kept.is_file():
+            raise self.error(f"plan {self.path} lost the graph it was built from; rebuild it "
+                             f"with `python -m engines.build BUNDLE --backend tensorrt --refit --force`")
+        return kept
 
     def reset_weights(self) -> None:
         self.refitted, self.parked = {}, {}

@@ -125,7 +125,7 @@ def check_embeddings(s: Settings) -> list[Embedding]:
                          "pip install 'sdrt[lora]'")
     bundle = resolve_model(s.model)
     return read_embeddings(read_manifest(bundle), ClipTokenizer(bundle / TOKENIZER_DIR),
-                           s.embedding_files())
+                           s.embedding_files(), s.pipeline_backend)
 
 
 def embeddings_listing(s: Settings) -> dict[str, Any]:
