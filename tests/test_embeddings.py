@@ -262,3 +262,24 @@ def test_openvino_embeddings_recompile_and_stack(pipe, embeddings, files):  # no
             ov.set_embeddings(emb)
         enc.core = real
         assert ov.embeddings == [] and np.array_equal(run(ov), base)
+
+
+def test_a_text_encoder_that_cannot_be_put_back_drops_every_lora(embeddings, files):  # noqa: F811
+    """Last resort: a failed set whose text encoder cannot get the old table back either
+    reloads every LoRA graph from the bundle and drops every LoRA (the UNet's too, so
+    `loras` never lists weights that are not there)."""
+    with Pipeline(demo_bundle(), "ort-cpu", safety=False) as p:
+        base = run(p)
+        p.set_loras([(files["kohya"], 0.8)])  # the UNet and the text encoder
+        assert {"unet", "text_encoder"} <= set(p._lora_touched)
+        p.set_embeddings([embeddings["one"]])
+
+        def fails(*args, **kwargs):
+            raise RuntimeError("no memory for it")
+
+        real, p.engine_set.replace_weights = p.engine_set.replace_weights, fails
+        with pytest.raises(RuntimeError, match="no memory"):
+            p.set_embeddings([embeddings["one"], embeddings["three"]])
+        p.engine_set.replace_weights = real
+        assert p.loras == [] and p.embeddings == [] and p._lora_touched == {}
+        assert np.array_equal(run(p), base)

@@ -19,6 +19,7 @@ from fakes.tiny_bundle import make_bundle
 from engines.build import main
 from runtime import cache
 from runtime.bundle import read_manifest
+from runtime.engine import EngineError
 
 
 @pytest.fixture(scope="module")
@@ -410,6 +411,19 @@ def test_device_bindings_take_a_grown_token_table(tmp_path, monkeypatch):
         enc.allocate(shapes)
         assert enc.current is not None  # ran through the device bindings
         assert np.array_equal(enc.run({"input_ids": ids})["last_hidden_state"], want_one)
+        # the upload fails (device memory): one line, and nothing has changed
+        before = (enc.device.weights[table], enc.weights[table], enc.shapes, enc.device.plain)
+
+        def no_memory(*args, **kwargs):
+            raise RuntimeError("CUDA out of memory\n(more lines)")
+
+        monkeypatch.setattr(ort.OrtValue, "ortvalue_from_numpy", no_memory)
+        grown = np.zeros((enc.weights[table].shape[0] + 3, enc.weights[table].shape[1]), np.float32)
+        with pytest.raises(EngineError, match="cannot put weight .* on the GPU: CUDA out of memory at") as e:
+            enc.set_weights({table: grown})
+        assert "\n" not in str(e.value)
+        monkeypatch.undo()
+        assert (enc.device.weights[table], enc.weights[table], enc.shapes, enc.device.plain) == before
         graphs = ort_cuda.DeviceBindings(enc.session, enc.spec, cuda_graph=True, device="cpu",
                                          weights=weights)
         with pytest.raises(ValueError, match="CUDA graphs"):

@@ -358,3 +358,22 @@ def test_refused_embeddings_keep_the_text_encoder(trt10, tmp_path, monkeypatch):
         pipe.set_embeddings([])
         assert pipe.engines["text_encoder"] is enc and enc.engine is not None
         assert not any("dropped" in m for m in logs), logs
+
+
+def test_loras_forget_plans_found_before_them(trt10, tmp_path, monkeypatch):
+    """Plans found per shape before LoRAs (a plain static plan) are looked up again under
+    the new requirement: the static shape then runs on the refittable dynamic plan, with
+    the LoRA's weights."""
+    bundle = mapped_bundle(tmp_path / "bundle")
+    monkeypatch.setenv("SDRT_CACHE_DIR", str(tmp_path / "cache"))
+    assert build([str(bundle), "--backend", "tensorrt", "--static", "--opt", "1x64x64"]) == 0
+    assert build([str(bundle), "--backend", "tensorrt", "--refit"]) == 0
+    with Pipeline(bundle, "tensorrt", safety=False) as pipe:
+        unet = pipe.engines["unet"]
+        latents(pipe, 64, guidance=7.5)  # UNet batch 2 at 64x64: the plain static plan
+        assert not unet.engine.refittable
+        latents(pipe, 128)  # the refittable dynamic plan
+        pipe.set_loras([(lora(tmp_path / "a.safetensors", 1), 1.0)])
+        shift = unet.engine.shift()
+        latents(pipe, 64, guidance=7.5)
+        assert unet.engine.refittable and unet.engine.shift() == shift != 0.0

@@ -341,11 +341,13 @@ class TensorRTEngine(Engine):
 
     def refit(self, weights: dict[str, np.ndarray],
               more: Callable[[str], np.ndarray | None] | None = None,
-              onnx: Path | None = None, keep: Mapping[str, np.ndarray] | None = None) -> None:
+              onnx: Path | Callable[[], Path] | None = None,
+              keep: Mapping[str, np.ndarray] | None = None) -> None:
         """Write `weights` (ONNX initializer name -> float32 array, the bundle's layout)
         into the loaded plan (built with `engines.build --refit`). Weights TensorRT fused
         with them and so wants too come from `more(name)` (None: not known); past that,
-        every weight is read from the graph the plan was built from, `onnx`, once
+        every weight is read from the graph the plan was built from, `onnx` (or what it
+        returns, called then), once
         (TensorRT 10's OnnxParserRefitter), then `keep` (what the plan holds now that
         differs from that graph: earlier refits) and ours over them. EngineError (one
         line) when the plan cannot take them; a refit TensorRT gave up on halfway leaves
@@ -380,11 +382,12 @@ class TensorRTEngine(Engine):
                 found = {n: more(n) if more is not None and n else None for n in missing}
                 unknown = [n or "(unnamed)" for n, v in found.items() if v is None]
                 if unknown and not readers and onnx is not None and hasattr(trt, "OnnxParserRefitter"):
+                    graph = onnx() if callable(onnx) else onnx
                     reader = trt.OnnxParserRefitter(refitter, self.device.logger)
                     readers.append(reader)
-                    if not reader.refit_from_file(str(onnx)):
+                    if not reader.refit_from_file(str(graph)):
                         why = str(reader.get_error(0)) if getattr(reader, "num_errors", 0) else ""
-                        raise self.error(f"TensorRT could not read the weights of {onnx}"
+                        raise self.error(f"TensorRT could not read the weights of {graph}"
                                          + (f": {why.splitlines()[0]}" if why else ""))
                     for name, array in {**(keep or {}), **given}.items():  # ours over the graph's
                         put(name, array)
@@ -401,7 +404,7 @@ class TensorRTEngine(Engine):
                 raise self.error("TensorRT still misses weights to refit with; bake the LoRAs "
                                  "in with `python -m export --lora` instead")
             if not refitter.refit_cuda_engine():  # it may have written some weights
-                self.reset_weights()
+                TensorRTEngine.reset_weights(self)  # this plan only: a cached engine's record stays
                 raise self.error("TensorRT's refit failed (see its log above); the plan is "
                                  "back on its own weights")
         except EngineError:

@@ -52,6 +52,7 @@ class CachedTensorRTEngine(TensorRTEngine):
         self.refit_with: tuple[Callable[[str], np.ndarray | None] | None, Path | None] = (None, None)
         self.refit_only = False  # run-time LoRAs: refittable plans only, from then on
         self.table_rows = 0  # embeddings: plans keeping this many token-table rows only
+        self.options: dict[Path, str] = {}  # each plan's build options, read when it was found
 
     def _find(self, shapes: Shapes | None) -> Path | None:
         """find_plan for this graph on this device (created here on first use)."""
@@ -110,6 +111,7 @@ class CachedTensorRTEngine(TensorRTEngine):
         if path is None:
             raise self._no_plan(opt)
         self.path = path
+        self._options(path)  # while its entry is surely there
         self.cache_status = "hit"  # plans come from engines.build; none is an error above
         super()._load()
 
@@ -131,6 +133,7 @@ class CachedTensorRTEngine(TensorRTEngine):
             while len(self.parked) > self.keep_plans - 1:
                 self.parked.pop(next(iter(self.parked)))  # the oldest
         self.path = path
+        self._options(path)
         if wanted is not None:
             self.engine, self.context, self.scratch_bytes = wanted
             assert self.device is not None
@@ -140,16 +143,26 @@ class CachedTensorRTEngine(TensorRTEngine):
             if self.refitted:  # a plan from the file has the bundle's weights
                 more, bundle_graph = self.refit_with
                 try:
-                    self.refit(self.refitted, more,
-                               None if bundle_graph is None else self.refit_graph(bundle_graph))
+                    self.refit(self.refitted, more, self._graph_for(bundle_graph))
                 except BaseException:
                     self._unload()  # never left loaded without the LoRAs' weights
                     raise
 
+    def _options(self, path: Path) -> str:
+        """The build options of plan `path` (its cache key's), read once: a plan pruned
+        from the cache while loaded keeps what it was built with."""
+        if path not in self.options:
+            self.options[path] = cache.artifact_options(path) or ""
+        return self.options[path]
+
     def keeps_rows(self, rows: int = cache.TABLE_ROWS) -> bool:
-        """Whether the loaded plan keeps `rows` token-table rows (its cache key says)."""
-        options = cache.artifact_options(self.path) if self.engine is not None else None
-        return options is not None and f"rows{rows}" in options.split("-")
+        """Whether the current plan keeps `rows` token-table rows (its cache key says)."""
+        return self.path != Path() and f"rows{rows}" in self._options(self.path).split("-")
+
+    def _graph_for(self, bundle_graph: Path | None) -> Callable[[], Path] | None:
+        """The graph the current plan was built from, looked up only if the parser
+        refitter is needed (TensorRT 10, weights the map lacks)."""
+        return None if bundle_graph is None else lambda: self.refit_graph(bundle_graph)
 
     def refit_weights(self, weights: dict[str, np.ndarray],
                       more: Callable[[str], np.ndarray | None] | None = None,
@@ -162,6 +175,8 @@ class CachedTensorRTEngine(TensorRTEngine):
         (refit_graph). Plans swapped in later get the weights in `changed` (those that
         now differ from the file's; default all); parked plans hold old ones: they go."""
         rows = rows or self.table_rows
+        if (self.refit_only, self.table_rows) != (True, rows):
+            self.found = {}  # plans found under looser requirements
         if self.engine is not None and (not getattr(self.engine, "refittable", False)
                                         or (rows and not self.keeps_rows(rows))):
             shapes = self.shapes or {n: tuple(r["opt"]) for n, r in self.profile.shapes(self.spec).items()}
@@ -178,21 +193,20 @@ class CachedTensorRTEngine(TensorRTEngine):
                 self._swap(path)
         self.refit_only, self.table_rows = True, rows
         self.parked = {}
-        self.refit(weights, more, None if bundle_graph is None else self.refit_graph(bundle_graph),
-                   keep=self.refitted)
+        self.refit(weights, more, self._graph_for(bundle_graph), keep=self.refitted)
         for name, array in weights.items():
             if changed is None or name in changed:
                 self.refitted[name] = array
             else:
                 self.refitted.pop(name, None)
-        self.refit_with = (more, bundle_graph)
+        # a table's refit (no `more`) keeps what the LoRAs' refit knew
+        self.refit_with = (more or self.refit_with[0], bundle_graph or self.refit_with[1])
 
     def refit_graph(self, bundle_graph: Path) -> Path:
         """The ONNX graph the loaded plan was built from, for OnnxParserRefitter: the one
         kept in its cache entry for a text encoder with token-table rows (the bundle's
         has fewer), else the bundle's."""
-        options = cache.artifact_options(self.path) or ""
-        if not any(o.startswith("rows") for o in options.split("-")):
+        if not any(o.startswith("rows") for o in self._options(self.path).split("-")):
             return bundle_graph
         kept = self.path.parent / bundle_graph.name
         if not kept.is_file():
