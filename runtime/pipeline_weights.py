@@ -243,12 +243,9 @@ class RunTimeWeights:
         UsageError (one line) for a file this model cannot use, before anything changes;
         if loading fails after that, the Pipeline is left with no embeddings. Requests
         made before this call are refused by run() (their token ids are stale)."""
-        from runtime.lora_apply import read_base
-
         self._check_weight_inputs("textual-inversion embeddings", bool(files))
         read = read_embeddings(self.manifest, self._base_tokenizer, files, self.backend)
-        table = (self.manifest.graphs[TEXT].weights or {})[TOKEN_TABLE]
-        rows = table.shape[0]
+        rows = self._table_entry().shape[0]
         words = [w for e in read for w in e.tokens]
         tokenizer = self._base_tokenizer.with_words(words) if words else self._base_tokenizer
         t = time.perf_counter()
@@ -258,8 +255,7 @@ class RunTimeWeights:
                 self._checked(integrity.BundleCheck(
                     integrity_files(self.bundle, self.manifest, [TEXT]),
                     cache.verified_memo(self.bundle) if self.use_cache else None))
-                grown = np.empty((rows + len(words), table.shape[1]), np.float32)
-                read_base(self.bundle, table.file, table.offset, TOKEN_TABLE, grown[:rows])
+                grown = self._base_table(len(words))
                 grown[rows:] = np.concatenate([e.vectors for e in read])
             self._set_table(grown)
         except BaseException:
@@ -278,7 +274,7 @@ class RunTimeWeights:
         """The text encoder with this token table [V + k, C] (None: the bundle's), its
         other weights as they are (the bundle's, or with the LoRAs). Afterwards a table
         means a LoRA-ready text encoder holding it."""
-        from runtime.lora_apply import all_params, lora_weights, read_base
+        from runtime.lora_apply import all_params, lora_weights
 
         if self.backend == "tensorrt":
             self._refit_table(grown)
@@ -288,10 +284,7 @@ class RunTimeWeights:
             if grown is None and not self._lora_touched.get(TEXT):
                 engine.set_weights({})  # type: ignore[attr-defined]
                 return
-            if grown is None:
-                entry = (self.manifest.graphs[TEXT].weights or {})[TOKEN_TABLE]
-                grown = np.empty(entry.shape, np.float32)
-                read_base(self.bundle, entry.file, entry.offset, TOKEN_TABLE, grown)
+            grown = self._base_table() if grown is None else grown
             engine.set_weights({self._table_name(): grown}, keep=True)  # type: ignore[attr-defined]
             return
         loaded = TEXT in self._lora_graphs and TEXT in self.engine_set.engines
@@ -302,9 +295,7 @@ class RunTimeWeights:
             return
         name = self._table_name()
         if grown is None:  # the LoRAs stay: the bundle's own table back in its place
-            entry = (self.manifest.graphs[TEXT].weights or {})[TOKEN_TABLE]
-            grown = np.empty(entry.shape, np.float32)
-            read_base(self.bundle, entry.file, entry.offset, TOKEN_TABLE, grown)
+            grown = self._base_table()
         if loaded:
             self.engine_set.replace_weights(TEXT, self.manifest, self.bundle, {name: grown},
                                             self._loaded, in_place=True)
@@ -322,23 +313,21 @@ class RunTimeWeights:
         """TensorRT: the text encoder's token table refitted into a plan that keeps
         TABLE_ROWS zero rows after the bundle's (engines.build --refit): [V + k, C] then
         zeros. None: the bundle's table (the plan's own weights when no LoRA is on it)."""
-        from runtime.lora_apply import read_base
-
         engine: Any = self.engine_set.engines[TEXT]
-        entry = (self.manifest.graphs[TEXT].weights or {})[TOKEN_TABLE]
         if grown is None and not engine.keeps_rows():
             return  # no plan with rows: no embedding ever went in
         if grown is None and not self._lora_touched.get(TEXT):
             engine.reset_weights()  # its own weights: the bundle's table, zero rows after
             return
-        padded = np.zeros((entry.shape[0] + TABLE_ROWS, entry.shape[1]), np.float32)
         if grown is None:
-            read_base(self.bundle, entry.file, entry.offset, TOKEN_TABLE, padded[:entry.shape[0]])
+            padded = self._base_table(TABLE_ROWS)
+            padded[self._table_entry().shape[0]:] = 0
         else:
+            padded = np.zeros((TABLE_ROWS + self._table_entry().shape[0], grown.shape[1]), np.float32)
             padded[:len(grown)] = grown
-        name = entry.initializer
+        name = self._table_name()
         engine.refit_weights({name: padded}, None, self.bundle / self.manifest.graphs[TEXT].file,
-                     {name}, rows=TABLE_ROWS)
+                             {name}, rows=TABLE_ROWS)
 
     def _forget_embeddings(self) -> None:
         """No embeddings (after a failed load): the tokenizer without their words, the
@@ -362,8 +351,21 @@ class RunTimeWeights:
             self.engine_set.drop(graph)
             self.engine_set.add(graph, self.manifest, self.bundle, self._loaded)
 
+    def _table_entry(self) -> Any:  # the token table's WeightRef in the weight map
+        return (self.manifest.graphs[TEXT].weights or {})[TOKEN_TABLE]
+
     def _table_name(self) -> str:  # the token table's initializer in the text encoder graph
-        return (self.manifest.graphs[TEXT].weights or {})[TOKEN_TABLE].initializer
+        return self._table_entry().initializer
+
+    def _base_table(self, more_rows: int = 0) -> np.ndarray:
+        """The bundle's token table [V, C], read from its file into a float32 array with
+        `more_rows` rows after it (left uninitialised: the caller fills them)."""
+        from runtime.lora_apply import read_base
+
+        entry = self._table_entry()
+        out = np.empty((entry.shape[0] + more_rows, entry.shape[1]), np.float32)
+        read_base(self.bundle, entry.file, entry.offset, TOKEN_TABLE, out[:entry.shape[0]])
+        return out
 
     def _check_weight_inputs(self, what: str, any_files: bool, hint: str = "") -> None:
         """Run-time weights (LoRAs, embeddings) need an open Pipeline: on tensorrt (plans
