@@ -283,3 +283,18 @@ def test_a_text_encoder_that_cannot_be_put_back_drops_every_lora(embeddings, fil
         p.engine_set.replace_weights = real
         assert p.loras == [] and p.embeddings == [] and p._lora_touched == {}
         assert np.array_equal(run(p), base)
+
+
+def test_cli_refuses_more_vectors_than_tensorrt_keeps_before_loading(tmp_path, width, capsys):
+    """More than TABLE_ROWS (256) vectors on tensorrt: one line, exit 2, before any
+    engine loads (so also where TensorRT is not installed, as here)."""
+    from runtime.generate import main
+
+    args = ["x", "--model", "demo", "--backend", "tensorrt", "--output-dir", str(tmp_path / "o")]
+    for i in range(4):  # 4 x 75 = 300 vectors
+        save_file({f"<w{i}>": np.zeros((75, width), np.float32)}, str(tmp_path / f"w{i}.safetensors"))
+        args += ["--embedding", str(tmp_path / f"w{i}.safetensors")]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith("a TensorRT text encoder plan keeps 256 rows for them"), err
+    assert not (tmp_path / "o").exists()
