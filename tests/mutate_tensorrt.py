@@ -37,23 +37,32 @@ MUTATIONS = [  # (what breaks, file, exact source, replacement)
  ("never-given inputs run (engine base)", "runtime/engine.py", "        if len(self.given) != len(self._dtypes):", "        if False:"),
  ("11 not refused", "runtime/tensorrt_env.py", "    why = unsupported(str(getattr(trt, \"__version__\", \"?\")))\n    if why:\n        return why", "    pass"),
 ]
-tests = ["tests/test_tensorrt_backend.py", "tests/test_engines_build.py", "tests/test_engine_base.py"]
-bad = 0
-for name, f, old, new in MUTATIONS:
-    p = ROOT / f
-    orig = p.read_text()
-    if old not in orig:
-        print(f"!! {name}: pattern not found (the code changed: update this entry)")
-        bad += 1
-        continue
-    p.write_text(orig.replace(old, new, 1))
-    try:
-        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                            *tests], capture_output=True, text=True, cwd=ROOT)
-    finally:
-        p.write_text(orig)
-    failed = r.returncode != 0
-    print(f"{'caught' if failed else 'MISSED'}: {name}")
-    bad += not failed
-print("missed", bad)
-sys.exit(1 if bad else 0)
+TESTS = ["tests/test_tensorrt_backend.py", "tests/test_engines_build.py", "tests/test_engine_base.py"]
+
+
+def main() -> int:
+    """Apply each mutation, run TESTS, restore the file; 1 if any mutation was missed.
+    Only from the command line: importing this module must never edit the source."""
+    bad = 0
+    for name, f, old, new in MUTATIONS:
+        p = ROOT / f
+        orig = p.read_text()
+        if old not in orig:
+            print(f"!! {name}: pattern not found (the code changed: update this entry)")
+            bad += 1
+            continue
+        p.write_text(orig.replace(old, new, 1))
+        try:
+            r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                                *TESTS], capture_output=True, text=True, cwd=ROOT)
+        finally:
+            p.write_text(orig)
+        failed = r.returncode != 0
+        print(f"{'caught' if failed else 'MISSED'}: {name}")
+        bad += not failed
+    print("missed", bad)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
