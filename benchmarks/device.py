@@ -1,15 +1,15 @@
-"""`python -m benchmarks.device`: the GPU benchmark as four back-to-back device calls.
+"""`python -m benchmarks.device`: the GPU benchmark as five back-to-back device calls.
 
 The GPU machine is lent 15 minutes at a time, start-up included, and goes cold 30 s
-after a call; onnxruntime-gpu reaches it in four parts (device_kit.py). So the run is
+after a call; onnxruntime-gpu reaches it in five parts (device_kit.py). So the run is
 prepared here and rehearsed here, and on the machine it only runs. The exact calls, what
 each carries and its time limit are in README.md ("Running the GPU benchmark"):
 
-    here, once:  python -m benchmarks.device pack        # .devicekit/: 4 parts + wheels
+    here, once:  python -m benchmarks.device pack        # .devicekit/: 5 parts + wheels
     here:        python -m benchmarks.device rehearse    # the same phases on this CPU
     call 1:      python3 -m benchmarks.device start      # + launches prepare
-    calls 2, 3:  python3 -m benchmarks.device part [--wait S]
-    call 4:      python3 -m benchmarks.device finish --deadline D
+    calls 2-4:   python3 -m benchmarks.device part [--wait S]
+    call 5:      python3 -m benchmarks.device finish --deadline D
 
 `start` launches `prepare` in its own session, so it runs on while the parts travel:
 small wheels installed, `sd14-random` exported, the `ort-cuda` fp16 graphs built with
@@ -118,7 +118,7 @@ def missing_earlier_parts(run: Run, carried: Path) -> list[str]:
 
 
 def part(run: Run, carried: Path, wait: float, tests_only: bool = False) -> int:
-    """Calls 2 and 3: keep the part; optionally wait for prepare (time the machine is
+    """Calls 2 to 4: keep the part; optionally wait for prepare (time the machine is
     held anyway, spent here instead of in the last call's 10 minutes)."""
     cold = missing_earlier_parts(run, carried)
     if not tests_only and not (run.state / "repo").is_dir():
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
                     "rehearse: a temporary one)")
     ap.add_argument("--out", type=Path, default=None, help="results folder (default $OUT)")
     ap.add_argument("--wait", type=float, default=0, help="part: seconds to wait for prepare")
-    ap.add_argument("--parts", type=int, default=4, help="pack: how many parts")
+    ap.add_argument("--parts", type=int, default=5, help="pack: how many parts")
     ap.add_argument("--deadline", type=float, default=None,
                     help=f"finish: seconds it may take in all (default {GPU.deadline:g}); set it "
                     "to the lease's budget_left_s minus a minute so results come back")

@@ -66,7 +66,7 @@ def tree_bytes(repo: Path) -> int:
                if n and (repo / n).is_file())
 
 
-def pack(repo: Path, version: str = ORT_GPU_VERSION, count: int = 4) -> list[Path]:
+def pack(repo: Path, version: str = ORT_GPU_VERSION, count: int = 5) -> list[Path]:
     """Download onnxruntime-gpu (CUDA 13, cp312) and SMALL_WHEELS into KIT, the former
     as `count` xz parts. Checks that each call's carry fits with the tree."""
     kit = repo / KIT

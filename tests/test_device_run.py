@@ -107,10 +107,10 @@ def test_a_cold_machine_is_reported_at_once(tmp_path):
 
     carried = tmp_path / "carried"
     carried.mkdir()
-    (carried / "ort-part-02-of-04").write_bytes(b"x")
+    (carried / "ort-part-02-of-05").write_bytes(b"x")
     run = Run(CPU, tmp_path / "state", REPO)
     assert device.part(run, carried, wait=300) == 1
-    assert device.missing_earlier_parts(run, carried) == ["ort-part-00-of-04", "ort-part-01-of-04"]
+    assert device.missing_earlier_parts(run, carried) == ["ort-part-00-of-05", "ort-part-01-of-05"]
     out = tmp_path / "out"
     assert device.finish(run, carried, out) == 1
     assert json.loads((out / "summary.json").read_text())["stopped"].startswith("the machine went cold")
