@@ -20,6 +20,8 @@ from transformers import CLIPConfig, CLIPTextConfig, CLIPTextModel
 from export.configs import CONFIGS, SPECIAL_CONCEPTS, ModelConfig
 from runtime.bundle import SAFETY_CONCEPTS
 
+EXPORT_DIR = Path(__file__).parent  # ModelConfig.weights are relative to it
+
 
 @dataclass(frozen=True)
 class Components:
@@ -88,15 +90,21 @@ def build_safety_checker(cfg: ModelConfig, seed: int) -> StableDiffusionSafetyCh
 
 
 def build_components(name: str | ModelConfig, seed: int = 0, safety: bool = True) -> Components:
-    """Deterministic random-weight components for "demo", "sd14-random" or a ModelConfig.
+    """Deterministic components for "demo", "sd14-random" or a ModelConfig.
 
     Each module is built after `torch.manual_seed(seed + k)` (k fixed per module), so
-    the same seed gives bit-identical weights on any machine with the same torch.
+    the same seed gives bit-identical weights on any machine with the same torch. A
+    config with `weights` (the demo) then loads its trained text encoder, UNet and VAE
+    from that file; the seed still picks the (random) safety checker.
     """
     cfg = CONFIGS[name] if isinstance(name, str) else name
     text = _seeded(seed, lambda: CLIPTextModel(CLIPTextConfig(**cfg.copy("text_encoder"))))
     unet = _seeded(seed + 1, lambda: UNet2DConditionModel(**cfg.copy("unet")))
     vae = _seeded(seed + 2, lambda: AutoencoderKL(**cfg.copy("vae")))
+    if cfg.weights is not None:
+        from export.demo_model import weights
+
+        weights.load(EXPORT_DIR / cfg.weights, {"text_encoder": text, "unet": unet, "vae": vae})
     checker = build_safety_checker(cfg, seed + 3) if safety else None
     scheduler = PNDMScheduler.from_config(cfg.copy("scheduler"))  # keeps v1-4's clip_sample key
     return Components(text, unet, vae, checker, scheduler, None, cfg.name)

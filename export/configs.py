@@ -8,7 +8,9 @@ out fresh ones.
 
 The demo keeps every v1-4 interface (49408-token vocabulary, 77 positions, 4 latent
 channels, a 4-block factor-8 VAE, cross-attention, a 17-concept safety checker at CLIP's
-224 px input) at tiny widths, so its bundle ships in a few MB.
+224 px input) at tiny widths, so its bundle ships in a few MB; its text encoder, UNet
+and VAE were trained on captioned shapes (export/demo_model/), its safety checker is
+random and never flags.
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ class ModelConfig:
     safety_projection: int  # CLIPConfig.projection_dim
     scheduler: dict  # diffusers.PNDMScheduler kwargs
     profile: Profile
+    # trained weights (export/demo_model/weights.py format), relative to export/; None:
+    # random weights from the seed
+    weights: str | None = None
 
     def copy(self, field: str) -> dict:
         return copy.deepcopy(getattr(self, field))
@@ -86,20 +91,21 @@ SD14 = ModelConfig(
 
 DEMO = ModelConfig(
     name="demo",
+    # trained here on captioned shapes (export/demo_model/): 64x64 pictures, 8x8 latents
     text_encoder={
-        # hidden 8: the 49408-token embedding table dominates the shipped bundle's size
-        **SD14.text_encoder, "hidden_size": 8, "intermediate_size": 16, "projection_dim": 8,
+        # hidden 32: the 49408-token embedding table dominates the shipped bundle's size
+        **SD14.text_encoder, "hidden_size": 32, "intermediate_size": 64, "projection_dim": 32,
         "num_hidden_layers": 2, "num_attention_heads": 2,
     },
     unet={
-        **SD14.unet, "sample_size": 32, "layers_per_block": 1, "block_out_channels": (16, 32),
-        "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
-        "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
-        "cross_attention_dim": 8, "attention_head_dim": 4, "norm_num_groups": 8,
+        **SD14.unet, "sample_size": 8, "layers_per_block": 1, "block_out_channels": (32, 32),
+        "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        "cross_attention_dim": 32, "attention_head_dim": 8, "norm_num_groups": 8,
     },
     vae={
-        **SD14.vae, "sample_size": 256, "layers_per_block": 1, "block_out_channels": (8, 8, 16, 16),
-        "norm_num_groups": 4,
+        **SD14.vae, "sample_size": 64, "layers_per_block": 1, "block_out_channels": (16, 32, 32, 32),
+        "norm_num_groups": 8,
     },
     safety_vision={
         **SD14.safety_vision, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
@@ -107,7 +113,8 @@ DEMO = ModelConfig(
     },
     safety_projection=16,
     scheduler=SD14_SCHEDULER,
-    profile=Profile(batch=(1, 1, 4), height=(64, 256, 512), width=(64, 256, 512)),
+    profile=Profile(batch=(1, 1, 4), height=(64, 64, 512), width=(64, 64, 512)),
+    weights="demo_model/weights.safetensors",
 )
 
 CONFIGS = {c.name: c for c in (DEMO, SD14)}

@@ -130,7 +130,7 @@ def _output_dir(kind: str) -> Callable[[Path, Path], list[str]]:
     return setup
 
 
-SHAPE = [1, 4, 32, 32]  # the demo's default 256x256 image, one per call
+SHAPE = [1, 4, 8, 8]  # the demo's default 64x64 image, one per call
 
 
 def _png(width: int, height: int) -> bytes:

@@ -103,7 +103,7 @@ def test_lora_swap_benchmark_runs_on_the_demo(tmp_path, capsys):
     assert main(["--model", "demo", "--rank", "2", "--size", "64", "--step-size", "64",
                  "--step-calls", "3", "--json", str(tmp_path / "r.json")]) == 0
     r = json.loads((tmp_path / "r.json").read_text())
-    assert r["layers"] == 48 and r["rank"] == 2
+    assert r["layers"] == 84 and r["rank"] == 2
     for k in ("cold_load_s", "swap_A_s", "swap_B_s", "swap_A_again_s", "swap_none_s",
               "unet_call_bundle_s", "unet_call_lora_ready_s", "peak_rss_after_A_gib"):
         assert r[k] > 0, k

@@ -29,13 +29,13 @@ def test_generates_png_with_metadata(tmp_path):
     assert len(paths) == 2 and all(p.endswith(".png") for p in paths)
     with Image.open(paths[1]) as im:
         meta = im.text
-        assert im.size == (256, 256)
+        assert im.size == (64, 64)
     assert meta["prompt"] == PROMPT and meta["seed"] == "7" and meta["steps"] == "3"
     assert meta["scheduler"] == "pndm" and meta["guidance_scale"] == "7.5"
     # auto: openvino where it is installed, else ort-cpu; the PNG says which, and the precision
     chosen = re.search(r"^backend: (\S+) .*; precision (\w+)", out.stderr, re.M)
     assert chosen and chosen.group(1) in ("openvino", "ort-cpu"), out.stderr
-    assert meta["size"] == "256x256" and meta["model"] == "demo"
+    assert meta["size"] == "64x64" and meta["model"] == "demo"
     assert (meta["backend"], meta["precision"]) == chosen.groups()
     assert meta["batch_index"] == "1" and meta["negative_prompt"] == ""
     assert "time:" in out.stderr
@@ -68,7 +68,7 @@ def test_long_prompt_runs_in_chunks(tmp_path):
     with Image.open(out.stdout.split()[0]) as im:
         params = im.text["parameters"]
     assert params.startswith(prompt + "\n")
-    assert "Steps: 2, Sampler: PLMS, CFG scale: 7.5, Seed: 1, Size: 256x256" in params
+    assert "Steps: 2, Sampler: PLMS, CFG scale: 7.5, Seed: 1, Size: 64x64" in params
 
 
 def test_prompt_past_the_chunk_limit_warns(tmp_path):

@@ -1,19 +1,14 @@
-"""Issue 16's tools: captioned shapes, the pixel-statistics judge, the training script,
-and the semantic check of a trained model.
+"""The shipped demo draws what it is told (issue 16): its tools (captioned shapes, the
+pixel-statistics judge, the training script) and the semantic check of the shipped model.
 
 The semantic check: for 24 prompts, 4 shapes x 6 colours (the pairs held out of training
-among them), the picture's foreground colour must match the prompt in >= 90% and its
-shape in >= 75% (export/demo_model/shapes.py judge). It runs on a bundle made by
-`python -m export.demo_model.train` when SDRT_DEMO_SHAPES names it (the trained weights
-are not shipped yet: README, "The demo model"). Measured on the bundle trained here
-(2-core AMD EPYC, 20 PNDM steps): colour + shape hits of 48 were 48 at guidance 1 and 2,
-33 at 3, 11 at 5 and 13 at 7.5.
+among them), with the CLI's defaults (PNDM, 50 steps, guidance 7.5), the picture's
+foreground colour must match the prompt in >= 90% and its shape in >= 75% (judged by
+export/demo_model/shapes.py's judge, no learned judge); without guidance (1) the score
+must be lower: classifier-free guidance does something.
 """
 
 from __future__ import annotations
-
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,7 +17,7 @@ from export.demo_model.shapes import COLOURS, SHAPES, caption, draw, judge, rand
 from export.demo_model.train import HELD_OUT
 
 TEST_COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
-GUIDANCE = 2.0  # the trained model's pictures fall apart above 2 (see above)
+DEFAULT_GUIDANCE = 7.5  # runtime.generate's, with its PNDM and 50 steps
 
 
 def prompts() -> list[tuple[str, str, str]]:
@@ -40,7 +35,7 @@ def score(pipe, guidance: float) -> tuple[int, int, list[str]]:
     colours = shapes = 0
     misses = []
     for k, (prompt, colour, shape) in enumerate(prompts()):
-        v = judge(pipe(prompt, steps=20, guidance_scale=guidance, seed=k).images[0])
+        v = judge(pipe(prompt, guidance_scale=guidance, seed=k).images[0])  # PNDM, 50 steps
         colours += v.colour == colour
         shapes += v.shape == shape
         if (v.colour, v.shape) != (colour, shape):
@@ -70,7 +65,8 @@ def test_training_runs_resumes_and_exports(tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    from export.demo_model.train import main, token_ids
+    from export.demo_model import weights
+    from export.demo_model.train import load_weights, main, token_ids
     from runtime.pipeline import Pipeline
 
     args = ["--out", str(tmp_path), "--dataset", "64", "--vae-steps", "2", "--vae-batch", "4",
@@ -80,22 +76,37 @@ def test_training_runs_resumes_and_exports(tmp_path):
     assert main([*args, "--steps", "4"]) == 0
     assert torch.load(tmp_path / "denoiser.pt", weights_only=True)["step"] == 4
     state = load_file(str(tmp_path / "weights.safetensors"))
-    (table,) = [v for k, v in state.items() if k.endswith("embeddings.token_embedding.weight")]
-    assert table.dtype == torch.float16
-    used = token_ids(["a red circle on a blue background"]).unique()
-    rows = table.abs().sum(1) != 0  # kept: the captions' words, BOS and EOS
-    assert rows.sum() < 100 and rows[used].all()
+    ids, rows = state[weights.TABLE_IDS], state[weights.TABLE_ROWS]
+    assert not [k for k in state if "token_embedding" in k] and rows.dtype == torch.float16
+    assert rows.shape == (len(ids), 32) and len(ids) < 100  # the captions' words, BOS, EOS
+    assert set(token_ids(["a red circle on a blue background"]).unique().tolist()) <= set(ids.tolist())
+    text, _, _ = load_weights(tmp_path / "weights.safetensors")
+    table = text.get_input_embeddings().weight
+    assert torch.equal(table[ids], rows.float()) and table.abs().sum() == rows.float().abs().sum()
     with Pipeline(tmp_path / "bundle", "ort-cpu", safety=False) as pipe:
         assert pipe("a red circle on a blue background", steps=2).images.shape == (1, 64, 64, 3)
 
 
-@pytest.mark.skipif(not os.environ.get("SDRT_DEMO_SHAPES"),
-                    reason="set SDRT_DEMO_SHAPES to a bundle made by export.demo_model.train")
-def test_the_trained_model_draws_the_colour_and_shape_it_is_told():
+@pytest.fixture(scope="module")
+def demo_scores() -> dict[float, tuple[int, int, list[str]]]:
+    """score() of the shipped demo at the default guidance and without guidance."""
     from runtime.pipeline import Pipeline
 
-    with Pipeline(Path(os.environ["SDRT_DEMO_SHAPES"]), "ort-cpu", safety=False) as pipe:
-        colours, shapes, misses = score(pipe, GUIDANCE)
-    print(f"\ncolour {colours}/24, shape {shapes}/24 at guidance {GUIDANCE}; misses: {misses}")
+    with Pipeline("demo", "ort-cpu", safety=False) as pipe:
+        return {g: score(pipe, g) for g in (DEFAULT_GUIDANCE, 1.0)}
+
+
+def test_the_demo_draws_the_colour_and_shape_it_is_told(demo_scores):
+    colours, shapes, misses = demo_scores[DEFAULT_GUIDANCE]
+    print(f"\ncolour {colours}/24, shape {shapes}/24 at guidance {DEFAULT_GUIDANCE}; misses: {misses}")
     assert colours >= 22, misses  # >= 90% of 24
     assert shapes >= 18, misses  # >= 75%
+
+
+def test_guidance_makes_the_demo_follow_the_prompt_better(demo_scores):
+    """Without classifier-free guidance fewer colours and shapes are right (measured on
+    the shipped weights: 39 of 48 against 45 at 7.5); CFG must add at least 3."""
+    guided = sum(demo_scores[DEFAULT_GUIDANCE][:2])
+    plain = sum(demo_scores[1.0][:2])
+    print(f"\ncolour + shape hits of 48: {plain} without guidance, {guided} at {DEFAULT_GUIDANCE}")
+    assert plain + 3 <= guided, (plain, guided, demo_scores[1.0][2])

@@ -181,7 +181,7 @@ def test_bad_embeddings_are_one_line(pipe, embeddings, tmp_path, width):
     with pytest.raises(UsageError, match="also"):
         pipe.set_embeddings([embeddings["one"], embeddings["one"]])
     refused(tmp_path / "missing.safetensors", "no such file")
-    assert pipe.embeddings == [] and run(pipe).shape == (1, 256, 256, 3)
+    assert pipe.embeddings == [] and run(pipe).shape == (1, 64, 64, 3)
     with Pipeline(demo_bundle(), "ort-cpu", safety=False, use_cache=False) as plain, \
             pytest.raises(UsageError, match="need the engine cache"):
         plain.set_embeddings([embeddings["one"]])

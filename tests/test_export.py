@@ -26,7 +26,7 @@ from export.errors import ExportError  # noqa: E402
 from export.graphs import GraphJob, SafetyChecker, export_onnx, ort_session, sample_inputs  # noqa: E402
 from runtime.bundle import GRAPH_ORDER, graph_spec, read_manifest, sha256_file, verify_hashes  # noqa: E402
 
-THRESHOLD = 500_000  # bytes: text_encoder (1.6 MB) and unet (1.1 MB) go external, the rest inline
+THRESHOLD = 1_000_000  # bytes: text_encoder (6.4 MB) and unet (2.2 MB) go external, the rest inline
 TOL = {"text_encoder": 1e-5, "unet": 1e-4, "vae_decoder": 1e-4, "vae_encoder": 1e-4,
        "safety_checker": 1e-5}
 
@@ -128,7 +128,7 @@ def test_external_data(bundle):
         e = m.graphs[name]
         assert e.external_data == f"{name}.onnx.data"
         graph, data = os.path.getsize(bundle / e.file), os.path.getsize(bundle / e.external_data)
-        assert graph < 400_000 and data > graph  # most weight bytes moved out of the graph
+        assert data > 3 * graph  # most weight bytes moved out of the graph
         assert e.external_sha256 == sha256_file(bundle / e.external_data)
     for name in ("vae_decoder", "vae_encoder", "safety_checker"):
         assert m.graphs[name].external_data is None and m.graphs[name].external_sha256 is None
@@ -146,7 +146,7 @@ def test_manifest(bundle, demo_components, tmp_path):
     verify_hashes(bundle, m)
     assert m.source == {"model": "demo", "hash": weights_sha256(c)}
     assert m.opset == 17 and m.hidden == DEMO.text_encoder["hidden_size"] and m.profile == DEMO.profile
-    assert (m.default_height, m.default_width) == (256, 256)  # unet sample_size 32 * 8
+    assert (m.default_height, m.default_width) == (64, 64)  # unet sample_size 8 * 8
     assert m.vae_scaling == "host" and m.vae_scaling_factor == 0.18215
     for p in ("torch", "diffusers", "transformers", "onnx", "onnxruntime", "numpy", "python"):
         assert m.packages[p]
@@ -157,7 +157,7 @@ def test_manifest(bundle, demo_components, tmp_path):
         assert 0 <= e.max_abs_error < TOL[name]
     raw = json.loads((bundle / "manifest.json").read_text())
     assert raw["graphs"]["unet"]["shapes"]["sample"] == {
-        "min": [1, 4, 8, 8], "opt": [2, 4, 32, 32], "max": [8, 4, 64, 64]}
+        "min": [1, 4, 8, 8], "opt": [2, 4, 8, 8], "max": [8, 4, 64, 64]}
     # the text axis: one prompt chunk (77 tokens) at min and opt, three at max (long prompts)
     assert raw["graphs"]["unet"]["shapes"]["encoder_hidden_states"] == {
         "min": [1, 77, m.hidden], "opt": [2, 77, m.hidden], "max": [8, 231, m.hidden]}

@@ -194,9 +194,11 @@ def test_dora_is_refused(tmp_path, files, demo_components):
                   lora_params(demo_components.unet, demo_components.text_encoder))
 
 
-def _tiny_kohya(path: Path, *names: str) -> Path:
+def _tiny_kohya(path: Path, *names: str, width: int = 32) -> Path:
+    """Rank-4 kohya pairs for `names`, `width` in and out (the demo text encoder's)."""
     save_file({f"{n}.{s}": np.ones(shape, np.float32) for n in names
-               for s, shape in (("lora_down.weight", (4, 8)), ("lora_up.weight", (8, 4)), ("alpha", ()))},
+               for s, shape in (("lora_down.weight", (4, width)), ("lora_up.weight", (width, 4)),
+                                ("alpha", ()))},
               str(path))
     return path
 
@@ -223,7 +225,7 @@ def test_shapes_that_do_not_fit(files, demo_components):
     params = lora_params(demo_components.unet, demo_components.text_encoder)
     name = "mid_block.attentions.0.transformer_blocks.0.attn2.to_k.weight"
     params["unet"][name] = (32, 12)
-    with pytest.raises(LoraError, match=r"attn2.to_k down \[4, 8\] and up \[32, 4\] do not fit "
+    with pytest.raises(LoraError, match=r"attn2.to_k down \[4, 32\] and up \[32, 4\] do not fit "
                                         r".*to_k.weight \[32, 12\]: a LoRA for another"):
         read_lora(files["peft"], params)
 

@@ -19,8 +19,8 @@ from runtime.pipeline import Pipeline, UsageError  # noqa: E402
 BUNDLE = demo_bundle()
 MANIFEST = read_manifest(BUNDLE)
 UNET = MANIFEST.graphs["unet"]
-SHAPES = [{"sample": (2, 4, 16, 16), "timestep": (1,), "encoder_hidden_states": (2, 77, 8)},
-          {"sample": (2, 4, 8, 12), "timestep": (1,), "encoder_hidden_states": (2, 77, 8)}]
+SHAPES = [{"sample": (2, 4, 16, 16), "timestep": (1,), "encoder_hidden_states": (2, 77, 32)},
+          {"sample": (2, 4, 8, 12), "timestep": (1,), "encoder_hidden_states": (2, 77, 32)}]
 
 
 def feeds(shapes, rng):

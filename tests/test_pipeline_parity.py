@@ -3,11 +3,13 @@
 The shipped demo bundle is exported from export.components.build_components("demo"),
 so diffusers runs those very modules and we run the bundle. Same prompt, seed, steps,
 scheduler and guidance; the final uint8 images must agree within 2/255 (the issue's
-bound). Measured on this machine: max 1/255 (a rounding flip at .5), mean < 1e-4, for
-every scheduler, with and without guidance, batch 2, non-square sizes.
+bound). Measured on this machine with the trained demo (2-core AMD EPYC): max 1/255 for
+every scheduler at 10 steps and guidance 7.5, mean 8e-5 to 6e-4 with this prompt (words
+the demo never saw), 0 to 7e-4 with one it knows.
 
-Stability of the reference was checked before picking these settings (DESIGN.md):
-nudging diffusers' own initial latents by 1e-5 moves its output by at most 1/255 here.
+Stability of the reference was checked before picking these settings (DESIGN.md), and
+again on the trained demo: nudging diffusers' own initial latents by 1e-5 moves its
+output by at most 1/255, for every scheduler at 10 steps and guidance 7.5.
 """
 
 from __future__ import annotations
@@ -155,16 +157,20 @@ def test_bf16_is_as_close_to_fp32_as_diffusers_own_bf16():
     # its own components: .to(bfloat16) and back rounds every weight to bf16, which
     # would change the shared fixture's references for every later test
     ref = reference(build_components("demo", seed=0), bundle, "pndm", safety=False)
-    kw = dict(steps=10, guidance=7.5, seed=3)
-    fp32, _ = run_reference(ref, PROMPT, "", kw["steps"], kw["guidance"], kw["seed"])
+    # a prompt the trained demo knows, at its default 50 steps: with 10 PNDM steps at
+    # guidance 7.5 (or words it never saw) its multistep updates overshoot (README, "The
+    # demo model"), and any rounding, diffusers' own bf16 included, grows into another
+    # picture. Measured here: 1.20 ours, 1.38 diffusers' bf16 (/255, mean)
+    prompt, kw = "a red star on a blue background", dict(steps=50, guidance=7.5, seed=3)
+    fp32, _ = run_reference(ref, prompt, "", kw["steps"], kw["guidance"], kw["seed"])
     ref.to(torch.bfloat16)
-    bf16, _ = run_reference(ref, PROMPT, "", kw["steps"], kw["guidance"], kw["seed"])
+    bf16, _ = run_reference(ref, prompt, "", kw["steps"], kw["guidance"], kw["seed"])
     with Pipeline(bundle, "openvino", precision="bf16") as pipe:
         assert pipe.precision == "bf16"
         # the UNet and VAE from the fp16-weight IR, as every bf16 run (not a silent fallback)
         assert {pipe.load_report.graphs[g].cache for g in ("unet", "vae_decoder")} <= {
             "built", "hit"}
-        got = pipe(PROMPT, steps=kw["steps"], scheduler="pndm", guidance_scale=kw["guidance"],
+        got = pipe(prompt, steps=kw["steps"], scheduler="pndm", guidance_scale=kw["guidance"],
                    seed=kw["seed"], safety=False).images
     theirs = np.abs(bf16.astype(int) - fp32.astype(int)).mean()
     ours_ = np.abs(got.astype(int) - fp32.astype(int)).mean()

@@ -51,7 +51,7 @@ def run(*args):
      True),
     (["--max-batch", "0"], "--max-batch must be an integer in [1, 64]", True),
     (["--max-size", "99999"], "--max-size must be a multiple of 8 in [8, 8192]", True),
-    (["--max-size", "128"], "--max-size 128 is below the model's default size 256x256", False),
+    (["--max-size", "56"], "--max-size 56 is below the model's default size 64x64", False),
 ])
 def test_export_refuses_bad_profiles_in_one_line(tmp_path, flags, message, before_load):
     pytest.importorskip("torch")

@@ -1,5 +1,5 @@
-"""A grid of the demo's pictures for the README: each prompt with guidance 2, then the
-same seed with the default guidance 7.5 below it.
+"""A grid of the demo's pictures for the README: each prompt with the defaults (PNDM,
+50 steps, guidance 7.5), then the same seed without guidance (1) below it.
 
     python -m export.demo_model.samples --out export/demo_model/samples.png
 """
@@ -17,13 +17,13 @@ PROMPTS = ("a red star on a blue background", "a blue triangle on a yellow backg
            "a purple star on a orange background", "a white circle on a red background")
 
 
-def grid(model: str = "demo", steps: int = 20, scale: int = 2) -> Image.Image:
+def grid(model: str = "demo", scale: int = 3) -> Image.Image:
     from runtime.pipeline import Pipeline
 
     rows = []
     with Pipeline(model, "ort-cpu", safety=False) as pipe:
-        for guidance in (2.0, 7.5):
-            row = [pipe(p, steps=steps, guidance_scale=guidance, seed=k).images[0]
+        for guidance in (7.5, 1.0):
+            row = [pipe(p, guidance_scale=guidance, seed=k).images[0]
                    for k, p in enumerate(PROMPTS)]
             rows.append(np.concatenate(row, axis=1))
     image = Image.fromarray(np.concatenate(rows, axis=0))

@@ -37,6 +37,7 @@ class Scene:
     cx: float  # centre, px
     cy: float
     r: float  # half the shape's extent, px
+    jitter: tuple[int, ...] = (0,) * 6  # added to the shape's, then the background's RGB
 
     @property
     def caption(self) -> str:
@@ -48,14 +49,22 @@ def caption(shape: str, colour: str, background: str) -> str:
 
 
 def random_scene(rng: np.random.Generator, shape: str | None = None,
-                 colour: str | None = None) -> Scene:
+                 colour: str | None = None, jitter: int = 0) -> Scene:
+    """A scene; with `jitter`, both colours move up to that much per channel (training
+    pictures: the model sees a neighbourhood of each colour, not one point, so guidance's
+    overshoot lands somewhere it knows)."""
     names = list(COLOURS)
     shape = shape or SHAPES[rng.integers(len(SHAPES))]
     colour = colour or names[rng.integers(len(names))]
     background = [c for c in names if c != colour][rng.integers(len(names) - 1)]
     r = float(rng.uniform(17, 24))
     cx, cy = (float(SIZE / 2 + rng.uniform(-5, 5)) for _ in range(2))
-    return Scene(shape, colour, background, cx, cy, r)
+    shift = tuple(int(v) for v in rng.integers(-jitter, jitter + 1, 6)) if jitter else (0,) * 6
+    return Scene(shape, colour, background, cx, cy, r, shift)
+
+
+def _rgb(name: str, shift: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(min(255, max(0, c + d)) for c, d in zip(COLOURS[name], shift, strict=True))
 
 
 def _polygon(scene: Scene, s: float) -> list[tuple[float, float]]:
@@ -73,9 +82,9 @@ def _polygon(scene: Scene, s: float) -> list[tuple[float, float]]:
 def draw(scene: Scene) -> np.ndarray:
     """The scene as uint8 [SIZE, SIZE, 3]."""
     s = SUPERSAMPLE
-    im = Image.new("RGB", (SIZE * s, SIZE * s), COLOURS[scene.background])
+    im = Image.new("RGB", (SIZE * s, SIZE * s), _rgb(scene.background, scene.jitter[3:]))
     d = ImageDraw.Draw(im)
-    fill = COLOURS[scene.colour]
+    fill = _rgb(scene.colour, scene.jitter[:3])
     box = [(scene.cx - scene.r) * s, (scene.cy - scene.r) * s,
            (scene.cx + scene.r) * s, (scene.cy + scene.r) * s]
     if scene.shape == "circle":
@@ -87,13 +96,13 @@ def draw(scene: Scene) -> np.ndarray:
     return np.asarray(im.resize((SIZE, SIZE), Image.Resampling.BOX))
 
 
-def batch(rng: np.random.Generator, n: int,
-          skip: frozenset[tuple[str, str]] = frozenset()) -> tuple[np.ndarray, list[str]]:
+def batch(rng: np.random.Generator, n: int, skip: frozenset[tuple[str, str]] = frozenset(),
+          jitter: int = 0) -> tuple[np.ndarray, list[str]]:
     """n pictures [n, SIZE, SIZE, 3] uint8 and their captions; (colour, shape) pairs in
     `skip` are never drawn (held out: the model must combine words it saw apart)."""
     images, captions = [], []
     while len(images) < n:
-        scene = random_scene(rng)
+        scene = random_scene(rng, jitter=jitter)
         if (scene.colour, scene.shape) in skip:
             continue
         images.append(draw(scene))
