@@ -6,7 +6,7 @@ CLI:  python -m export --model {demo|sd14-random|DIR|FILE.safetensors|hub-id} --
 Python API (imported lazily, so `import export` does not import torch):
 
     build_components(name: str | ModelConfig, seed: int = 0, safety: bool = True) -> Components
-        deterministic random-weight "demo" / "sd14-random" modules (export/components.py)
+        "demo" (trained weights, export/demo_model/) / "sd14-random" (random) modules (export/components.py)
     load_components(model: str, *, allow_pickle=False, safety=True, seed=0) -> Components
         anything --model accepts (export/sources.py)
     export_bundle(components, out_dir, *, opset=17, external_data_threshold=2**31,

@@ -25,7 +25,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow pickle checkpoints (.ckpt/.bin), which can run code when loaded")
-    p.add_argument("--seed", type=int, default=0, help="weights seed for demo / sd14-random")
+    p.add_argument("--seed", type=int, default=0,
+                   help="weights seed for sd14-random (demo: only its random safety checker)")
     p.add_argument("--variant", choices=("fp16",), default=None,
                    help="hub ids: download the fp16 weights (half the download; the bundle is "
                         "still fp32, converted from them); default: the default weights")

@@ -27,6 +27,8 @@ SHAPES = ("circle", "square", "triangle", "star")
 FILL = {"square": 1.0, "circle": math.pi / 4, "triangle": 0.5, "star": 0.38}  # of the bbox
 STAR_INNER = 0.45  # inner / outer radius: points wide enough to survive 8x8 latents
 SUPERSAMPLE = 4  # drawn this much larger, then averaged down: smooth edges
+HELD_OUT = frozenset({("red", "star"), ("blue", "triangle"), ("yellow", "circle"),
+                      ("green", "square")})  # (colour, shape) never drawn in training
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,8 @@ def random_scene(rng: np.random.Generator, shape: str | None = None,
                  colour: str | None = None, jitter: int = 0) -> Scene:
     """A scene; with `jitter`, both colours move up to that much per channel (training
     pictures: the model sees a neighbourhood of each colour, not one point, so guidance's
-    overshoot lands somewhere it knows)."""
+    overshoot lands somewhere it knows). At 24 the farthest corner (41.6) is a little past
+    half the yellow-orange distance (41.3): a rare jittered yellow is nearer orange."""
     names = list(COLOURS)
     shape = shape or SHAPES[rng.integers(len(SHAPES))]
     colour = colour or names[rng.integers(len(names))]

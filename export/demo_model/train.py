@@ -21,7 +21,7 @@ unit-variance latents); then epsilon prediction on v1-4's noise schedule with 10
 captions dropped to "" (classifier-free guidance needs an unconditional model), AdamW, a
 cosine learning rate. 3000 steps, not more: longer-trained models follow the prompt
 without guidance as well as with it (12000 steps: all 48 checks at guidance 1), and the
-demo should show what guidance does. Pairs in HELD_OUT are never shown, so the test can
+demo should show what guidance does. Pairs in shapes.HELD_OUT are never shown, so the test can
 ask for new combinations.
 """
 
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -37,10 +38,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from export.demo_model import shapes, weights
+from export.demo_model import checkpoint, shapes, weights
 
-HELD_OUT = frozenset({("red", "star"), ("blue", "triangle"), ("yellow", "circle"),
-                      ("green", "square")})  # (colour, shape) never drawn in training
 DATASET = 20_000  # pictures, drawn once from the seed
 DROP = 0.1  # captions dropped for classifier-free guidance
 LR = 1e-3  # text encoder + UNet, cosine down to a tenth
@@ -68,7 +67,7 @@ def components():
 
 
 def dataset(seed: int, n: int = DATASET) -> tuple[np.ndarray, list[str]]:
-    return shapes.batch(np.random.default_rng(seed), n, HELD_OUT, JITTER)
+    return shapes.batch(np.random.default_rng(seed), n, shapes.HELD_OUT, JITTER)
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -80,37 +79,21 @@ def _cosine(step: int, total: int, lr: float) -> float:
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
 
 
-def _resume(path: Path, modules: dict, opt: torch.optim.Optimizer) -> int:
-    if not path.is_file():
-        return 0
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    for name, m in modules.items():
-        m.load_state_dict(state[name])
-    opt.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"])
-    return int(state["step"])
-
-
-def _save(path: Path, modules: dict, opt: torch.optim.Optimizer, step: int) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save({**{n: m.state_dict() for n, m in modules.items()}, "optimizer": opt.state_dict(),
-                "rng": torch.get_rng_state(), "step": step}, tmp)
-    tmp.replace(path)  # a run killed mid-save keeps the last checkpoint
-
-
 def train_vae(vae, images: torch.Tensor, out: Path, steps: int, batch: int, device: str,
-              save_every: int) -> None:
+              save_every: int, run: dict) -> None:
+    """L1 + small KL + ANCHOR on `images` [N, 3, 64, 64] in [-1, 1]; `run`: what the
+    checkpoint must match to be resumed (checkpoint.py)."""
     opt = torch.optim.AdamW(vae.parameters(), lr=VAE_LR, weight_decay=0.0)
     ckpt = out / "vae.pt"
-    start = _resume(ckpt, {"vae": vae}, opt)
+    gen = torch.Generator().manual_seed(1000 + run["seed"])  # which pictures, in what order
+    start = checkpoint.resume(ckpt, {"vae": vae}, opt, gen, run, steps)
     vae.to(device)
-    gen = torch.Generator().manual_seed(1000 + start)
     bar = tqdm(range(start, steps), initial=start, total=steps, desc="vae", unit="step")
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = _cosine(step, steps, VAE_LR)
-        x = images[torch.randint(len(images), (batch,), generator=gen)].to(device)
-        post = vae.encode(x).latent_dist
+        x = images[torch.randint(len(images), (batch,), generator=gen)].to(device)  # [B, 3, 64, 64]
+        post = vae.encode(x).latent_dist  # mean, std [B, 4, 8, 8]
         z = post.mean + post.std * torch.randn_like(post.std)
         rec = vae.decode(z).sample
         kl = post.kl().mean() / x[0].numel()
@@ -126,10 +109,10 @@ def train_vae(vae, images: torch.Tensor, out: Path, steps: int, batch: int, devi
                             anchor=f"{anchor.item():.3f}")
         if (step + 1) % save_every == 0:
             vae.cpu()
-            _save(ckpt, {"vae": vae}, opt, step + 1)
+            checkpoint.save(ckpt, {"vae": vae}, opt, gen, step + 1, run)
             vae.to(device)
     vae.cpu()
-    _save(ckpt, {"vae": vae}, opt, steps)
+    checkpoint.save(ckpt, {"vae": vae}, opt, gen, steps, run)
 
 
 @torch.no_grad()
@@ -168,10 +151,11 @@ def rescale_latents(vae, images: torch.Tensor) -> torch.Tensor:
 
 def train_denoiser(text, unet, latents: torch.Tensor, ids: torch.Tensor, empty: torch.Tensor,
                    out: Path, steps: int, batch: int, device: str, save_every: int,
-                   scaling: float, snapshot=None) -> None:
-    """Epsilon prediction on v1-4's noise schedule with DROP of captions emptied;
-    `snapshot(step)` runs after each checkpoint (the caller may keep that step's weights,
-    to compare how long to train)."""
+                   scaling: float, run: dict, snapshot=None) -> None:
+    """Epsilon prediction on v1-4's noise schedule with DROP of captions emptied, on
+    `latents` [N, 4, 8, 8] (their std 1 / scaling) and token `ids` [N, 77]; `run`: what
+    the checkpoint must match; `snapshot(step)` runs after each checkpoint (the caller
+    may keep that step's weights, to compare how long to train)."""
     from diffusers import DDPMScheduler
 
     from export.configs import SD14_SCHEDULER
@@ -183,22 +167,22 @@ def train_denoiser(text, unet, latents: torch.Tensor, ids: torch.Tensor, empty: 
     opt = torch.optim.AdamW(params, lr=LR, weight_decay=1e-2)
     ckpt = out / "denoiser.pt"
     mods = {"text_encoder": text, "unet": unet}
-    start = _resume(ckpt, mods, opt)
+    gen = torch.Generator().manual_seed(2000 + run["seed"])  # batches, dropout, t, noise
+    start = checkpoint.resume(ckpt, mods, opt, gen, run, steps)
     text.to(device), unet.to(device)
-    gen = torch.Generator().manual_seed(2000 + start)
     bar = tqdm(range(start, steps), initial=start, total=steps, desc="unet", unit="step")
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = _cosine(step, steps, LR)
         pick = torch.randint(len(latents), (batch,), generator=gen)
-        x0 = (latents[pick] * scaling).to(device)
-        tok = ids[pick].clone()
+        x0 = (latents[pick] * scaling).to(device)  # [B, 4, 8, 8], unit std
+        tok = ids[pick].clone()  # [B, 77]
         tok[torch.rand(batch, generator=gen) < DROP] = empty  # unconditional
         t = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=gen).to(device)
         noise = torch.randn(x0.shape, generator=gen).to(device)
         a = alphas[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        cond = text(tok.to(device))[0]
+        cond = text(tok.to(device))[0]  # [B, 77, 32]
         loss = F.mse_loss(unet(xt, t, encoder_hidden_states=cond).sample, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -208,12 +192,12 @@ def train_denoiser(text, unet, latents: torch.Tensor, ids: torch.Tensor, empty: 
             bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % save_every == 0:
             text.cpu(), unet.cpu()
-            _save(ckpt, mods, opt, step + 1)
+            checkpoint.save(ckpt, mods, opt, gen, step + 1, run)
             if snapshot is not None:
                 snapshot(step + 1)
             text.to(device), unet.to(device)
     text.cpu(), unet.cpu()
-    _save(ckpt, mods, opt, steps)
+    checkpoint.save(ckpt, mods, opt, gen, steps, run)
 
 
 def token_ids(captions: list[str]) -> torch.Tensor:
@@ -239,6 +223,21 @@ def main(argv: list[str] | None = None) -> int:
                    help="also write weights-STEP.safetensors this often (0: never)")
     p.add_argument("--dataset", type=int, default=DATASET, help="pictures drawn once")
     a = p.parse_args(argv)
+    try:
+        return train(a)
+    except checkpoint.TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def train(a: argparse.Namespace) -> int:
+    for name in ("vae_steps", "vae_batch", "steps", "batch", "save_every", "dataset"):
+        if getattr(a, name) < 1:
+            raise checkpoint.TrainingError(f"--{name.replace('_', '-')} must be at least 1")
+    if a.snapshot_every < 0 or a.snapshot_every % a.save_every:
+        raise checkpoint.TrainingError(f"--snapshot-every must be 0 or a multiple of "
+                                       f"--save-every ({a.save_every}): snapshots are taken "
+                                       f"at checkpoints")
     torch.manual_seed(a.seed)
     a.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -246,18 +245,26 @@ def main(argv: list[str] | None = None) -> int:
     images, captions = dataset(a.seed, a.dataset)
     x = to_tensor(images)
     print(f"dataset: {len(images)} pictures in {time.perf_counter() - t0:.1f} s")
-    train_vae(vae, x, a.out, a.vae_steps, a.vae_batch, a.device, a.save_every)
+    run = {"seed": a.seed, "dataset": a.dataset}
+    train_vae(vae, x, a.out, a.vae_steps, a.vae_batch, a.device, a.save_every,
+              {**run, "batch": a.vae_batch})
     report_vae(vae, a.seed)
     latents = rescale_latents(vae, x)
     ids, empty = token_ids(captions), token_ids([""])[0]
 
+    # the denoiser learns these latents: a resume must be on the same VAE
+    run = {**run, "batch": a.batch, "vae_steps": a.vae_steps, "vae_batch": a.vae_batch}
+    made_by = {k: str(v) for k, v in {**run, "steps": a.steps, "jitter": JITTER, "anchor": ANCHOR,
+                                      "drop": DROP, "lr": LR, "vae_lr": VAE_LR}.items()}
+
     def snapshot(step: int) -> None:
         if a.snapshot_every and step % a.snapshot_every == 0:
-            save_weights(a.out / f"weights-{step}.safetensors", text, unet, vae, ids)
+            save_weights(a.out / f"weights-{step}.safetensors", text, unet, vae, ids,
+                         {**made_by, "steps": str(step)})
 
     train_denoiser(text, unet, latents, ids, empty, a.out, a.steps, a.batch, a.device,
-                   a.save_every, vae.config.scaling_factor, snapshot)
-    save_weights(a.out / "weights.safetensors", text, unet, vae, ids)
+                   a.save_every, vae.config.scaling_factor, run, snapshot)
+    save_weights(a.out / "weights.safetensors", text, unet, vae, ids, made_by)
     bundle = export_trained(a.out / "weights.safetensors", a.out / "bundle")
     print(f"wrote {a.out / 'weights.safetensors'} and {bundle} in "
           f"{(time.perf_counter() - t0) / 60:.1f} min")
@@ -282,10 +289,11 @@ def export_trained(path: Path, out: Path) -> Path:
                          out, force=True, log=lambda line: None)
 
 
-def save_weights(path: Path, text, unet, vae, ids: torch.Tensor) -> None:
+def save_weights(path: Path, text, unet, vae, ids: torch.Tensor, made_by: dict[str, str]) -> None:
     """fp16 safetensors of the three modules, the token table cut to the captions' rows
-    (weights.py): the only rows ever trained."""
-    weights.save(path, {"text_encoder": text, "unet": unet, "vae": vae}, ids)
+    (weights.py): the only rows ever trained; `made_by`: the run's settings, kept in the
+    file's metadata."""
+    weights.save(path, {"text_encoder": text, "unet": unet, "vae": vae}, ids, made_by)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The trained demo's weights file: fp16 safetensors of its text encoder, UNet and VAE
 (`text_encoder.*`, `unet.*`, `vae.*` keys, as the modules name their parameters).
 
-The token table is the one exception. The captions use about 30 of CLIP's 49408 tokens,
+The token table is the one exception. The captions use 17 of CLIP's 49408 tokens,
 and only those rows were ever trained, so the file keeps those rows and their ids
 (TABLE_IDS, TABLE_ROWS) instead of 3 MB of zeros. Loading puts them back into a table
 of zeros; every other row of the model's table is zero.
@@ -27,9 +27,11 @@ def table_key(text_encoder: torch.nn.Module) -> str:
 
 
 @torch.no_grad()
-def save(path: Path, modules: dict[str, torch.nn.Module], used: torch.Tensor) -> None:
+def save(path: Path, modules: dict[str, torch.nn.Module], used: torch.Tensor,
+         made_by: dict[str, str] | None = None) -> None:
     """fp16 weights of `modules` (keyed by MODULES), the token table cut to the rows of
-    the token ids in `used` (every caption's ids, BOS/EOS and padding included)."""
+    the token ids in `used` (every caption's ids, BOS/EOS and padding included);
+    `made_by` (the training run's settings) goes into the file's metadata."""
     from safetensors.torch import save_file
 
     state = {f"{n}.{k}": (v.detach().half() if v.is_floating_point() else v).contiguous()
@@ -38,30 +40,43 @@ def save(path: Path, modules: dict[str, torch.nn.Module], used: torch.Tensor) ->
     state[TABLE_IDS] = ids
     state[TABLE_ROWS] = state.pop(table_key(modules["text_encoder"]))[ids].contiguous()
     tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp))
+    save_file(state, str(tmp), metadata=made_by)
     tmp.replace(path)
 
 
 @torch.no_grad()
 def load(path: Path, modules: dict[str, torch.nn.Module]) -> None:
     """Load a `save` file into `modules` (strict: every key of each module, nothing
-    else); the token table's other rows become zero."""
+    else); the token table's other rows become zero. A file that is missing, not
+    safetensors or of another config raises ExportError, one line."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    state = load_file(str(path))
+    from export.errors import ExportError
+
+    again = "restore it (git checkout) or retrain: python -m export.demo_model.train"
+    try:
+        state = load_file(str(path))
+    except (OSError, SafetensorError) as e:
+        raise ExportError(f"cannot read the demo weights {path}: {e}; {again}") from None
     try:
         ids, rows = state.pop(TABLE_IDS), state.pop(TABLE_ROWS)
     except KeyError:
-        raise ValueError(f"{path}: not a demo weights file (no {TABLE_IDS})") from None
-    table = modules["text_encoder"].get_input_embeddings().weight
-    full = torch.zeros(table.shape, dtype=rows.dtype)
-    full[ids] = rows
-    state[table_key(modules["text_encoder"])] = full
-    for name in MODULES:
-        own = {k[len(name) + 1:]: v.float() if v.is_floating_point() else v
-               for k, v in state.items() if k.startswith(f"{name}.")}
-        modules[name].load_state_dict(own, strict=True)
-        modules[name].eval()
+        raise ExportError(f"{path}: not a demo weights file (no {TABLE_IDS}); {again}") from None
     extra = {k for k in state if k.split(".", 1)[0] not in MODULES}
     if extra:
-        raise ValueError(f"{path}: unexpected weights {sorted(extra)[:3]}")
+        raise ExportError(f"{path}: unexpected weights {sorted(extra)[:3]}; {again}")
+    try:
+        table = modules["text_encoder"].get_input_embeddings().weight
+        full = torch.zeros(table.shape, dtype=rows.dtype)
+        full[ids] = rows
+        state[table_key(modules["text_encoder"])] = full
+        for name in MODULES:
+            own = {k[len(name) + 1:]: v.float() if v.is_floating_point() else v
+                   for k, v in state.items() if k.startswith(f"{name}.")}
+            modules[name].load_state_dict(own, strict=True)
+            modules[name].eval()
+    except (RuntimeError, IndexError) as e:  # shapes or names of another config
+        msg = str(e).strip().splitlines()[0]
+        raise ExportError(f"{path} does not fit the demo's config (export/configs.py DEMO "
+                          f"changed?): {msg}; {again}") from None
