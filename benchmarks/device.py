@@ -151,7 +151,7 @@ def headline(results: Path, name: str) -> str | None:
 
 def finish(run: Run, carried: Path, out: Path, deadline: float | None = None,
            tests_only: bool = False) -> int:
-    """Call 4 (or the rehearsal's second half): everything that needs onnxruntime-gpu.
+    """Call 5 (or the rehearsal's second half): everything that needs onnxruntime-gpu.
     `deadline`: seconds it may take (default the plan's); give what the lease has left.
     `tests_only`: the gpu-marked tests and nothing else (no prepare needed)."""
     p, py = run.plan, sys.executable
