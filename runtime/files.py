@@ -57,11 +57,17 @@ def write_atomic(path: Path, data: bytes | str) -> None:
     """Replace `path` with `data` atomically: readers see the old file or the whole new one."""
     path = Path(path)
     tmp = _write_temp(path.parent, data, f".{path.name}.")
+    _replace(tmp, path, undo=tmp)
+
+
+def _replace(tmp: str, path: Path, undo: str | Path) -> None:
+    """os.replace(tmp, path); when that fails (or is interrupted), remove `undo`, the
+    file of ours that would otherwise be left behind, and re-raise."""
     try:
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
-            os.unlink(tmp)
+            os.unlink(undo)
         raise
 
 
@@ -97,12 +103,7 @@ def _publish(tmp: str, path: Path) -> None:
         if e.errno not in NO_HARD_LINKS:
             raise
     os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666 & ~umask()))
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-        raise
+    _replace(tmp, path, undo=path)  # the reserved empty name goes again
 
 
 def write_all_new(folder: Path, files: list[tuple[str, str, bytes]]) -> list[Path]:
