@@ -17,8 +17,8 @@ from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from transformers import CLIPConfig, CLIPTextConfig, CLIPTextModel
 
-from export.configs import CONFIGS, SPECIAL_CONCEPTS, ModelConfig
-from runtime.bundle import SAFETY_CONCEPTS
+from export.configs import CONFIGS, ModelConfig
+from runtime.bundle import SAFETY_CONCEPTS, SAFETY_SPECIAL
 
 EXPORT_DIR = Path(__file__).parent  # ModelConfig.weights are relative to it
 
@@ -82,7 +82,7 @@ def build_safety_checker(cfg: ModelConfig, seed: int) -> StableDiffusionSafetyCh
     g = torch.Generator().manual_seed(seed + 100)
     with torch.no_grad():
         checker.concept_embeds.copy_(torch.randn(SAFETY_CONCEPTS, cfg.safety_projection, generator=g))
-        checker.special_care_embeds.copy_(torch.randn(SPECIAL_CONCEPTS, cfg.safety_projection,
+        checker.special_care_embeds.copy_(torch.randn(SAFETY_SPECIAL, cfg.safety_projection,
                                                       generator=g))
         checker.concept_embeds_weights.fill_(1.0)
         checker.special_care_embeds_weights.fill_(1.0)

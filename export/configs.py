@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
+from export.clip_vocab import VOCAB_SIZE
 from runtime.bundle import (
     LATENT_CHANNELS,
     MAX_TOKENS,
@@ -25,9 +26,6 @@ from runtime.bundle import (
     VAE_SCALING_FACTOR,
     Profile,
 )
-
-VOCAB = 49408  # CLIP BPE vocabulary
-SPECIAL_CONCEPTS = 3
 
 
 @dataclass(frozen=True)
@@ -59,7 +57,7 @@ SD14_SCHEDULER = {
 SD14 = ModelConfig(
     name="sd14-random",
     text_encoder={  # openai/clip-vit-large-patch14 text tower: 12 layers x 768, 12 heads
-        "vocab_size": VOCAB, "hidden_size": 768, "intermediate_size": 3072, "projection_dim": 768,
+        "vocab_size": VOCAB_SIZE, "hidden_size": 768, "intermediate_size": 3072, "projection_dim": 768,
         "num_hidden_layers": 12, "num_attention_heads": 12, "max_position_embeddings": MAX_TOKENS,
         "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "bos_token_id": 0, "eos_token_id": 2,
         "pad_token_id": 1,
