@@ -24,7 +24,7 @@ import torch
 from onnx import numpy_helper
 from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
-from runtime.backends.ort import LORA_MIN_BYTES
+from runtime.cache import LORA_MIN_BYTES
 
 # smaller tensors are not LoRA targets (and may repeat by chance); the runtime's LoRA-ready
 # graph stores tensors from this size on externally (shape constants, smaller, stay inline)

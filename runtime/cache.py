@@ -67,6 +67,16 @@ class CacheWarning(UserWarning):
 # textual-inversion embeddings are refitted into these (384 KiB in fp16 at C = 768)
 TABLE_ROWS = 256
 
+# What makes an ORT graph LoRA-ready (backends/ort.py builds it; its cache key says so):
+# ORT's NCHWc layout pass rewrites conv weights into blocked `reorder_token_N`
+# initializers; a graph that takes LoRA weights by name is optimized without it.
+LORA_DISABLED_OPTIMIZERS = ["NchwcTransformer"]
+# a LoRA-ready graph saves every tensor of this size on externally, under its own name
+# (export/weight_map.py maps weights from this size; shape constants, smaller, must stay
+# inline for ORT's shape inference); the mapped ones then become graph inputs
+LORA_MIN_BYTES = 128
+GROWS = "rows"  # the symbolic first axes of a LoRA-ready graph's lookup tables: rows_0 ...
+
 
 @dataclass(frozen=True)
 class CacheKey:
@@ -415,8 +425,6 @@ def ort_cpu_lora_key(entry: GraphEntry, ort_version: str | None = None) -> Cache
     """Key of the optimized fp32 graph that takes LoRA weights (OrtEngine `weights`):
     ORT's optimizer without its NCHWc conv layout (which renames conv weights), then
     every mapped weight made a graph input (backends/ort.py weights_as_inputs)."""
-    from runtime.backends.ort import GROWS, LORA_DISABLED_OPTIMIZERS, LORA_MIN_BYTES
-
     names = sorted(w.initializer for w in (entry.weights or {}).values())
     which = hashlib.sha256("\n".join(names).encode()).hexdigest()[:12]  # the inputs it takes
     how = (f"external>={LORA_MIN_BYTES}B; off:{','.join(LORA_DISABLED_OPTIMIZERS)}; "
@@ -428,8 +436,6 @@ def ort_cuda_lora_key(entry: GraphEntry, ort_version: str | None = None) -> Cach
     """Key of the fp32 bundle graph with every mapped weight made a graph input, for
     run-time LoRAs on ort-cuda (no ORT optimizer run first: the CPU's fusions are not
     the CUDA provider's; the session applies its own at start). Device independent."""
-    from runtime.backends.ort import LORA_MIN_BYTES
-
     names = sorted(w.initializer for w in (entry.weights or {}).values())
     which = hashlib.sha256("\n".join(names).encode()).hexdigest()[:12]
     return replace(ort_cuda_key(entry, ort_version), precision="fp32-lora",

@@ -22,19 +22,12 @@ from runtime import cache
 from runtime.args import first_line
 from runtime.backends.ort_cuda import MAX_GRAPHS, DeviceBinding, DeviceBindings, provider_options
 from runtime.bundle import GraphSpec
+from runtime.cache import GROWS, LORA_DISABLED_OPTIMIZERS, LORA_MIN_BYTES
 from runtime.engine import Engine, SpecMismatch
 
 PROVIDERS = {"ort-cpu": "CPUExecutionProvider", "ort-cuda": "CUDAExecutionProvider"}
 
 
-# ORT's NCHWc layout pass rewrites conv weights into blocked `reorder_token_N`
-# initializers; a graph that takes LoRA weights by name is optimized without it.
-LORA_DISABLED_OPTIMIZERS = ["NchwcTransformer"]
-# a LoRA-ready graph saves every tensor of this size on externally, under its own name
-# (export/weight_map.py maps weights from this size; shape constants, smaller, must stay
-# inline for ORT's shape inference); the mapped ones then become graph inputs
-LORA_MIN_BYTES = 128
-GROWS = "rows"  # the symbolic first axes of a LoRA-ready graph's lookup tables: rows_0 ...
 
 
 def session_options(optimized_out: Path | None = None, optimize: bool = True,
