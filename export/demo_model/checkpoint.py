@@ -7,9 +7,12 @@ line instead of silently mixing two runs.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import torch
+
+from runtime.files import write_atomic
 
 
 class TrainingError(ValueError):
@@ -38,8 +41,8 @@ def resume(path: Path, modules: dict[str, torch.nn.Module], opt: torch.optim.Opt
 
 def save(path: Path, modules: dict[str, torch.nn.Module], opt: torch.optim.Optimizer,
          gen: torch.Generator, step: int, run: dict) -> None:
-    tmp = path.with_suffix(".tmp")
+    buf = io.BytesIO()  # a few MB: written whole, or not at all (write_atomic)
     torch.save({**{n: m.state_dict() for n, m in modules.items()}, "optimizer": opt.state_dict(),
                 "rng": torch.get_rng_state(), "gen": gen.get_state(), "step": step, "run": run},
-               tmp)
-    tmp.replace(path)  # a run killed mid-save keeps the last checkpoint
+               buf)
+    write_atomic(path, buf.getvalue())  # a run killed mid-save keeps the last checkpoint

@@ -32,16 +32,16 @@ def save(path: Path, modules: dict[str, torch.nn.Module], used: torch.Tensor,
     """fp16 weights of `modules` (keyed by MODULES), the token table cut to the rows of
     the token ids in `used` (every caption's ids, BOS/EOS and padding included);
     `made_by` (the training run's settings) goes into the file's metadata."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save as to_bytes
+
+    from runtime.files import write_atomic
 
     state = {f"{n}.{k}": (v.detach().half() if v.is_floating_point() else v).contiguous()
              for n in MODULES for k, v in modules[n].state_dict().items()}
     ids = used.unique().to(torch.int64)
     state[TABLE_IDS] = ids
     state[TABLE_ROWS] = state.pop(table_key(modules["text_encoder"]))[ids].contiguous()
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata=made_by)
-    tmp.replace(path)
+    write_atomic(path, to_bytes(state, metadata=made_by))  # a few MB
 
 
 @torch.no_grad()
